@@ -1,0 +1,92 @@
+"""Grouped-query causal self-attention with interleaved RoPE, segment masking and a KV cache.
+
+Two modes share one code path:
+* no cache (training / scoring): keys are the sequence itself; token s sees token t iff t <= s and
+  both belong to the same segment (packed documents never attend to each other);
+* with a cache (generation): k/v are written into preallocated slots at their absolute positions
+  (per batch row, so prompts of different lengths decode together) and a query at position p sees
+  slots 0..p.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ernie_jax.model.common import make_param, normal
+from ernie_jax.model.rope import apply_rope
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class KVCache(NamedTuple):
+  """One layer's cache: k, v of shape [batch, max_len, kv_heads, head_dim]."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+def full_mask(segment_ids: jax.Array | None, batch: int, seq: int) -> jax.Array:
+  """[B, S, S] boolean: causal by index, and within the same segment when segment_ids is given."""
+  idx = jnp.arange(seq)
+  mask = (idx[None, :] <= idx[:, None])[None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return jnp.broadcast_to(mask, (batch, seq, seq))
+
+
+def cache_mask(positions: jax.Array, max_len: int) -> jax.Array:
+  """[B, S, T] boolean: a query at absolute position p sees cache slots 0..p."""
+  return jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """q [B,S,N,D], k/v [B,T,K,D] (N = K*G), mask [B,S,T] -> [B,S,N,D].
+
+  Scores and softmax in fp32; probabilities are cast to v.dtype before the value matmul.
+  """
+  b, s, n, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, s, kv, n // kv, d)
+  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * (d ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, n, d)
+
+
+class Attention(nnx.Module):
+  def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               param_dtype, dtype, init_std: float, rngs: nnx.Rngs):
+    init = normal(init_std)
+    self.q = make_param(rngs, init, (hidden, num_heads, head_dim), param_dtype, ("embed", "heads", "head_dim"))
+    self.k = make_param(rngs, init, (hidden, num_kv_heads, head_dim), param_dtype, ("embed", "kv_heads", "head_dim"))
+    self.v = make_param(rngs, init, (hidden, num_kv_heads, head_dim), param_dtype, ("embed", "kv_heads", "head_dim"))
+    self.o = make_param(rngs, init, (num_heads, head_dim, hidden), param_dtype, ("heads", "head_dim", "embed"))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, positions: jax.Array,
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+    d = self.dtype
+    x = x.astype(d)
+    q = jnp.einsum("bsh,hnd->bsnd", x, self.q[...].astype(d))
+    k = jnp.einsum("bsh,hnd->bsnd", x, self.k[...].astype(d))
+    v = jnp.einsum("bsh,hnd->bsnd", x, self.v[...].astype(d))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    b, s = x.shape[:2]
+    if cache is None:
+      out = attend(q, k, v, full_mask(segment_ids, b, s))
+    else:
+      rows = jnp.arange(b)[:, None]
+      cache = KVCache(
+        cache.k.at[rows, positions].set(k.astype(cache.k.dtype), mode="drop"),
+        cache.v.at[rows, positions].set(v.astype(cache.v.dtype), mode="drop"),
+      )
+      mask = cache_mask(positions, cache.k.shape[1])
+      out = attend(q, cache.k.astype(d), cache.v.astype(d), mask)
+    y = jnp.einsum("bsnd,ndh->bsh", out, self.o[...].astype(d))
+    return y, cache

@@ -1,0 +1,122 @@
+"""Decoder layers and the scanned layer stack.
+
+The layer list (dense / MoE per the config's layer rule) is compressed into groups of a repeated
+unit, e.g. 21B: [dense] x1, [moe] x27; interval 2: [dense, moe] x n. Each group's parameters are
+stacked along a leading "layers" axis and applied with `nnx.scan`, so compile time does not grow
+with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ernie_jax.model.attention import Attention, KVCache
+from ernie_jax.model.mlp import MLP
+from ernie_jax.model.moe import MoE
+from ernie_jax.model.norms import RMSNorm
+
+_REMAT_POLICIES = {
+  "full": None,
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nnx.Module):
+  """x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)) with FFN a SwiGLU MLP or the MoE block."""
+
+  def __init__(self, cfg, kind: str, *, rngs: nnx.Rngs):
+    pd, d = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                          cfg.head_dim, param_dtype=pd, dtype=d, init_std=cfg.initializer_range,
+                          rngs=rngs)
+    self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    if kind == "moe":
+      self.mlp = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd, dtype=d,
+                     init_std=cfg.initializer_range, rngs=rngs)
+    self.kind = kind
+
+  def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache: KVCache | None = None):
+    h, cache = self.attn(self.input_norm(x), cos, sin, positions=positions,
+                         segment_ids=segment_ids, cache=cache)
+    x = x + h.astype(x.dtype)
+    h = self.post_norm(x)
+    router = None
+    if self.kind == "moe":
+      h, router = self.mlp(h)
+    else:
+      h = self.mlp(h)
+    return x + h.astype(x.dtype), cache, router
+
+
+def layer_groups(kinds: Sequence[str], max_unit: int = 4) -> list[tuple[tuple[str, ...], int]]:
+  """Greedy run-length compression of the layer kinds into (unit, repeats) groups."""
+  groups, i, n = [], 0, len(kinds)
+  while i < n:
+    best_unit, best_reps = (kinds[i],), 1
+    for q in range(1, max_unit + 1):
+      unit = tuple(kinds[i:i + q])
+      if len(unit) < q:
+        break
+      reps = 1
+      while tuple(kinds[i + reps * q:i + (reps + 1) * q]) == unit:
+        reps += 1
+      if q > 1 and reps < 2:  # a longer unit only pays off when it repeats
+        continue
+      if reps * q > len(best_unit) * best_reps:
+        best_unit, best_reps = unit, reps
+    groups.append((best_unit, best_reps))
+    i += len(best_unit) * best_reps
+  return groups
+
+
+class Block(nnx.Module):
+  """One repetition of a group's unit: a few consecutive decoder layers."""
+
+  def __init__(self, cfg, unit: tuple[str, ...], *, rngs: nnx.Rngs):
+    self.layers = nnx.List([DecoderLayer(cfg, kind, rngs=rngs) for kind in unit])
+
+  def __call__(self, x, cos, sin, positions, segment_ids, caches):
+    new_caches, routers = [], []
+    for j, layer in enumerate(self.layers):
+      x, c, r = layer(x, cos, sin, positions=positions, segment_ids=segment_ids,
+                      cache=None if caches is None else caches[j])
+      new_caches.append(c)
+      if r is not None:
+        routers.append(r)
+    return x, (None if caches is None else tuple(new_caches)), tuple(routers)
+
+
+class LayerGroup(nnx.Module):
+  """`repeats` stacked copies of a Block, applied with nnx.scan."""
+
+  def __init__(self, cfg, unit: tuple[str, ...], repeats: int, *, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+      return Block(cfg, unit, rngs=rngs)
+
+    self.blocks = make(rngs)
+    self.unit = unit
+    self.repeats = repeats
+    self.remat = cfg.remat
+
+  def __call__(self, x, cos, sin, positions, segment_ids=None, caches=None):
+    def body(block, x, caches):
+      return block(x, cos, sin, positions, segment_ids, caches)
+
+    if self.remat != "none":
+      body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat])
+
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0),
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def scan_fn(block, x, caches):
+      return body(block, x, caches)
+
+    return scan_fn(self.blocks, x, caches)

@@ -1,0 +1,153 @@
+"""ERNIE 4.5 causal language model (dense or MoE) with optional multi-token-prediction modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ernie_jax.config import ModelConfig
+from ernie_jax.model.attention import KVCache
+from ernie_jax.model.common import make_param, normal
+from ernie_jax.model.decoder import DecoderLayer, LayerGroup, layer_groups
+from ernie_jax.model.moe import RouterOutput
+from ernie_jax.model.norms import RMSNorm
+from ernie_jax.model.rope import rope_angles
+
+
+@struct.dataclass
+class CausalLMOutput:
+  logits: jax.Array  # [B, S, V] fp32
+  hidden: jax.Array  # [B, S, H] last decoder layer output, before the final norm (MTP input)
+  router: RouterOutput | None  # stacked over MoE layers in layer order: [L_moe, B*S, ...]
+  cache: Any = None  # updated KV cache when one was given
+
+
+class MTPLayer(nnx.Module):
+  """One multi-token-prediction depth (spec §3.5):
+  h_d = block_d(proj_d(concat[emb_norm_d(Embed(tokens shifted by d+1)), hidden_norm_d(h_{d-1})]))."""
+
+  def __init__(self, cfg: ModelConfig, depth: int, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    h = cfg.hidden_size
+    self.emb_norm = RMSNorm(h, cfg.rms_norm_eps, pd)
+    self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps, pd)
+    self.proj = make_param(rngs, normal(cfg.initializer_range), (2 * h, h), pd, (None, "embed"))
+    kind = "moe" if cfg.is_moe_layer(depth) else "dense"
+    self.block = DecoderLayer(cfg, kind, rngs=rngs)
+
+
+class ErnieForCausalLM(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = make_param(rngs, normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
+                            pd, ("vocab", "embed"))
+    self.groups = nnx.List([LayerGroup(cfg, unit, reps, rngs=rngs)
+                            for unit, reps in layer_groups(cfg.layer_kinds)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    make_param(rngs, normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
+                               pd, ("embed", "vocab")))
+    self.mtp = (nnx.List([MTPLayer(cfg, d, rngs=rngs) for d in range(cfg.num_mtp_layers)])
+                if cfg.num_mtp_layers else None)
+
+  # ------------------------------------------------------------------------------------------------
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """Final norm + LM head; logits in fp32."""
+    d = jnp.dtype(self.config.dtype)
+    y = self.norm(h).astype(d)
+    if self.lm_head is None:
+      return jnp.einsum("bsh,vh->bsv", y, self.embed[...].astype(d), preferred_element_type=jnp.float32)
+    return jnp.einsum("bsh,hv->bsv", y, self.lm_head[...].astype(d), preferred_element_type=jnp.float32)
+
+  def _rope(self, positions):
+    c = self.config
+    return rope_angles(positions, c.head_dim, c.rope_theta, c.rope_compression_ratio)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache=None) -> CausalLMOutput:
+    """tokens [B, S] int -> logits [B, S, V].
+
+    positions: [B, S] absolute positions (default 0..S-1). segment_ids: [B, S] document ids for
+    packed sequences (attention never crosses documents). cache: from `init_cache`, for decoding.
+    """
+    _check_tokens(tokens, "tokens")
+    b, s = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    _check_same_shape(positions, tokens, "positions")
+    if segment_ids is not None:
+      _check_same_shape(segment_ids, tokens, "segment_ids")
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+    cos, sin = self._rope(positions)
+    x = self.embed_tokens(tokens)
+    routers, new_cache = [], []
+    for g, group in enumerate(self.groups):
+      x, c, r = group(x, cos, sin, positions, segment_ids, None if cache is None else cache[g])
+      new_cache.append(c)
+      routers.extend(_layer_major(r))
+    router = None
+    if routers:
+      router = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *routers)
+    return CausalLMOutput(self.head(x), x, router, None if cache is None else tuple(new_cache))
+
+  def mtp_logits(self, tokens: jax.Array, hidden: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> list[jax.Array]:
+    """Logits of each MTP depth d; position t of depth d predicts token t + d + 2.
+
+    `hidden` is `CausalLMOutput.hidden`. Embeddings past the end use the pad token (those
+    positions have no target and must be masked by the loss).
+    """
+    if self.mtp is None:
+      return []
+    b, s = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin = self._rope(positions)
+    pad = self.config.pad_token_id
+    out, h = [], hidden
+    for d, m in enumerate(self.mtp):
+      shifted = jnp.concatenate([tokens[:, d + 1:], jnp.full((b, d + 1), pad, tokens.dtype)], axis=1)
+      e = m.emb_norm(self.embed_tokens(shifted))
+      z = jnp.concatenate([e, m.hidden_norm(h.astype(e.dtype))], axis=-1)
+      z = z @ m.proj[...].astype(z.dtype)
+      h, _, _ = m.block(z, cos, sin, positions=positions, segment_ids=segment_ids)
+      out.append(self.head(h))
+    return out
+
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    """Zeroed KV cache for `batch` rows of up to `max_len` positions (matches the layer groups)."""
+    c = self.config
+    dtype = jnp.dtype(dtype or c.dtype)
+    shape = lambda reps: (reps, batch, max_len, c.num_key_value_heads, c.head_dim)
+    return tuple(
+      tuple(KVCache(jnp.zeros(shape(g.repeats), dtype), jnp.zeros(shape(g.repeats), dtype))
+            for _ in g.unit)
+      for g in self.groups)
+
+
+def _layer_major(routers: tuple[RouterOutput, ...]) -> list[RouterOutput]:
+  """A group yields one stacked [R, ...] output per MoE position of its unit; return layer order."""
+  if not routers:
+    return []
+  stacked = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *routers)  # [R, P, ...]
+  return [jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stacked)]
+
+
+def _check_tokens(tokens, name):
+  if not hasattr(tokens, "ndim") or tokens.ndim != 2:
+    raise ValueError(f"{name} must be an int array [batch, seq], got shape {getattr(tokens, 'shape', None)}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
+
+
+def _check_same_shape(a, tokens, name):
+  if a.shape != tokens.shape:
+    raise ValueError(f"{name} shape {a.shape} must equal tokens shape {tokens.shape}")
