@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.model.decoder import layer_groups
+from ernie_jax.model.decoder import layer_locations
 
 # (HF name under `model.layers.{l}.`, path under the decoder layer, kind); `{e}` = expert index.
 LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
@@ -93,13 +93,9 @@ def hf_name_map(cfg: ModelConfig) -> dict[str, Slot]:
   """Every HF tensor name the model expects, mapped to its slot."""
   names: dict[str, Slot] = {}
   kinds = cfg.layer_kinds
-  layer = 0
-  for g, (unit, reps) in enumerate(layer_groups(kinds)):
-    for r in range(reps):
-      for j, kind in enumerate(unit):
-        names.update(_expand(cfg, f"model.layers.{layer}.", _layer_entries(cfg, kind),
-                             f"groups/{g}/blocks/layers/{j}", (r,)))
-        layer += 1
+  for i, (g, r, j) in enumerate(layer_locations(kinds)):
+    names.update(_expand(cfg, f"model.layers.{i}.", _layer_entries(cfg, kinds[i]),
+                         f"groups/{g}/blocks/layers/{j}", (r,)))
   for hf, path, kind in TOP_TABLE + (() if cfg.tie_word_embeddings else UNTIED_HEAD_TABLE):
     names[hf] = Slot(path, (), kind)
   for d in range(cfg.num_mtp_layers):

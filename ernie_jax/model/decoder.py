@@ -76,6 +76,12 @@ def layer_groups(kinds: Sequence[str], max_unit: int = 4) -> list[tuple[tuple[st
   return groups
 
 
+def layer_locations(kinds: Sequence[str]) -> list[tuple[int, int, int]]:
+  """For each layer index: (group, repeat, position in the unit)."""
+  return [(g, r, j) for g, (unit, reps) in enumerate(layer_groups(kinds))
+          for r in range(reps) for j in range(len(unit))]
+
+
 class Block(nnx.Module):
   """One repetition of a group's unit: a few consecutive decoder layers."""
 

@@ -11,7 +11,7 @@ from flax import nnx, struct
 from ernie_jax.config import ModelConfig
 from ernie_jax.model.attention import KVCache
 from ernie_jax.model.common import make_param, normal
-from ernie_jax.model.decoder import DecoderLayer, LayerGroup, layer_groups
+from ernie_jax.model.decoder import DecoderLayer, LayerGroup, layer_groups, layer_locations
 from ernie_jax.model.moe import RouterOutput
 from ernie_jax.model.norms import RMSNorm
 from ernie_jax.model.rope import rope_angles
@@ -121,6 +121,13 @@ class ErnieForCausalLM(nnx.Module):
       h, _, _ = m.block(z, cos, sin, positions=positions, segment_ids=segment_ids)
       out.append(self.head(h))
     return out
+
+  def layer(self, i: int) -> DecoderLayer:
+    """A standalone copy of decoder layer i (sliced out of its scanned group), for inspection."""
+    g, r, j = layer_locations(self.config.layer_kinds)[i]
+    graphdef, state = nnx.split(self.groups[g].blocks)
+    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
+    return block.layers[j]
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
     """Zeroed KV cache for `batch` rows of up to `max_len` positions (matches the layer groups)."""
