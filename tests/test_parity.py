@@ -183,3 +183,11 @@ def test_bf16_checkpoint_loads(tmp_path):
   model = ernie_jax.from_pretrained(bf16_path)
   assert model.embed[...].dtype == jnp.float32
   _assert_close(model(jnp.asarray(tokens)).logits, ref.logits(rounded, tokens))
+
+
+def test_long_sequence_uses_chunked_attention(checkpoints):
+  """S=384 > 128 takes the chunked causal path; still equal to the reference."""
+  torch_model, path = checkpoints["moe_interval2_k2_shared1"]
+  tokens = ref.random_tokens(torch_model.config.vocab_size, (1, 384), seed=6)
+  model = ernie_jax.from_pretrained(path)
+  _assert_close(model(jnp.asarray(tokens)).logits, ref.logits(torch_model, tokens))

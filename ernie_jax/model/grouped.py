@@ -75,27 +75,40 @@ def _blocked_layout(group_sizes: jax.Array, rows: int, block: int):
 
 def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot"):
   """Dropless sorted dispatch. Same signature and result as `experts_loop`."""
+  if impl == "blocked":
+    return _experts_blocked(x, gate, up, down, idx, weights)
+  if impl != "ragged_dot":
+    raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
   num_experts = gate.shape[0]
   order, token_of, group_sizes = _sort_by_expert(idx, num_experts)
   xs = x[token_of]  # [T*k, H], grouped by expert
-  if impl == "ragged_dot":
-    h = _silu_gate(gmm_ragged(xs, gate, group_sizes), gmm_ragged(xs, up, group_sizes))
-    out = gmm_ragged(h, down, group_sizes)
-  elif impl == "blocked":
-    rows = xs.shape[0]
-    block = _block_size(rows, num_experts)
-    dest, block_expert, num_blocks = _blocked_layout(group_sizes, rows, block)
-    buf = jnp.zeros((num_blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs)
-    buf = buf.reshape(num_blocks, block, -1)
-
-    def one_block(args):
-      xb, e = args
-      return _silu_gate(xb @ gate[e], xb @ up[e]) @ down[e]
-
-    out = jax.lax.map(one_block, (buf, block_expert)).reshape(num_blocks * block, -1)[dest]
-  else:
-    raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
+  h = _silu_gate(gmm_ragged(xs, gate, group_sizes), gmm_ragged(xs, up, group_sizes))
+  out = gmm_ragged(h, down, group_sizes)
   return _combine(out, order, weights).astype(x.dtype)
+
+
+def _experts_blocked(x, gate, up, down, idx, weights):
+  """Block-padded grouped matmul: gather tokens straight into expert-aligned blocks of rows, run
+  one small matmul chain per block (`lax.map`), gather each (token, slot) result back."""
+  num_experts = gate.shape[0]
+  t, k = idx.shape
+  order, token_of, group_sizes = _sort_by_expert(idx, num_experts)
+  rows = t * k
+  block = _block_size(rows, num_experts)
+  dest, block_expert, num_blocks = _blocked_layout(group_sizes, rows, block)
+  # padded slot -> source token (t = the zero row for padding); (token, slot) pair -> padded slot
+  src = jnp.full((num_blocks * block,), t, jnp.int32).at[dest].set(token_of.astype(jnp.int32))
+  pos = jnp.zeros((rows,), jnp.int32).at[order].set(dest.astype(jnp.int32))
+  x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+  buf = x_pad[src].reshape(num_blocks, block, -1)
+
+  def one_block(args):
+    xb, e = args
+    return _silu_gate(xb @ gate[e], xb @ up[e]) @ down[e]
+
+  out = jax.lax.map(one_block, (buf, block_expert)).reshape(num_blocks * block, -1)
+  out = out[pos].reshape(t, k, -1)
+  return jnp.einsum("tkh,tk->th", out, weights.astype(out.dtype)).astype(x.dtype)
 
 
 def resolve_impl(impl: str) -> str:
