@@ -18,6 +18,7 @@ Remat = Literal["none", "full", "save_dots"]
 _DTYPES = ("float32", "bfloat16", "float16")
 _MOE_IMPLS = ("auto", "ragged_dot", "blocked", "loop")
 _REMATS = ("none", "full", "save_dots")
+_TRANSPORTS = ("none", "all_to_all", "ragged_all_to_all", "allgather")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,13 @@ class ModelConfig:
   moe_norm_min: float = 1e-12
   moe_use_correction_bias: bool = True  # aux-loss-free bias, used for expert selection only
   moe_impl: MoEImpl = "auto"  # grouped matmul: ragged_dot (TPU/GPU), blocked (CPU), loop (oracle)
+  # Expert parallelism over the mesh's `expert` axis (ernie_jax.parallel.expert_parallel):
+  # "none" (GSPMD decides), "all_to_all" (capacity-padded, runs everywhere), "ragged_all_to_all"
+  # (dropless; TPU/GPU only), "allgather" (all-gather tokens, reduce-scatter results; dropless).
+  moe_transport: str = "none"
+  # all_to_all capacity per expert and source device: ceil(factor * local_tokens * k / experts);
+  # <= 0 means no token can ever be dropped (capacity = local tokens).
+  moe_capacity_factor: float = 2.0
   # Multi-token prediction depth (num_nextn_predict_layers).
   num_mtp_layers: int = 0
   # Special tokens.
@@ -294,7 +302,7 @@ def _validate(c: ModelConfig) -> None:
     if not getattr(c, name) > 0:
       raise ConfigError(name, f"must be > 0, got {getattr(c, name)!r}")
   for name, allowed in (("param_dtype", _DTYPES), ("dtype", _DTYPES), ("moe_impl", _MOE_IMPLS),
-                        ("remat", _REMATS)):
+                        ("remat", _REMATS), ("moe_transport", _TRANSPORTS)):
     if getattr(c, name) not in allowed:
       raise ConfigError(name, f"must be one of {allowed}, got {getattr(c, name)!r}")
   for name in ("pad_token_id", "bos_token_id", "eos_token_id"):

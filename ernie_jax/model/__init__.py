@@ -1,4 +1,4 @@
 from ernie_jax.model.lm import CausalLMOutput, ErnieForCausalLM
-from ernie_jax.model.moe import RouterOutput
+from ernie_jax.model.router import RouterOutput
 
 __all__ = ["CausalLMOutput", "ErnieForCausalLM", "RouterOutput"]

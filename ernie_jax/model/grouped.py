@@ -47,68 +47,58 @@ def _combine(out_sorted, order, weights):
   return jnp.einsum("tkh,tk->th", out, weights.astype(out.dtype))
 
 
-def gmm_ragged(xs, w, group_sizes):
-  return jax.lax.ragged_dot(xs, w, group_sizes)
-
-
-def _block_size(rows: int, num_experts: int) -> int:
-  per_expert = max(1, rows // num_experts)
+def _block_size(rows: int, num_groups: int) -> int:
+  per_group = max(1, rows // num_groups)
   b = 8
-  while b < per_expert and b < 128:
+  while b < per_group and b < 128:
     b *= 2
   return b
 
 
 def _blocked_layout(group_sizes: jax.Array, rows: int, block: int):
-  """Destination row of each sorted row in the block-padded buffer, and each block's expert."""
-  num_experts = group_sizes.shape[0]
-  num_blocks = -(-rows // block) + num_experts
+  """Destination row of each sorted row in the block-padded buffer (out of range for rows past the
+  last group), and each block's group."""
+  num_groups = group_sizes.shape[0]
+  num_blocks = -(-rows // block) + num_groups
   padded = (group_sizes + block - 1) // block * block
   padded_end = jnp.cumsum(padded)
   padded_start = padded_end - padded
-  start = jnp.cumsum(group_sizes) - group_sizes
-  expert_of_row = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=rows)
-  dest = padded_start[expert_of_row] + jnp.arange(rows) - start[expert_of_row]
-  block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
-  return dest, jnp.minimum(block_expert, num_experts - 1), num_blocks
+  end = jnp.cumsum(group_sizes)
+  row = jnp.arange(rows)
+  group_of_row = jnp.searchsorted(end, row, side="right")
+  valid = group_of_row < num_groups
+  g = jnp.minimum(group_of_row, num_groups - 1)
+  dest = jnp.where(valid, padded_start[g] + row - (end[g] - group_sizes[g]), num_blocks * block)
+  block_group = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
+  return dest, jnp.minimum(block_group, num_groups - 1), num_blocks
+
+
+def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str):
+  """SwiGLU of each row of `xs` with its group's weights; rows are sorted by group and rows past
+  sum(group_sizes) give zeros. xs [N, H]; gate/up [G, H, I]; down [G, I, H]; group_sizes [G]."""
+  if impl == "ragged_dot":
+    rd = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+    return rd(_silu_gate(rd(xs, gate), rd(xs, up)), down)
+  if impl != "blocked":
+    raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
+  rows = xs.shape[0]
+  block = _block_size(rows, gate.shape[0])
+  dest, block_group, num_blocks = _blocked_layout(group_sizes, rows, block)
+  buf = jnp.zeros((num_blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
+
+  def one_block(args):
+    xb, g = args
+    return _silu_gate(xb @ gate[g], xb @ up[g]) @ down[g]
+
+  out = jax.lax.map(one_block, (buf.reshape(num_blocks, block, -1), block_group))
+  return jnp.take(out.reshape(num_blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
 
 
 def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot"):
   """Dropless sorted dispatch. Same signature and result as `experts_loop`."""
-  if impl == "blocked":
-    return _experts_blocked(x, gate, up, down, idx, weights)
-  if impl != "ragged_dot":
-    raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
-  num_experts = gate.shape[0]
-  order, token_of, group_sizes = _sort_by_expert(idx, num_experts)
-  xs = x[token_of]  # [T*k, H], grouped by expert
-  h = _silu_gate(gmm_ragged(xs, gate, group_sizes), gmm_ragged(xs, up, group_sizes))
-  out = gmm_ragged(h, down, group_sizes)
+  order, token_of, group_sizes = _sort_by_expert(idx, gate.shape[0])
+  out = grouped_swiglu(x[token_of], group_sizes, gate, up, down, impl)
   return _combine(out, order, weights).astype(x.dtype)
-
-
-def _experts_blocked(x, gate, up, down, idx, weights):
-  """Block-padded grouped matmul: gather tokens straight into expert-aligned blocks of rows, run
-  one small matmul chain per block (`lax.map`), gather each (token, slot) result back."""
-  num_experts = gate.shape[0]
-  t, k = idx.shape
-  order, token_of, group_sizes = _sort_by_expert(idx, num_experts)
-  rows = t * k
-  block = _block_size(rows, num_experts)
-  dest, block_expert, num_blocks = _blocked_layout(group_sizes, rows, block)
-  # padded slot -> source token (t = the zero row for padding); (token, slot) pair -> padded slot
-  src = jnp.full((num_blocks * block,), t, jnp.int32).at[dest].set(token_of.astype(jnp.int32))
-  pos = jnp.zeros((rows,), jnp.int32).at[order].set(dest.astype(jnp.int32))
-  x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
-  buf = x_pad[src].reshape(num_blocks, block, -1)
-
-  def one_block(args):
-    xb, e = args
-    return _silu_gate(xb @ gate[e], xb @ up[e]) @ down[e]
-
-  out = jax.lax.map(one_block, (buf, block_expert)).reshape(num_blocks * block, -1)
-  out = out[pos].reshape(t, k, -1)
-  return jnp.einsum("tkh,tk->th", out, weights.astype(out.dtype)).astype(x.dtype)
 
 
 def resolve_impl(impl: str) -> str:

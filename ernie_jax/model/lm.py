@@ -12,7 +12,7 @@ from ernie_jax.config import ModelConfig
 from ernie_jax.model.attention import KVCache
 from ernie_jax.model.common import make_param, normal
 from ernie_jax.model.decoder import DecoderLayer, LayerGroup, layer_groups, layer_locations
-from ernie_jax.model.moe import RouterOutput
+from ernie_jax.model.router import RouterOutput
 from ernie_jax.model.norms import RMSNorm
 from ernie_jax.model.rope import rope_angles
 

@@ -5,32 +5,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from ernie_jax.model.common import Buffer, make_param, normal
-from ernie_jax.model.grouped import routed_experts
+from ernie_jax.model.grouped import resolve_impl, routed_experts
 from ernie_jax.model.mlp import MLP
-
-
-@struct.dataclass
-class RouterOutput:
-  """What the router decided for each token ([T, ...], T = batch*seq); used by the MoE losses."""
-
-  logits: jax.Array  # [T, E] fp32, before softmax (z-loss)
-  probs: jax.Array  # [T, E] fp32 softmax (load-balance loss)
-  indices: jax.Array  # [T, k] int32 selected experts (chosen with the correction bias)
-  weights: jax.Array  # [T, k] fp32 renormalised unbiased probabilities of the selected experts
-
-
-def route(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, k: int, norm_min: float) -> RouterOutput:
-  logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
-  probs = jax.nn.softmax(logits, axis=-1)
-  scores = probs if bias is None else probs + bias.astype(jnp.float32)
-  _, indices = jax.lax.top_k(jax.lax.stop_gradient(scores), k)
-  weights = jnp.take_along_axis(probs, indices, axis=-1)
-  weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), norm_min)
-  return RouterOutput(logits, probs, indices.astype(jnp.int32), weights)
+from ernie_jax.model.router import RouterOutput, route
+from ernie_jax.parallel import expert_parallel
 
 
 class Router(nnx.Module):
@@ -67,17 +48,23 @@ class MoE(nnx.Module):
     self.k = cfg.moe_k
     self.norm_min = cfg.moe_norm_min
     self.impl = cfg.moe_impl
+    self.transport = cfg.moe_transport
+    self.capacity_factor = cfg.moe_capacity_factor
     self.dtype = d
 
-  def __call__(self, x: jax.Array, impl: str | None = None):
+  def __call__(self, x: jax.Array):
     b, s, h = x.shape
     xt = x.reshape(b * s, h).astype(self.dtype)
     bias = None if self.router.correction_bias is None else self.router.correction_bias[...]
-    r = route(xt, self.router.kernel[...], bias, self.k, self.norm_min)
-    e = self.experts
-    d = self.dtype
-    y = routed_experts(xt, e.gate[...].astype(d), e.up[...].astype(d), e.down[...].astype(d),
-                       r.indices, r.weights.astype(d), impl or self.impl)
+    e, d = self.experts, self.dtype
+    gate, up, down = e.gate[...].astype(d), e.up[...].astype(d), e.down[...].astype(d)
+    if self.transport != "none" and expert_parallel.active_mesh() is not None:
+      y, r = expert_parallel.expert_parallel_moe(
+        xt, self.router.kernel[...], bias, gate, up, down, k=self.k, norm_min=self.norm_min,
+        transport=self.transport, impl=resolve_impl(self.impl), capacity_factor=self.capacity_factor)
+    else:
+      r = route(xt, self.router.kernel[...], bias, self.k, self.norm_min)
+      y = routed_experts(xt, gate, up, down, r.indices, r.weights.astype(d), self.impl)
     if self.shared is not None:
       y = y + self.shared(xt)
     return y.reshape(b, s, h), r

@@ -1,0 +1,30 @@
+"""The MoE router (spec §3.1): fp32 softmax over experts, top-k chosen with the correction bias added
+to the probabilities (selection only), weights = unbiased probabilities renormalised with norm_min."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class RouterOutput:
+  """What the router decided for each token ([T, ...], T = batch*seq); used by the MoE losses."""
+
+  logits: jax.Array  # [T, E] fp32, before softmax (z-loss)
+  probs: jax.Array  # [T, E] fp32 softmax (load-balance loss)
+  indices: jax.Array  # [T, k] int32 selected experts (chosen with the correction bias)
+  weights: jax.Array  # [T, k] fp32 renormalised unbiased probabilities of the selected experts
+  dropped: jax.Array  # int32 scalar: assignments dropped by a capacity-limited transport
+
+
+def route(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, k: int, norm_min: float) -> RouterOutput:
+  logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  probs = jax.nn.softmax(logits, axis=-1)
+  scores = probs if bias is None else probs + bias.astype(jnp.float32)
+  _, indices = jax.lax.top_k(jax.lax.stop_gradient(scores), k)
+  weights = jnp.take_along_axis(probs, indices, axis=-1)
+  weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), norm_min)
+  return RouterOutput(logits, probs, indices.astype(jnp.int32), weights, jnp.zeros((), jnp.int32))
