@@ -42,22 +42,20 @@ def detect_format(path: str) -> str:
   return "hf"
 
 
-def load_hf_state(path: str, cfg: ModelConfig, abstract_state) -> dict[str, np.ndarray]:
-  """Read an HF checkpoint into host numpy arrays keyed by flat parameter path."""
-  reader = SafetensorsReader(path)
+def check_hf_checkpoint(reader: SafetensorsReader, cfg: ModelConfig, flat) -> dict[str, hf.Slot]:
+  """Names, shapes and dtypes from the headers against the config, before reading any data."""
   names = hf.hf_name_map(cfg)
-  flat = _flat_state(abstract_state)
+  where = os.path.dirname(next(iter(reader.tensors.values())).file) if reader.tensors else "?"
   present = set(reader.keys())
   unexpected = sorted(n for n in present - set(names) if not hf.ignorable(cfg, n))
   if unexpected:
     n = unexpected[0]
-    raise CheckpointError(f"unexpected tensor '{n}' in {path}: {hf.describe_unexpected(cfg, n)}"
+    raise CheckpointError(f"unexpected tensor '{n}' in {where}: {hf.describe_unexpected(cfg, n)}"
                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
   missing = sorted(set(names) - present)
   if missing:
-    raise CheckpointError(f"missing tensor '{missing[0]}' in {path}"
+    raise CheckpointError(f"missing tensor '{missing[0]}' in {where}"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-  # Shapes and dtypes, from the headers, before reading any data.
   for name, slot in names.items():
     info, var = reader.tensors[name], flat[slot.path]
     target = tuple(var.shape[len(slot.index):])
@@ -67,27 +65,52 @@ def load_hf_state(path: str, cfg: ModelConfig, abstract_state) -> dict[str, np.n
                             f"for the config ({info.file})")
     if info.dtype not in ("F32", "BF16", "F16"):
       raise CheckpointError(f"tensor '{name}' has dtype {info.dtype}; expected F32, BF16 or F16")
-  out = {p: np.zeros(v.shape, v.dtype) for p, v in flat.items()}
+  return names
+
+
+def iter_hf_params(reader: SafetensorsReader, cfg: ModelConfig, flat):
+  """Yield (parameter path, host array) one parameter at a time (stacked layer / expert tensors
+  are assembled into their parameter), so peak host memory is one parameter."""
+  names = check_hf_checkpoint(reader, cfg, flat)
+  by_path: dict[str, list[tuple[str, hf.Slot]]] = {}
   for name, slot in names.items():
-    buf = out[slot.path]
-    target = buf.shape[len(slot.index):]
-    x = hf.to_param(slot.kind, reader.get(name), target)
-    if slot.index:
-      buf[slot.index] = x.astype(buf.dtype)
-    else:
-      out[slot.path] = x.astype(buf.dtype)
-  reader.close()
-  return out
+    by_path.setdefault(slot.path, []).append((name, slot))
+  for path, var in flat.items():
+    buf = np.empty(var.shape, var.dtype)
+    for name, slot in by_path[path]:
+      target = buf.shape[len(slot.index):]
+      buf[slot.index] = hf.to_param(slot.kind, reader.get(name), target).astype(buf.dtype)
+    yield path, buf
+
+
+def load_hf_state(path: str, cfg: ModelConfig, abstract_state) -> dict[str, np.ndarray]:
+  """Read a whole HF checkpoint into host numpy arrays keyed by flat parameter path."""
+  reader = SafetensorsReader(path)
+  try:
+    return dict(iter_hf_params(reader, cfg, _flat_state(abstract_state)))
+  finally:
+    reader.close()
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+  if sharding is None:
+    return jnp.asarray(host)
+  # each process materialises only its addressable shards (works multi-host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
                     param_dtype: str | None = None, format: str = "auto",
-                    config: ModelConfig | None = None, **config_overrides) -> ErnieForCausalLM:
+                    config: ModelConfig | None = None, mesh=None, rules=None,
+                    **config_overrides) -> ErnieForCausalLM:
   """Load an ERNIE 4.5 text model.
 
   path: a Hugging Face checkpoint directory (config.json + *.safetensors [+ index]).
   dtype / param_dtype: compute / parameter dtype ("float32", "bfloat16"); default float32.
-  config_overrides: extra ModelConfig fields (e.g. moe_impl="ragged_dot").
+  mesh / rules: load straight into the sharded layout given by the logical-axis rules
+    (default `ernie_jax.parallel.DEFAULT_RULES`); parameters are placed one at a time, each device
+    receiving only its shards, so the full model is never materialised on one device.
+  config_overrides: extra ModelConfig fields (e.g. moe_impl="ragged_dot", moe_transport="all_to_all").
   """
   path = os.fspath(path)
   fmt = detect_format(path) if format == "auto" else format
@@ -101,8 +124,18 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
     overrides["param_dtype"] = param_dtype
   cfg = config.replace(**overrides) if config is not None else ModelConfig.from_hf(path, **overrides)
   graphdef, abstract = abstract_model(cfg)
-  arrays = load_hf_state(path, cfg, abstract)
+  shardings = None
+  if mesh is not None:
+    from ernie_jax.parallel import DEFAULT_RULES, state_shardings
+
+    shardings = _flat_state(state_shardings(abstract, mesh, rules or DEFAULT_RULES))
+  reader = SafetensorsReader(path)
+  try:
+    arrays = {p: _place(host, shardings and shardings[p].get_value())
+              for p, host in iter_hf_params(reader, cfg, _flat_state(abstract))}
+  finally:
+    reader.close()
   flat = nnx.to_flat_state(abstract)
   for key, var in flat:
-    var.set_value(jnp.asarray(arrays["/".join(str(k) for k in key)]))
+    var.set_value(arrays["/".join(str(k) for k in key)])
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -179,3 +179,21 @@ def test_capacity_drops_match_reference():
 def test_dispatch_ranks_token_major():
   idx = jnp.asarray([[0, 1], [1, 0], [1, 2]])
   np.testing.assert_array_equal(dispatch_ranks(idx, 3), [0, 0, 1, 1, 2, 0])
+
+
+def test_from_pretrained_loads_straight_into_sharded_layout(tmp_path):
+  import ernie_jax
+  from tests import hf_reference as ref
+
+  torch_model = ref.build("moe", seed=5)
+  path = ref.save(torch_model, tmp_path / "hf")
+  mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+  model = ernie_jax.from_pretrained(path, mesh=mesh, moe_transport="all_to_all", moe_capacity_factor=0)
+  for p, var in nnx.to_flat_state(nnx.state(model)):
+    want = logical_to_spec(var.get_metadata()["out_sharding"], var.shape, DEFAULT_RULES, mesh)
+    assert var[...].sharding.spec == want, p
+  tokens = ref.random_tokens(torch_model.config.vocab_size, (4, 8))
+  with jax.set_mesh(mesh):
+    logits = nnx.jit(lambda m, t: m(t).logits)(model, jax.device_put(tokens, NamedSharding(mesh, batch_spec(mesh))))
+  expected = ref.logits(torch_model, tokens)
+  assert _rel(logits, expected) <= 1e-5
