@@ -84,7 +84,10 @@ def _load_model(args):
   from ernie_jax.model import ErnieForCausalLM
 
   if args.demo:
-    cfg = ModelConfig.tiny_moe(dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl)
+    # Random weights with a large init scale, so the (meaningless) output is not just the
+    # prompt's last token repeated, as it is with tied embeddings at the usual 0.02.
+    cfg = ModelConfig.tiny_moe(dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl,
+                               initializer_range=0.3)
     return ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
   return ernie_jax.from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype,
                                    moe_impl=args.moe_impl)

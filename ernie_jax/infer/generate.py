@@ -22,6 +22,7 @@ custom loops; `generate` uses the same step functions inside its loop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Sequence
@@ -197,22 +198,29 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
   return tokens, lengths
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_tokens: Sequence[int] | int | None = None, seed: int = 0,
-             max_len: int | None = None) -> list[list[int]]:
-  """Generate continuations for a batch of token-id prompts (of any, possibly different, lengths).
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """Padded result of `generate_array`.
 
-  Returns the NEW tokens of each prompt (the prompt is not repeated). Generation of a row ends
-  after its first stop token, which IS included in its output (like transformers' `generate`);
-  rows without a stop token get exactly `max_new_tokens` tokens.
-
-  temperature: 0 = greedy (default); top_k: 0 = off; top_p: 1 = off (see `sampling.sample`).
-  stop_tokens: ids that end a row; None (default) = (config.eos_token_id,), () = never stop early.
-  seed: sampling seed (ignored when greedy); the same seed and inputs give the same output.
-  max_len: KV-cache length; at least longest prompt + max_new_tokens - 1. Default: that, rounded
-    up to a multiple of LENGTH_BUCKET (capped at max_position_embeddings).
+  tokens: [B, max_new_tokens] int32 new tokens; after a row's stop token (included) and past the
+    end of the loop the row holds the pad token.
+  lengths: [B] number of valid new tokens per row (up to and including the first stop token).
+  steps: tokens generated per row before the loop ended (< max_new_tokens iff every row stopped).
   """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  steps: int
+
+  def to_lists(self) -> list[list[int]]:
+    return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def generate_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   stop_tokens: Sequence[int] | int | None = None, seed: int = 0,
+                   max_len: int | None = None) -> Generation:
+  """Like `generate`, but returns the padded token array, per-row lengths and the step count."""
   cfg = model.config
   ps = _check_prompts(prompts, cfg.vocab_size)
   if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -222,7 +230,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     raise ValueError(f"seed must be an int, got {seed!r}")
   stops = _check_stop_tokens(stop_tokens, cfg)
   if max_new_tokens == 0:
-    return [[] for _ in ps]
+    return Generation(np.zeros((len(ps), 0), np.int32), np.zeros((len(ps),), np.int32), 0)
 
   longest = max(len(p) for p in ps)
   need = longest + max_new_tokens - 1  # cache slots written: the last new token is never fed back
@@ -240,18 +248,35 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
 
   greedy = temperature == 0
   graphdef, state = nnx.split(model)
-  out, _ = _generate_jit(
+  out, steps = _generate_jit(
     state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(max_new_tokens),
     jnp.float32(temperature), jnp.float32(top_p), jax.random.key(seed), jnp.asarray(stops),
     graphdef=graphdef, max_len=int(max_len), greedy=bool(greedy), top_k=int(top_k),
     use_top_p=bool(not greedy and top_p < 1.0))
-  out = np.asarray(jax.device_get(out))[:, :max_new_tokens]
-  stop_set = set(int(s) for s in stops)
-  results = []
-  for row in out.tolist():
-    for j, t in enumerate(row):
-      if t in stop_set:
-        row = row[:j + 1]
-        break
-    results.append(row)
-  return results
+  out = np.array(jax.device_get(out))[:, :max_new_tokens]
+  steps = int(steps)
+  hit = np.isin(out, stops) & (np.arange(out.shape[1]) < steps)[None]
+  n = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, steps).astype(np.int32)
+  out[np.arange(out.shape[1])[None] >= n[:, None]] = cfg.pad_token_id
+  return Generation(out, n, steps)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             stop_tokens: Sequence[int] | int | None = None, seed: int = 0,
+             max_len: int | None = None) -> list[list[int]]:
+  """Generate continuations for a batch of token-id prompts (of any, possibly different, lengths).
+
+  Returns the NEW tokens of each prompt (the prompt is not repeated). Generation of a row ends
+  after its first stop token, which IS included in its output (like transformers' `generate`);
+  rows without a stop token get exactly `max_new_tokens` tokens.
+
+  temperature: 0 = greedy (default); top_k: 0 = off; top_p: 1 = off (see `sampling.sample`).
+  stop_tokens: ids that end a row; None (default) = (config.eos_token_id,), () = never stop early.
+  seed: sampling seed (ignored when greedy); the same seed and inputs give the same output.
+  max_len: KV-cache length; at least longest prompt + max_new_tokens - 1. Default: that, rounded
+    up to a multiple of LENGTH_BUCKET (capped at max_position_embeddings).
+  """
+  return generate_array(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+                        max_len=max_len).to_lists()
