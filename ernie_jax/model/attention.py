@@ -92,7 +92,10 @@ class Attention(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, positions: jax.Array,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               cache_index=None):
+    """cache: one layer's KVCache [B, T, K, D], or, with `cache_index`, a stack [R, B, T, K, D] of
+    which slice `cache_index` is this layer's (updated in place)."""
     d = self.dtype
     x = x.astype(d)
     q = jnp.einsum("bsh,hnd->bsnd", x, self.q[...].astype(d))
@@ -104,11 +107,11 @@ class Attention(nnx.Module):
       out = causal_attend(q, k, v, segment_ids)
     else:
       rows = jnp.arange(b)[:, None]
-      cache = KVCache(
-        cache.k.at[rows, positions].set(k.astype(cache.k.dtype), mode="drop"),
-        cache.v.at[rows, positions].set(v.astype(cache.v.dtype), mode="drop"),
-      )
-      mask = cache_mask(positions, cache.k.shape[1])
-      out = attend(q, cache.k.astype(d), cache.v.astype(d), mask)
+      at = (rows, positions) if cache_index is None else (cache_index, rows, positions)
+      cache = KVCache(cache.k.at[at].set(k.astype(cache.k.dtype), mode="drop"),
+                      cache.v.at[at].set(v.astype(cache.v.dtype), mode="drop"))
+      ck, cv = (cache.k, cache.v) if cache_index is None else (cache.k[cache_index], cache.v[cache_index])
+      mask = cache_mask(positions, ck.shape[1])
+      out = attend(q, ck.astype(d), cv.astype(d), mask)
     y = jnp.einsum("bsnd,ndh->bsh", out, self.o[...].astype(d))
     return y, cache

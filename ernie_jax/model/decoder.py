@@ -42,9 +42,10 @@ class DecoderLayer(nnx.Module):
                      init_std=cfg.initializer_range, rngs=rngs)
     self.kind = kind
 
-  def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache: KVCache | None = None):
+  def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache: KVCache | None = None,
+               cache_index=None):
     h, cache = self.attn(self.input_norm(x), cos, sin, positions=positions,
-                         segment_ids=segment_ids, cache=cache)
+                         segment_ids=segment_ids, cache=cache, cache_index=cache_index)
     x = x + h.astype(x.dtype)
     h = self.post_norm(x)
     router = None
@@ -88,11 +89,11 @@ class Block(nnx.Module):
   def __init__(self, cfg, unit: tuple[str, ...], *, rngs: nnx.Rngs):
     self.layers = nnx.List([DecoderLayer(cfg, kind, rngs=rngs) for kind in unit])
 
-  def __call__(self, x, cos, sin, positions, segment_ids, caches):
+  def __call__(self, x, cos, sin, positions, segment_ids, caches, index=None):
     new_caches, routers = [], []
     for j, layer in enumerate(self.layers):
       x, c, r = layer(x, cos, sin, positions=positions, segment_ids=segment_ids,
-                      cache=None if caches is None else caches[j])
+                      cache=None if caches is None else caches[j], cache_index=index)
       new_caches.append(c)
       if r is not None:
         routers.append(r)
@@ -114,15 +115,22 @@ class LayerGroup(nnx.Module):
     self.remat = cfg.remat
 
   def __call__(self, x, cos, sin, positions, segment_ids=None, caches=None):
-    def body(block, x, caches):
-      return block(x, cos, sin, positions, segment_ids, caches)
+    """caches: per unit position, a KVCache stacked over the repeats ([R, B, T, K, D]). It travels
+    in the scan carry and each layer scatters into its own slice, so decoding updates the cache in
+    place instead of copying it every step."""
+
+    def body(block, carry, index):
+      x, caches = carry
+      x, caches, routers = block(x, cos, sin, positions, segment_ids, caches, index)
+      return (x, caches), routers
 
     if self.remat != "none":
       body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat])
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0),
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
               transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def scan_fn(block, x, caches):
-      return body(block, x, caches)
+    def scan_fn(block, carry, index):
+      return body(block, carry, index)
 
-    return scan_fn(self.blocks, x, caches)
+    (x, caches), routers = scan_fn(self.blocks, (x, caches), jnp.arange(self.repeats))
+    return x, caches, routers
