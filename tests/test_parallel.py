@@ -197,3 +197,5 @@ def test_from_pretrained_loads_straight_into_sharded_layout(tmp_path):
     logits = nnx.jit(lambda m, t: m(t).logits)(model, jax.device_put(tokens, NamedSharding(mesh, batch_spec(mesh))))
   expected = ref.logits(torch_model, tokens)
   assert _rel(logits, expected) <= 1e-5
+  # activations carry logical names too: logits are [batch, length, act_vocab]
+  assert logits.sharding.spec == jax.sharding.PartitionSpec(("data", "expert"), None, "tensor")

@@ -18,6 +18,7 @@ from flax import nnx
 
 from ernie_jax.model.common import make_param, normal
 from ernie_jax.model.rope import apply_rope
+from ernie_jax.parallel.sharding import constrain
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -102,6 +103,8 @@ class Attention(nnx.Module):
     k = jnp.einsum("bsh,hnd->bsnd", x, self.k[...].astype(d))
     v = jnp.einsum("bsh,hnd->bsnd", x, self.v[...].astype(d))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    heads = ("batch", "length", "act_heads", None)
+    q, k, v = constrain(q, heads), constrain(k, heads), constrain(v, heads)
     b, s = x.shape[:2]
     if cache is None:
       out = causal_attend(q, k, v, segment_ids)

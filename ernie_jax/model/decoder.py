@@ -18,6 +18,7 @@ from ernie_jax.model.attention import Attention, KVCache
 from ernie_jax.model.mlp import MLP
 from ernie_jax.model.moe import MoE
 from ernie_jax.model.norms import RMSNorm
+from ernie_jax.parallel.sharding import constrain
 
 _REMAT_POLICIES = {
   "full": None,
@@ -53,7 +54,7 @@ class DecoderLayer(nnx.Module):
       h, router = self.mlp(h)
     else:
       h = self.mlp(h)
-    return x + h.astype(x.dtype), cache, router
+    return constrain(x + h.astype(x.dtype), ("batch", "length", "act_embed")), cache, router
 
 
 def layer_groups(kinds: Sequence[str], max_unit: int = 4) -> list[tuple[tuple[str, ...], int]]:

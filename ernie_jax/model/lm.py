@@ -15,6 +15,7 @@ from ernie_jax.model.decoder import DecoderLayer, LayerGroup, layer_groups, laye
 from ernie_jax.model.router import RouterOutput
 from ernie_jax.model.norms import RMSNorm
 from ernie_jax.model.rope import rope_angles
+from ernie_jax.parallel.sharding import constrain
 
 
 @struct.dataclass
@@ -63,8 +64,10 @@ class ErnieForCausalLM(nnx.Module):
     d = jnp.dtype(self.config.dtype)
     y = self.norm(h).astype(d)
     if self.lm_head is None:
-      return jnp.einsum("bsh,vh->bsv", y, self.embed[...].astype(d), preferred_element_type=jnp.float32)
-    return jnp.einsum("bsh,hv->bsv", y, self.lm_head[...].astype(d), preferred_element_type=jnp.float32)
+      logits = jnp.einsum("bsh,vh->bsv", y, self.embed[...].astype(d), preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("bsh,hv->bsv", y, self.lm_head[...].astype(d), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab"))
 
   def _rope(self, positions):
     c = self.config
@@ -87,7 +90,7 @@ class ErnieForCausalLM(nnx.Module):
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
     cos, sin = self._rope(positions)
-    x = self.embed_tokens(tokens)
+    x = constrain(self.embed_tokens(tokens), ("batch", "length", "act_embed"))
     routers, new_cache = [], []
     for g, group in enumerate(self.groups):
       x, c, r = group(x, cos, sin, positions, segment_ids, None if cache is None else cache[g])

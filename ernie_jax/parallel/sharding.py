@@ -9,6 +9,7 @@ output shardings, so the full model never sits on one device).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import jax
@@ -17,10 +18,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
-# Activations: "batch" (tokens split over every data-like axis, incl. expert), "length".
+# Activations: "batch" (tokens split over every data-like axis, incl. expert), "length",
+# "act_embed" / "act_heads" / "act_vocab" (the hidden, per-head and logits dimensions).
 DEFAULT_RULES: Rules = (
   ("batch", ("data", "fsdp", "expert")),
   ("length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_vocab", "tensor"),
   ("layers", None),
   ("vocab", "tensor"),
   ("embed", "fsdp"),
@@ -36,6 +41,29 @@ DEFAULT_RULES: Rules = (
 
 class ShardingError(ValueError):
   pass
+
+
+_ACTIVE_RULES: list[Rules] = [DEFAULT_RULES]
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules):
+  """Rules used for activation sharding constraints inside the model (default DEFAULT_RULES)."""
+  _ACTIVE_RULES.append(tuple(rules))
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.pop()
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint from logical activation axes when a mesh is set (`jax.set_mesh`);
+  a no-op otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  spec = logical_to_spec(axes, x.shape, _ACTIVE_RULES[-1], mesh, what=f"activation {tuple(axes)}")
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _lookup(rules: Rules, name: str | None):
