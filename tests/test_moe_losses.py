@@ -64,7 +64,7 @@ def test_orthogonal_loss_formula():
 def test_bias_update_direction_and_no_grad():
   cfg = ModelConfig.tiny_moe(num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=1)
   model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
-  out = model(jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 16))))
+  out = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 16))))
   usage = ml.expert_usage(out.router)
   assert usage.shape == (3, cfg.moe_num_experts)
   np.testing.assert_allclose(usage.sum(-1), 2 * 16 * cfg.moe_k)
@@ -77,5 +77,5 @@ def test_bias_update_direction_and_no_grad():
   over = u > u.mean(-1, keepdims=True)
   assert (after - before)[over].max() < 0 and (after - before)[~over & (u < u.mean(-1, keepdims=True))].min() > 0
   # the bias is a Buffer, not a Param: no gradient flows to it
-  grads = nnx.grad(lambda m: m(jnp.ones((1, 4), jnp.int32)).logits.sum())(model)
+  grads = nnx.jit(nnx.grad(lambda m: m(jnp.ones((1, 4), jnp.int32)).logits.sum()))(model)
   assert not any("correction_bias" in "/".join(map(str, p)) for p, _ in nnx.to_flat_state(grads))
