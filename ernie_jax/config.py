@@ -19,6 +19,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _MOE_IMPLS = ("auto", "ragged_dot", "blocked", "loop")
 _REMATS = ("none", "full", "save_dots")
 _TRANSPORTS = ("none", "all_to_all", "ragged_all_to_all", "allgather")
+_FP8_RECIPES = ("none", "delayed", "current")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,11 @@ class ModelConfig:
   param_dtype: DType = "float32"
   dtype: DType = "float32"
   remat: Remat = "none"
+  # FP8 matmuls (ernie_jax.model.fp8): "none", "delayed" (amax history) or "current" scaling, for
+  # attention projections, MLPs, shared and routed experts. Router, norms, softmax, loss stay fp32.
+  fp8_recipe: str = "none"
+  fp8_history_len: int = 16
+  fp8_margin: float = 0.0
 
   def __post_init__(self):
     if self.moe_layer_end_index == -1:
@@ -302,13 +308,16 @@ def _validate(c: ModelConfig) -> None:
     if not getattr(c, name) > 0:
       raise ConfigError(name, f"must be > 0, got {getattr(c, name)!r}")
   for name, allowed in (("param_dtype", _DTYPES), ("dtype", _DTYPES), ("moe_impl", _MOE_IMPLS),
-                        ("remat", _REMATS), ("moe_transport", _TRANSPORTS)):
+                        ("remat", _REMATS), ("moe_transport", _TRANSPORTS),
+                        ("fp8_recipe", _FP8_RECIPES)):
     if getattr(c, name) not in allowed:
       raise ConfigError(name, f"must be one of {allowed}, got {getattr(c, name)!r}")
   for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
     v = getattr(c, name)
     if not 0 <= v < c.vocab_size:
       raise ConfigError(name, f"{v} is outside the vocabulary [0, {c.vocab_size})")
+  if c.fp8_history_len < 1:
+    raise ConfigError("fp8_history_len", f"must be >= 1, got {c.fp8_history_len}")
   if c.num_mtp_layers < 0:
     raise ConfigError("num_mtp_layers", f"must be >= 0, got {c.num_mtp_layers}")
   if c.moe_num_experts < 0:

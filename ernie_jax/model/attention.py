@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ernie_jax.model import fp8
 from ernie_jax.model.common import make_param, normal
 from ernie_jax.model.rope import apply_rope
 from ernie_jax.parallel.sharding import constrain
@@ -82,15 +83,25 @@ def causal_attend(q, k, v, segment_ids: jax.Array | None, chunk: int | None = No
   return jnp.concatenate(outs, axis=1)
 
 
+class _AttnFp8(nnx.Module):
+  def __init__(self, cfg):
+    self.q, self.k, self.v, self.o = (fp8.make_dot(cfg) for _ in range(4))
+
+
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               param_dtype, dtype, init_std: float, rngs: nnx.Rngs):
+               param_dtype, dtype, init_std: float, rngs: nnx.Rngs, fp8_cfg=None):
     init = normal(init_std)
     self.q = make_param(rngs, init, (hidden, num_heads, head_dim), param_dtype, ("embed", "heads", "head_dim"))
     self.k = make_param(rngs, init, (hidden, num_kv_heads, head_dim), param_dtype, ("embed", "kv_heads", "head_dim"))
     self.v = make_param(rngs, init, (hidden, num_kv_heads, head_dim), param_dtype, ("embed", "kv_heads", "head_dim"))
     self.o = make_param(rngs, init, (num_heads, head_dim, hidden), param_dtype, ("heads", "head_dim", "embed"))
     self.dtype = dtype
+    use_fp8 = fp8_cfg is not None and fp8_cfg.fp8_recipe != "none"
+    self.fp8 = _AttnFp8(fp8_cfg) if use_fp8 else None
+
+  def _proj(self, name, eq, x, w):
+    return fp8.einsum(None if self.fp8 is None else getattr(self.fp8, name), eq, x, w)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, positions: jax.Array,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -99,9 +110,9 @@ class Attention(nnx.Module):
     which slice `cache_index` is this layer's (updated in place)."""
     d = self.dtype
     x = x.astype(d)
-    q = jnp.einsum("bsh,hnd->bsnd", x, self.q[...].astype(d))
-    k = jnp.einsum("bsh,hnd->bsnd", x, self.k[...].astype(d))
-    v = jnp.einsum("bsh,hnd->bsnd", x, self.v[...].astype(d))
+    q = self._proj("q", "bsh,hnd->bsnd", x, self.q[...].astype(d))
+    k = self._proj("k", "bsh,hnd->bsnd", x, self.k[...].astype(d))
+    v = self._proj("v", "bsh,hnd->bsnd", x, self.v[...].astype(d))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     heads = ("batch", "length", "act_heads", None)
     q, k, v = constrain(q, heads), constrain(k, heads), constrain(v, heads)
@@ -116,5 +127,5 @@ class Attention(nnx.Module):
       ck, cv = (cache.k, cache.v) if cache_index is None else (cache.k[cache_index], cache.v[cache_index])
       mask = cache_mask(positions, ck.shape[1])
       out = attend(q, ck.astype(d), cv.astype(d), mask)
-    y = jnp.einsum("bsnd,ndh->bsh", out, self.o[...].astype(d))
+    y = self._proj("o", "bsnd,ndh->bsh", out, self.o[...].astype(d))
     return y, cache

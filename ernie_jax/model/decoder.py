@@ -34,13 +34,13 @@ class DecoderLayer(nnx.Module):
     self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                           cfg.head_dim, param_dtype=pd, dtype=d, init_std=cfg.initializer_range,
-                          rngs=rngs)
+                          rngs=rngs, fp8_cfg=cfg)
     self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     if kind == "moe":
       self.mlp = MoE(cfg, rngs=rngs)
     else:
       self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd, dtype=d,
-                     init_std=cfg.initializer_range, rngs=rngs)
+                     init_std=cfg.initializer_range, rngs=rngs, fp8_cfg=cfg)
     self.kind = kind
 
   def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache: KVCache | None = None,

@@ -15,18 +15,27 @@ import jax
 import jax.numpy as jnp
 
 
-def _silu_gate(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jax.nn.silu(a) * b
+def _silu_gate(a: jax.Array, b: jax.Array, act=None) -> jax.Array:
+  """The SwiGLU intermediate silu(a) * b; `act` (e.g. an FP8 quantiser) is applied to it before the
+  down projection."""
+  h = jax.nn.silu(a) * b
+  return h if act is None else act(h)
 
 
-def experts_loop(x, gate, up, down, idx, weights):
-  """Oracle. x [T,H]; gate/up [E,H,I]; down [E,I,H]; idx/weights [T,k]."""
+def experts_loop(x, gate, up, down, idx, weights, act=None):
+  """Oracle. x [T,H]; gate/up [E,H,I]; down [E,I,H]; idx/weights [T,k].
+
+  `act` sees the whole intermediate at once (rows of unrouted tokens are zero)."""
   num_experts = gate.shape[0]
+  routed = jnp.stack([jnp.any(idx == e, axis=-1) for e in range(num_experts)])  # [E, T]
+  h = jnp.stack([_silu_gate(x @ gate[e], x @ up[e]) for e in range(num_experts)])  # [E, T, I]
+  h = jnp.where(routed[..., None], h, 0)
+  if act is not None:
+    h = act(h)
   y = jnp.zeros(x.shape, jnp.float32)
   for e in range(num_experts):
     w_e = jnp.sum(jnp.where(idx == e, weights, 0), axis=-1)  # [T]
-    h = _silu_gate(x @ gate[e], x @ up[e]) @ down[e]
-    y = y + (w_e[:, None] * h).astype(jnp.float32)
+    y = y + (w_e[:, None] * (h[e] @ down[e])).astype(jnp.float32)
   return y.astype(x.dtype)
 
 
@@ -73,31 +82,30 @@ def _blocked_layout(group_sizes: jax.Array, rows: int, block: int):
   return dest, jnp.minimum(block_group, num_groups - 1), num_blocks
 
 
-def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str):
+def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None):
   """SwiGLU of each row of `xs` with its group's weights; rows are sorted by group and rows past
   sum(group_sizes) give zeros. xs [N, H]; gate/up [G, H, I]; down [G, I, H]; group_sizes [G]."""
   if impl == "ragged_dot":
     rd = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-    return rd(_silu_gate(rd(xs, gate), rd(xs, up)), down)
+    return rd(_silu_gate(rd(xs, gate), rd(xs, up), act), down)
   if impl != "blocked":
     raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
   rows = xs.shape[0]
   block = _block_size(rows, gate.shape[0])
   dest, block_group, num_blocks = _blocked_layout(group_sizes, rows, block)
   buf = jnp.zeros((num_blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
-
-  def one_block(args):
-    xb, g = args
-    return _silu_gate(xb @ gate[g], xb @ up[g]) @ down[g]
-
-  out = jax.lax.map(one_block, (buf.reshape(num_blocks, block, -1), block_group))
+  buf = buf.reshape(num_blocks, block, -1)
+  h = jax.lax.map(lambda a: _silu_gate(a[0] @ gate[a[1]], a[0] @ up[a[1]]), (buf, block_group))
+  if act is not None:  # on the whole intermediate (padding rows are zero)
+    h = act(h)
+  out = jax.lax.map(lambda a: a[0] @ down[a[1]], (h, block_group))
   return jnp.take(out.reshape(num_blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
 
 
-def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot"):
+def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot", act=None):
   """Dropless sorted dispatch. Same signature and result as `experts_loop`."""
   order, token_of, group_sizes = _sort_by_expert(idx, gate.shape[0])
-  out = grouped_swiglu(x[token_of], group_sizes, gate, up, down, impl)
+  out = grouped_swiglu(x[token_of], group_sizes, gate, up, down, impl, act)
   return _combine(out, order, weights).astype(x.dtype)
 
 
@@ -108,8 +116,8 @@ def resolve_impl(impl: str) -> str:
   return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
-def routed_experts(x, gate, up, down, idx, weights, impl: str = "auto"):
+def routed_experts(x, gate, up, down, idx, weights, impl: str = "auto", act=None):
   impl = resolve_impl(impl)
   if impl == "loop":
-    return experts_loop(x, gate, up, down, idx, weights)
-  return experts_sorted(x, gate, up, down, idx, weights, impl)
+    return experts_loop(x, gate, up, down, idx, weights, act)
+  return experts_sorted(x, gate, up, down, idx, weights, impl, act)

@@ -28,8 +28,15 @@ def active_mesh():
 
 
 def expert_parallel_moe(x, kernel, bias, gate, up, down, *, k: int, norm_min: float,
-                        transport: str, impl: str, capacity_factor: float):
-  """x [T, H] (tokens) -> (y [T, H], RouterOutput with `dropped` per token shard)."""
+                        transport: str, impl: str, capacity_factor: float, act=None,
+                        router_input=None):
+  """x [T, H] (tokens) -> (y [T, H], RouterOutput with `dropped` per token shard).
+
+  router_input: what the router sees (default x; with FP8, x is the quantised expert input and
+  the router gets the full-precision tokens).
+
+  act(h, reduce_axes): optional transform of the SwiGLU intermediate (the FP8 quantiser; it
+  reduces its amax over `reduce_axes`, the mesh axes the tokens are split over)."""
   mesh = active_mesh()
   fn = TRANSPORTS[transport]
   token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1 or a == EXPERT_AXIS)
@@ -46,16 +53,19 @@ def expert_parallel_moe(x, kernel, bias, gate, up, down, *, k: int, norm_min: fl
   has_bias = bias is not None
   bias = bias if has_bias else jnp.zeros((kernel.shape[-1],), jnp.float32)
 
-  def local(x, kernel, bias, gate, up, down):
-    r = route(x, kernel, bias if has_bias else None, k, norm_min)
+  router_input = x if router_input is None else router_input
+
+  def local(x, xr, kernel, bias, gate, up, down):
+    r = route(xr, kernel, bias if has_bias else None, k, norm_min)
     y, dropped = fn(x, r.indices, r.weights.astype(x.dtype), gate, up, down, axis=EXPERT_AXIS,
-                    impl=impl, capacity_factor=capacity_factor, norm_min=norm_min)
+                    impl=impl, capacity_factor=capacity_factor, norm_min=norm_min,
+                    act=None if act is None else (lambda h: act(h, token_axes)))
     return y, r.replace(dropped=dropped.reshape(1))
 
   router_spec = RouterOutput(tok, tok, tok, tok, P(token_axes or None))
   y, r = jax.shard_map(
     local, mesh=mesh,
-    in_specs=(tok, P(), P(), P(EXPERT_AXIS), P(EXPERT_AXIS), P(EXPERT_AXIS)),
+    in_specs=(tok, tok, P(), P(), P(EXPERT_AXIS), P(EXPERT_AXIS), P(EXPERT_AXIS)),
     out_specs=(tok, router_spec),
-  )(x, kernel, bias, gate, up, down)
+  )(x, router_input, kernel, bias, gate, up, down)
   return y, r.replace(dropped=jnp.sum(r.dropped))

@@ -35,7 +35,7 @@ def renormalise_kept(weights, keep, norm_min: float):
 
 
 def all_to_all_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
-                         capacity_factor: float = 2.0, norm_min: float = 1e-12):
+                         capacity_factor: float = 2.0, norm_min: float = 1e-12, act=None):
   del impl  # capacity-padded buffers are dense: a batched matmul per local expert
   t, h = x.shape
   k = idx.shape[1]
@@ -53,7 +53,7 @@ def all_to_all_transport(x, idx, weights, gate, up, down, *, axis: str, impl: st
   recv = jax.lax.all_to_all(send.reshape(n, e_local * c, h), axis, 0, 0)
   xe = recv.reshape(n, e_local, c, h).transpose(1, 0, 2, 3).reshape(e_local, n * c, h)
   d = x.dtype
-  he = _silu_gate(jnp.einsum("ech,ehi->eci", xe, gate.astype(d)), jnp.einsum("ech,ehi->eci", xe, up.astype(d)))
+  he = _silu_gate(jnp.einsum("ech,ehi->eci", xe, gate.astype(d)), jnp.einsum("ech,ehi->eci", xe, up.astype(d)), act)
   ye = jnp.einsum("eci,eih->ech", he, down.astype(d))
   back = ye.reshape(e_local, n, c, h).transpose(1, 0, 2, 3).reshape(n, e_local * c, h)
   out = jax.lax.all_to_all(back, axis, 0, 0).reshape(num_experts * c, h)
