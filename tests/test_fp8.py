@@ -164,3 +164,17 @@ def test_fp8_state_checkpoint_round_trip(tmp_path):
   assert fp8_paths
   for p, v in nnx.to_flat_state(state):
     np.testing.assert_array_equal(np.asarray(got[p][...]), np.asarray(v[...]), err_msg=str(p))
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_fp8_with_remat_gives_same_gradients(remat):
+  tokens = jnp.asarray(_data(1)[0][:2])
+  grad_fn = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, fp8_optim.FP8_WRT)))
+  graphdef, state = nnx.split(ErnieForCausalLM(CFG.replace(fp8_recipe="delayed"), rngs=nnx.Rngs(0)))
+  ref = dict(nnx.to_flat_state(grad_fn(nnx.merge(graphdef, state), tokens)))
+  graphdef_r, _ = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(
+    CFG.replace(fp8_recipe="delayed", remat=remat), rngs=nnx.Rngs(0))))
+  got = dict(nnx.to_flat_state(grad_fn(nnx.merge(graphdef_r, state), tokens)))
+  assert got.keys() == ref.keys()
+  for p in ref:
+    np.testing.assert_allclose(got[p][...], ref[p][...], rtol=1e-5, atol=1e-7, err_msg=str(p))
