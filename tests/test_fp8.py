@@ -77,7 +77,7 @@ def _loss(model, tokens):
 def _train(cfg, steps, accum=1):
   model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
   tx = fp8_optim.with_fp8_overwrite(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3)))
-  opt = nnx.Optimizer(model, tx, wrt=fp8_optim.FP8_WRT)
+  opt = fp8_optim.Fp8Optimizer(model, tx, wrt=fp8_optim.FP8_WRT)
 
   @nnx.jit
   def step(model, opt, tokens):
@@ -103,6 +103,10 @@ def test_scales_move_and_fp8_matches_bf16_loss():
   assert scales and all(np.all(s != 1.0) for s in scales.values()), "some FP8 scales never moved"
   hist = [np.asarray(v[...]) for p, v in metas.items() if p[-1] == "history"]
   assert all(np.all(h[..., :-1] > 0) for h in hist)  # every step recorded an amax
+  for p, s in scales.items():  # each stored scale is exactly the rule applied to its history
+    h = np.asarray(metas[p[:-1] + ("history",)][...])
+    fmax = 57344.0 if p[-2] == "grad" else 448.0
+    np.testing.assert_allclose(s, h.max(-1) / fmax, rtol=1e-6, err_msg=str(p))
   assert fp8_losses[-1] < 0.5 * fp8_losses[0]  # it learns
   assert abs(np.mean(fp8_losses[-5:]) - np.mean(bf16_losses[-5:])) <= 0.02 * np.mean(bf16_losses[-5:]) + 0.02
 

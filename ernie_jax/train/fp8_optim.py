@@ -1,10 +1,12 @@
 """The Optax side of FP8 training.
 
 FP8 scales and amax histories (`Fp8Meta` variables) receive, as their "gradient", the new value
-computed in the backward pass. `with_fp8_overwrite(tx)` routes them to a transform that overwrites
-each with that value, while every real parameter goes through `tx` (Adam, weight decay, clipping
-never see FP8 state). Gradient accumulation combines FP8 entries by maximum (`accumulate`), and the
-data-parallel combination is a global amax inside the jitted step (plus `pmax` inside shard_map).
+computed in the backward pass. `with_fp8_overwrite(tx)` partitions the optimizer: every real
+parameter goes through `tx` (Adam, weight decay, clipping never see FP8 state) and FP8 state gets a
+zero update with no optimizer state; `Fp8Optimizer.update` then assigns the new values exactly.
+(An additive update `p + (g - p)` would not do: with p = 1 and g = 6e-10 it rounds to 0 in fp32.)
+Gradient accumulation combines FP8 entries by maximum (`accumulate`); across data-parallel replicas
+the amax is a global reduction inside the jitted step (plus `pmax` inside shard_map).
 """
 
 from __future__ import annotations
@@ -29,21 +31,23 @@ def fp8_labels(tree):
   return jax.tree_util.tree_map_with_path(lambda p, _: "fp8" if _is_fp8_path(p) else "params", tree)
 
 
-def overwrite_with_gradient() -> optax.GradientTransformation:
-  """updates = grads - params, so that params + updates == grads."""
-
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(grads, state, params):
-    return jax.tree.map(lambda g, p: g - p, grads, params), state
-
-  return optax.GradientTransformation(init, update)
-
-
 def with_fp8_overwrite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  return optax.multi_transform({"params": tx, "fp8": overwrite_with_gradient()}, fp8_labels)
+  """`tx` for parameters; FP8 state is left to `Fp8Optimizer`'s exact overwrite."""
+  return optax.multi_transform({"params": tx, "fp8": optax.set_to_zero()}, fp8_labels)
+
+
+class Fp8Optimizer(nnx.Optimizer):
+  """nnx.Optimizer that also overwrites FP8 state with the values carried by its gradients.
+
+  Build it with `wrt=FP8_WRT` and a `with_fp8_overwrite(tx)` transform. Without FP8 state in the
+  model it behaves exactly like nnx.Optimizer."""
+
+  def update(self, model, grads, /, **kwargs):
+    updates = super().update(model, grads, **kwargs)
+    new_fp8 = nnx.state(grads, Fp8Meta)
+    if jax.tree.leaves(new_fp8):
+      nnx.update(model, new_fp8)
+    return updates
 
 
 def accumulate(acc, grads):
