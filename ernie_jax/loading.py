@@ -1,8 +1,11 @@
 """`from_pretrained`: build an ErnieForCausalLM from a checkpoint directory.
 
-Supported now: Hugging Face safetensors directories (single file or sharded with an index, bf16 or
-fp32). Names, shapes and the config are checked against each other from the file headers before
-any tensor data is read; every mismatch names the tensor.
+Formats (auto-detected, or `format=`): Hugging Face safetensors directories (single file or sharded
+with an index, bf16 or fp32), Paddle `-Paddle` directories (`ernie.` prefix, fused / transposed
+tensors, bf16 as BF16 or U16 bits; also PaddleFormers' `save_to_hf=False` layout), and Orbax
+checkpoints written by `ernie_jax.interop.orbax_io` / `tools/convert/*_to_orbax.py`. Names, shapes
+and the config are checked against each other from the file headers before any tensor data is
+read; every mismatch names the tensor.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.interop import hf
+from ernie_jax.interop import convert, hf, orbax_io
 from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
 from ernie_jax.model import ErnieForCausalLM
 
@@ -32,55 +35,20 @@ def _flat_state(state) -> dict[str, Any]:
 
 
 def detect_format(path: str) -> str:
-  if not os.path.isdir(path):
-    raise CheckpointError(f"checkpoint directory not found: {path}")
-  if not os.path.exists(os.path.join(path, "config.json")):
-    raise CheckpointError(f"{path} has no config.json")
-  reader = SafetensorsReader(path)
-  if any(k.startswith("ernie.") for k in reader.keys()):
-    return "paddle"
-  return "hf"
+  """'orbax', 'hf' or 'paddle' (see `ernie_jax.interop.convert.detect_format`)."""
+  return convert.detect_format(path)
 
 
 def check_hf_checkpoint(reader: SafetensorsReader, cfg: ModelConfig, flat) -> dict[str, hf.Slot]:
   """Names, shapes and dtypes from the headers against the config, before reading any data."""
-  names = hf.hf_name_map(cfg)
-  where = os.path.dirname(next(iter(reader.tensors.values())).file) if reader.tensors else "?"
-  present = set(reader.keys())
-  unexpected = sorted(n for n in present - set(names) if not hf.ignorable(cfg, n))
-  if unexpected:
-    n = unexpected[0]
-    raise CheckpointError(f"unexpected tensor '{n}' in {where}: {hf.describe_unexpected(cfg, n)}"
-                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-  missing = sorted(set(names) - present)
-  if missing:
-    raise CheckpointError(f"missing tensor '{missing[0]}' in {where}"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-  for name, slot in names.items():
-    info, var = reader.tensors[name], flat[slot.path]
-    target = tuple(var.shape[len(slot.index):])
-    want = hf.hf_shape(slot.kind, target)
-    if info.shape != want:
-      raise CheckpointError(f"tensor '{name}' has shape {list(info.shape)}, expected {list(want)} "
-                            f"for the config ({info.file})")
-    if info.dtype not in ("F32", "BF16", "F16"):
-      raise CheckpointError(f"tensor '{name}' has dtype {info.dtype}; expected F32, BF16 or F16")
-  return names
+  convert.check_source(reader, convert.HFLayout(), cfg, {p: tuple(v.shape) for p, v in flat.items()})
+  return hf.hf_name_map(cfg)
 
 
 def iter_hf_params(reader: SafetensorsReader, cfg: ModelConfig, flat):
   """Yield (parameter path, host array) one parameter at a time (stacked layer / expert tensors
   are assembled into their parameter), so peak host memory is one parameter."""
-  names = check_hf_checkpoint(reader, cfg, flat)
-  by_path: dict[str, list[tuple[str, hf.Slot]]] = {}
-  for name, slot in names.items():
-    by_path.setdefault(slot.path, []).append((name, slot))
-  for path, var in flat.items():
-    buf = np.empty(var.shape, var.dtype)
-    for name, slot in by_path[path]:
-      target = buf.shape[len(slot.index):]
-      buf[slot.index] = hf.to_param(slot.kind, reader.get(name), target).astype(buf.dtype)
-    yield path, buf
+  return convert.iter_params(reader, convert.HFLayout(), cfg, flat)
 
 
 def load_hf_state(path: str, cfg: ModelConfig, abstract_state) -> dict[str, np.ndarray]:
@@ -102,37 +70,51 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
                     param_dtype: str | None = None, format: str = "auto",
                     config: ModelConfig | None = None, mesh=None, rules=None,
-                    **config_overrides) -> ErnieForCausalLM:
+                    allow_pickle: bool = False, **config_overrides) -> ErnieForCausalLM:
   """Load an ERNIE 4.5 text model.
 
-  path: a Hugging Face checkpoint directory (config.json + *.safetensors [+ index]).
-  dtype / param_dtype: compute / parameter dtype ("float32", "bfloat16"); default float32.
+  path: a checkpoint directory: Hugging Face (config.json + *.safetensors [+ index]), Paddle
+    (config.json + `ernie.`-prefixed safetensors), or an Orbax checkpoint written by ernie_jax.
+  format: "auto" (detected from the files and tensor names), "hf", "paddle" or "orbax".
+  dtype / param_dtype: compute / parameter dtype ("float32", "bfloat16"); default float32 for
+    every format (an Orbax checkpoint's stored dtype is converted on load).
+  allow_pickle: also read torch `.bin` / Paddle `.pdparams` files (unpickling runs code).
   mesh / rules: load straight into the sharded layout given by the logical-axis rules
     (default `ernie_jax.parallel.DEFAULT_RULES`); parameters are placed one at a time, each device
     receiving only its shards, so the full model is never materialised on one device.
   config_overrides: extra ModelConfig fields (e.g. moe_impl="ragged_dot", moe_transport="all_to_all").
   """
   path = os.fspath(path)
+  from ernie_jax.interop import hf_vl  # ERNIE 4.5 VL checkpoints (config.json model_type ernie4_5_vl_moe)
+
+  if format in ("auto", "hf") and hf_vl.is_vl_checkpoint(path):
+    return hf_vl.load(path, dtype=dtype, param_dtype=param_dtype, config=config, mesh=mesh, rules=rules,
+                      **config_overrides)
   fmt = detect_format(path) if format == "auto" else format
-  if fmt != "hf":
-    raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not supported by from_pretrained "
-                          "yet (supported: 'hf')")
+  if fmt not in convert.FORMATS:
+    raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} (supported: {convert.FORMATS})")
   overrides = dict(config_overrides)
   if dtype is not None:
     overrides["dtype"] = dtype
   if param_dtype is not None:
     overrides["param_dtype"] = param_dtype
-  cfg = config.replace(**overrides) if config is not None else ModelConfig.from_hf(path, **overrides)
+  if fmt == "orbax":
+    if config is None:  # the stored config records the storage dtype; load as float32 by default
+      overrides.setdefault("dtype", "float32")
+      overrides.setdefault("param_dtype", "float32")
+    return orbax_io.load_model(path, config=config, mesh=mesh, rules=rules, **overrides)
+  cfg = config.replace(**overrides) if config is not None else convert.read_config(path, fmt, **overrides)
   graphdef, abstract = abstract_model(cfg)
   shardings = None
   if mesh is not None:
     from ernie_jax.parallel import DEFAULT_RULES, state_shardings
 
     shardings = _flat_state(state_shardings(abstract, mesh, rules or DEFAULT_RULES))
-  reader = SafetensorsReader(path)
+  reader = convert.open_source(path, allow_pickle=allow_pickle)
   try:
+    layout = convert.layout_for(fmt, reader.keys())
     arrays = {p: _place(host, shardings and shardings[p].get_value())
-              for p, host in iter_hf_params(reader, cfg, _flat_state(abstract))}
+              for p, host in convert.iter_params(reader, layout, cfg, _flat_state(abstract))}
   finally:
     reader.close()
   flat = nnx.to_flat_state(abstract)

@@ -127,12 +127,28 @@ def hf_shape(kind: str, target: tuple[int, ...]) -> tuple[int, ...]:
   return (int(np.prod(target[n:])), int(np.prod(target[:n])))
 
 
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def transposed(x: np.ndarray, tile: int = 128) -> np.ndarray:
+  """x.T (2-D) as a new C-contiguous array. Copied in cache-sized tiles and as raw unsigned ints
+  (ml_dtypes' bf16 goes through a slow generic copy loop): 2-3x numpy's plain transpose."""
+  x = np.ascontiguousarray(x)
+  u = _UINT.get(x.dtype.itemsize)
+  src = x.view(u) if u is not None else x
+  m, n = src.shape
+  out = np.empty((n, m), src.dtype)
+  for i in range(0, m, tile):
+    out[:, i:i + tile] = src[i:i + tile].T
+  return out.view(x.dtype) if u is not None else out
+
+
 def to_param(kind: str, x: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
   if kind == "copy":
     return x
   if kind == "squeeze":
     return x.reshape(target)
-  return np.ascontiguousarray(x.T).reshape(target)
+  return transposed(x).reshape(target)
 
 
 def from_param(kind: str, x: np.ndarray) -> np.ndarray:
@@ -142,7 +158,7 @@ def from_param(kind: str, x: np.ndarray) -> np.ndarray:
   if kind == "squeeze":
     return x.reshape((1,) + x.shape)
   n = _linear_in_axes(kind)
-  return np.ascontiguousarray(x.reshape(int(np.prod(x.shape[:n])), -1).T)
+  return transposed(x.reshape(int(np.prod(x.shape[:n])), -1))
 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -157,3 +173,38 @@ def describe_unexpected(cfg: ModelConfig, name: str) -> str:
   if m and ".experts." in name and not cfg.is_moe_layer(int(m.group(1))):
     return f"an expert tensor but layer {m.group(1)} is dense under the config's MoE layer rule"
   return "not part of the model described by the config"
+
+
+# ------------------------------------------------------------------------------------------------
+# Export: a transformers config.json for a ModelConfig.
+def hf_config(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
+  """`config.json` contents that transformers' Ernie4_5 / Ernie4_5_Moe classes load as `cfg`."""
+  from ernie_jax.config import ConfigError
+
+  if cfg.rope_compression_ratio != 1.0:
+    raise ConfigError("rope_compression_ratio", f"{cfg.rope_compression_ratio} cannot be expressed in "
+                      "a transformers ERNIE 4.5 config (positions are never compressed there)")
+  d = {
+    "architectures": ["Ernie4_5_MoeForCausalLM" if cfg.is_moe else "Ernie4_5ForCausalLM"],
+    "model_type": "ernie4_5_moe" if cfg.is_moe else "ernie4_5",
+    "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+    "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+    "head_dim": cfg.head_dim, "hidden_act": "silu",
+    "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+    "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+    "tie_word_embeddings": cfg.tie_word_embeddings, "use_bias": False, "use_cache": True,
+    "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
+    "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "dtype": dtype,
+  }
+  if cfg.is_moe:
+    d.update(moe_num_experts=cfg.moe_num_experts, moe_k=cfg.moe_k,
+             moe_intermediate_size=cfg.moe_intermediate_size,
+             moe_num_shared_experts=cfg.moe_num_shared_experts,
+             moe_layer_start_index=cfg.moe_layer_start_index,
+             moe_layer_end_index=cfg.moe_layer_end_index,
+             moe_layer_interval=cfg.moe_layer_interval, moe_norm_min=cfg.moe_norm_min,
+             output_router_logits=False)
+  if cfg.num_mtp_layers:
+    d["num_nextn_predict_layers"] = cfg.num_mtp_layers
+  return d

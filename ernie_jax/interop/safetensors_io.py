@@ -1,4 +1,4 @@
-"""Minimal, dependency-free safetensors reader: header parsing, memory-mapped lazy tensors.
+"""Minimal, dependency-free safetensors reader: header parsing, tensors read lazily on demand.
 
 Reads single files and sharded checkpoints (`model.safetensors.index.json`). Tensors are only read
 when asked for, one at a time, so peak memory is bounded by the largest tensor. bf16 is returned as
@@ -101,18 +101,27 @@ class SafetensorsReader:
         if name in self.tensors:
           raise CheckpointError(f"tensor '{name}' appears in both {self.tensors[name].file} and {fn}")
         self.tensors[name] = info
-    self._maps: dict[str, np.memmap] = {}
+    self._files: dict[str, object] = {}
 
   def keys(self):
     return self.tensors.keys()
 
   def get(self, name: str) -> np.ndarray:
-    """The tensor as a numpy array (a copy, so the file can be closed)."""
+    """The tensor as a fresh numpy array, read straight into its buffer. (Plain reads, not a
+    memory map: mapped pages would stay charged to the process's RSS for the whole conversion.)"""
     info = self.tensors[name]
-    if info.file not in self._maps:
-      self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-    buf = self._maps[info.file][info.start:info.end]
-    return np.array(buf.view(DTYPES[info.dtype]).reshape(info.shape))
+    f = self._files.get(info.file)
+    if f is None:
+      f = self._files[info.file] = open(info.file, "rb")
+    out = np.empty(info.shape, DTYPES[info.dtype])
+    f.seek(info.start)
+    n = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+    if n != info.end - info.start:
+      raise CheckpointError(f"{info.file}: truncated file: tensor '{name}' could only read {n} of "
+                            f"{info.end - info.start} bytes")
+    return out
 
   def close(self):
-    self._maps.clear()
+    for f in self._files.values():
+      f.close()
+    self._files.clear()

@@ -1,0 +1,445 @@
+"""Model weights + config in an Orbax checkpoint directory.
+
+Layout (an ordinary Orbax composite checkpoint; `ocp.Checkpointer(ocp.CompositeCheckpointHandler())`
+restores it with `state=StandardRestore(...)`, `model_config=JsonRestore()`):
+
+  <dir>/state/         the model's variables (Params and Buffers such as the MoE correction bias)
+                       as a nested dict keyed by the '/'-separated paths of `nnx.state(model)`
+                       (list indices as strings), e.g. state["groups"]["1"]["blocks"]["layers"]["0"]
+                       ["mlp"]["experts"]["gate"] of shape [repeats, E, H, I]
+  <dir>/model_config/  JSON: {"format": "ernie_jax", "version": 1, "model_config": ModelConfig.to_dict(),
+                       "source": {...where it came from...}}
+
+A CheckpointManager root whose step directories hold these two items is accepted too (the latest
+step is used).
+
+Writing without materialising the model: a `StreamedArray` leaf stands for an array whose content
+is produced block by block by a `BlockSource` (the converters). A type handler registered for it
+writes each block into its chunk of the TensorStore array as it arrives (committing about every
+64 MiB), so peak memory is one block plus the source tensor it came from plus <= 64 MiB of
+uncommitted writes, never the parameter or the model. The result is a
+plain array in the checkpoint: restoring needs no custom code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import threading
+from typing import Any, Iterator, Mapping, Protocol
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from ernie_jax.config import ModelConfig
+from ernie_jax.interop.safetensors_io import CheckpointError
+
+FORMAT = "ernie_jax"
+VERSION = 1
+STATE_ITEM = "state"
+CONFIG_ITEM = "model_config"
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths <-> nested storage tree
+def nest(flat: Mapping[str, Any]) -> dict:
+  """{'a/0/b': x} -> {'a': {'0': {'b': x}}}."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming writes
+class BlockSource(Protocol):
+  def blocks(self, paths: set[str]) -> Iterator[tuple[str, tuple[int, ...], np.ndarray]]:
+    """Yield (path, start, block) covering every requested parameter exactly once.
+
+    `start` (length `StreamedArray.lead`) indexes the leading axes; the block has the array's
+    `chunk_shape` and lands at `param[start[0]:start[0]+1, ...]`."""
+
+
+class StreamedArray:
+  """A parameter to be written block by block (see the module docstring).
+
+  The first `lead` axes are written one index at a time: blocks (and storage chunks) have shape
+  `(1,) * lead + shape[lead:]`; lead=0 writes the parameter in one block."""
+
+  def __init__(self, path: str, shape, dtype, lead: int, source: BlockSource):
+    self.path = path
+    self.shape = tuple(int(s) for s in shape)
+    self.dtype = np.dtype(dtype)
+    if not 0 <= lead <= len(self.shape):
+      raise ValueError(f"{path}: lead={lead} for a parameter of rank {len(self.shape)}")
+    self.lead = lead
+    self.chunk_shape = (1,) * lead + self.shape[lead:]
+    self.num_blocks = int(np.prod(self.shape[:lead], dtype=np.int64))
+    self.source = source
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __repr__(self):
+    return f"StreamedArray({self.path}, {self.shape}, {self.dtype}, chunks={self.chunk_shape})"
+
+
+_COMMIT_BYTES = 64 << 20
+
+
+class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
+  """Writes StreamedArray leaves; the stored arrays are ordinary numpy-typed arrays, so the
+  standard handlers read them back (metadata / deserialize are inherited)."""
+
+  async def serialize(self, values, infos, args=None):
+    if jax.process_count() > 1:
+      raise NotImplementedError("streamed conversion writes from a single process")
+    args = args or [ocp.SaveArgs()] * len(values)
+    # Like the standard handlers, write in the background commit, which first waits for Orbax's
+    # signal that the item directories exist.
+    return [ocp.future.CommitFutureAwaitingContractedSignals(
+      self._write(list(zip(values, infos, args))), name="streamed_array_handler")]
+
+  async def _write(self, items):
+    by_source: dict[int, list] = {}
+    for item in items:
+      by_source.setdefault(id(item[0].source), []).append(item)
+    for group in by_source.values():
+      stores = {}
+      for value, info, arg in group:
+        await info.await_path_creation()
+        use_ocdbt = bool(info.is_ocdbt_checkpoint)
+        spec = ocp.type_handlers.get_json_tspec_write(
+          info, use_ocdbt=use_ocdbt, global_shape=value.shape, local_shape=value.chunk_shape,
+          dtype=value.dtype, process_index=jax.process_index() if use_ocdbt else None, arg=arg)
+        stores[value.path] = (value, await ts.open(ts.Spec(spec), create=True, open=True,
+                                                  context=info.ts_context))
+      written = {p: 0 for p in stores}
+      # Blocks are committed in transactions of about _COMMIT_BYTES: one OCDBT commit per small
+      # block would dominate the time (~20 ms each); the transaction holds a copy of its blocks.
+      txn, pending = None, 0
+      blocks = _prefetched(group[0][0].source.blocks(set(stores)), _PREFETCH)
+      async with contextlib.aclosing(blocks):  # stops the worker thread on errors too
+        async for path, start, block in blocks:
+          value, store = stores[path]
+          if block.shape != value.chunk_shape or block.dtype != value.dtype or len(start) != value.lead:
+            raise CheckpointError(f"internal error: block {start} for '{path}' is {block.dtype}"
+                                  f"{list(block.shape)}, expected {value.dtype}{list(value.chunk_shape)}")
+          index = tuple(slice(s, s + 1) for s in start)
+          if txn is None:
+            txn = ts.Transaction()
+          await store.with_transaction(txn)[index].write(block)
+          written[path] += 1
+          pending += block.nbytes
+          del block
+          if pending >= _COMMIT_BYTES:
+            await txn.commit_async()
+            txn, pending = None, 0
+        if txn is not None:
+          await txn.commit_async()
+      for path, (value, _) in stores.items():
+        if written[path] != value.num_blocks:
+          raise CheckpointError(f"internal error: {written[path]} of {value.num_blocks} blocks "
+                                f"written for '{path}'")
+
+
+# --------------------------------------------------------------------------------------------------
+_END = object()
+_PREFETCH = True  # read / transform the next block in a worker thread while writing this one
+
+
+async def _prefetched(blocks: Iterator, prefetch: bool = True):
+  """Iterate `blocks` in a worker thread, one item ahead, so reading / transposing the next block
+  overlaps writing this one (numpy and file reads release the GIL). Costs one extra block."""
+  if not prefetch:
+    for item in blocks:
+      yield item
+    return
+  q: queue.Queue = queue.Queue(maxsize=1)
+  stop = threading.Event()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def produce():
+    try:
+      for item in blocks:
+        if not put(item):
+          return
+      put(_END)
+    except BaseException as e:  # handed to the consumer, which re-raises it
+      put(e)
+
+  worker = threading.Thread(target=produce, name="convert-blocks", daemon=True)
+  worker.start()
+  try:
+    while True:
+      item = await asyncio.to_thread(q.get)
+      if item is _END:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+      del item
+  finally:
+    stop.set()
+    worker.join()
+
+
+def _info(cfg: ModelConfig, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+  return {"format": FORMAT, "version": VERSION, "model_config": cfg.to_dict(), **(metadata or {})}
+
+
+def save_state(path: str | os.PathLike, arrays: Mapping[str, Any], cfg: ModelConfig, *,
+               metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
+  """Write `arrays` ({flat parameter path: jax / numpy array or StreamedArray}) and `cfg`.
+
+  Orbax writes into a temporary sibling and renames it into place when complete.
+  """
+  path = epath.Path(os.path.abspath(os.fspath(path)))
+  streamed = any(isinstance(a, StreamedArray) for a in arrays.values())
+  state = nest(arrays)
+  if streamed:
+    registry = ocp.type_handlers.create_type_handler_registry(
+      (StreamedArray, _StreamedArrayHandler()), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
+    handlers = ocp.DefaultCheckpointHandlerRegistry()
+    handlers.add(STATE_ITEM, ocp.args.PyTreeSave,
+                 ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry))
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=handlers))
+    state_args = ocp.args.PyTreeSave(state)
+  else:
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    state_args = ocp.args.StandardSave(state)
+  try:
+    checkpointer.save(path, ocp.args.Composite(**{STATE_ITEM: state_args,
+                                                  CONFIG_ITEM: ocp.args.JsonSave(_info(cfg, metadata))}),
+                      force=overwrite)
+  finally:
+    checkpointer.close()
+
+
+def save_model(model, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
+               overwrite: bool = False) -> None:
+  """Save an `ErnieForCausalLM` (possibly sharded, multi-host) with its config."""
+  from flax import nnx
+
+  flat = {"/".join(str(k) for k in p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+  save_state(path, flat, model.config, metadata=metadata, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+def _is_item_dir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, STATE_ITEM)) and os.path.isdir(os.path.join(path, CONFIG_ITEM))
+
+
+def resolve(path: str | os.PathLike) -> str:
+  """The checkpoint directory: `path` itself, or the latest step of a CheckpointManager root."""
+  path = os.fspath(path)
+  if _is_item_dir(path):
+    return path
+  if os.path.isdir(path):
+    steps = sorted((int(d) for d in os.listdir(path) if d.isdigit() and _is_item_dir(os.path.join(path, d))))
+    if steps:
+      return os.path.join(path, str(steps[-1]))
+  raise CheckpointError(f"{path} is not an ernie_jax Orbax checkpoint (no '{STATE_ITEM}' and "
+                        f"'{CONFIG_ITEM}' items)")
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+  try:
+    resolve(path)
+    return True
+  except CheckpointError:
+    return False
+
+
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+  """The JSON recorded next to the weights (format, version, model_config, source)."""
+  directory = resolve(path)
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    info = checkpointer.restore(directory, ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+  finally:
+    checkpointer.close()
+  if not isinstance(info, dict) or info.get("format") != FORMAT or "model_config" not in info:
+    raise CheckpointError(f"{directory}/{CONFIG_ITEM} does not hold an ernie_jax model config")
+  if info.get("version", 0) > VERSION:
+    raise CheckpointError(f"{directory}: checkpoint format version {info['version']} is newer than this "
+                          f"ernie_jax understands ({VERSION})")
+  return info
+
+
+def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+  return ModelConfig.from_dict(read_info(path)["model_config"]).replace(**overrides)
+
+
+def _saved_arrays(directory: str) -> dict[str, tuple[tuple[str, ...], Any]]:
+  """{normalised flat path: (saved key tuple, ArrayMetadata)} from the checkpoint metadata.
+
+  A trailing 'value' key (an `nnx.State` saved as is) is dropped from the normalised path."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(epath.Path(directory) / STATE_ITEM)
+  finally:
+    handler.close()
+  tree = meta.tree if hasattr(meta, "tree") else meta
+  out = {}
+  for keypath, m in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+    norm = keys[:-1] if keys and keys[-1] == "value" else keys
+    out["/".join(norm)] = (keys, m)
+  return out
+
+
+def load_state(path: str | os.PathLike, abstract_state, shardings=None):
+  """Restore the checkpoint into `abstract_state` (an `nnx.State` of ShapeDtypeStructs, e.g. from
+  `nnx.eval_shape`), each array read straight into its sharding.
+
+  shardings: an `nnx.State` of the same structure holding `NamedSharding`s (see
+  `ernie_jax.parallel.state_shardings`); default: the first local device. Arrays are cast to the
+  abstract dtypes. Names and shapes are checked first; a mismatch names the parameter.
+  """
+  from flax import nnx
+
+  directory = resolve(path)
+  saved = _saved_arrays(directory)
+  flat = nnx.to_flat_state(abstract_state)
+  sharding_of = {}
+  if shardings is not None:
+    sharding_of = {"/".join(str(k) for k in p): v.get_value() if isinstance(v, nnx.Variable) else v
+                   for p, v in nnx.to_flat_state(shardings)}
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  wanted = {"/".join(str(k) for k in p): v for p, v in flat}
+  missing = sorted(set(wanted) - set(saved))
+  if missing:
+    raise CheckpointError(f"{directory}: no array for parameter '{missing[0]}'"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  unexpected = sorted(set(saved) - set(wanted))
+  if unexpected:
+    raise CheckpointError(f"{directory}: unexpected array '{unexpected[0]}' not in the model"
+                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+  target = {}
+  for name, var in wanted.items():
+    keys, meta = saved[name]
+    if tuple(meta.shape) != tuple(var.shape):
+      raise CheckpointError(f"{directory}: array '{name}' has shape {list(meta.shape)}, the model "
+                            f"expects {list(var.shape)}")
+    node = target
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_of.get(name, default))
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    restored = checkpointer.restore(directory, ocp.args.Composite(
+      **{STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+  finally:
+    checkpointer.close()
+  for name, var in wanted.items():
+    node = restored
+    for k in saved[name][0]:
+      node = node[k]
+    var.set_value(node)
+  return nnx.from_flat_state(flat)
+
+
+def load_model(path: str | os.PathLike, *, config: ModelConfig | None = None, mesh=None, rules=None,
+               **overrides):
+  """Build an `ErnieForCausalLM` from an Orbax checkpoint (see `ernie_jax.from_pretrained`)."""
+  from flax import nnx
+
+  from ernie_jax.loading import abstract_model
+
+  cfg = config.replace(**overrides) if config is not None else load_config(path, **overrides)
+  graphdef, abstract = abstract_model(cfg)
+  shardings = None
+  if mesh is not None:
+    from ernie_jax.parallel import DEFAULT_RULES, state_shardings
+
+    shardings = state_shardings(abstract, mesh, rules or DEFAULT_RULES)
+  return nnx.merge(graphdef, load_state(path, abstract, shardings))
+
+
+class OrbaxReader:
+  """Reads slices of single arrays of a checkpoint through TensorStore (for streaming export):
+  `read(path, index)` returns `param[index]` without reading the rest of the parameter."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.directory = resolve(path)
+    self.info = read_info(self.directory)
+    self.config = ModelConfig.from_dict(self.info["model_config"])
+    self.arrays = _saved_arrays(self.directory)
+    self._context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
+    self._open: dict[str, Any] = {}
+    self._cached: tuple | None = None
+    state_dir = epath.Path(self.directory) / STATE_ITEM
+    self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(state_dir)
+    with open(state_dir / "_METADATA") as f:
+      self._zarr3 = bool(json.load(f).get("use_zarr3", False))
+
+  def shape(self, path: str) -> tuple[int, ...]:
+    return tuple(self.arrays[path][1].shape)
+
+  def dtype(self, path: str) -> np.dtype:
+    return np.dtype(self.arrays[path][1].dtype)
+
+  def _store(self, path: str):
+    if path not in self._open:
+      if path not in self.arrays:
+        raise CheckpointError(f"{self.directory}: no array '{path}'")
+      meta = self.arrays[path][1]
+      info = ocp.type_handlers.ParamInfo(
+        name=meta.name, parent_dir=epath.Path(meta.directory), is_ocdbt_checkpoint=self._ocdbt,
+        use_zarr3=self._zarr3, ts_context=self._context)
+      spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+      self._open[path] = ts.open(ts.Spec(spec), open=True, read=True, context=self._context).result()
+    return self._open[path]
+
+  def read(self, path: str, index: tuple[int, ...] = ()) -> np.ndarray:
+    """`param[index]`. Storage chunks are read whole, so the chunk-aligned region around `index`
+    is read once and kept until a read falls outside it: reading a parameter's slices in order
+    reads each chunk once (memory: one chunk region)."""
+    if not index:
+      return np.asarray(self._store(path).read().result())
+    meta = self.arrays[path][1]
+    chunks = tuple(meta.storage.chunk_shape) if meta.storage is not None else tuple(meta.shape)
+    region = tuple((i // c * c, min(i // c * c + c, n)) for i, c, n in zip(index, chunks, meta.shape))
+    key = (path, region)
+    if self._cached is None or self._cached[0] != key:
+      self._cached = None  # free the old region before reading the next
+      sel = tuple(slice(a, b) for a, b in region)
+      self._cached = (key, np.asarray(self._store(path)[sel].read().result()))
+    return self._cached[1][tuple(i - a for i, (a, _) in zip(index, region))]
+
+  def close(self):
+    self._open.clear()
+    self._cached = None

@@ -1,0 +1,33 @@
+"""Convert a Paddle ERNIE 4.5 checkpoint (e.g. baidu/ERNIE-4.5-21B-A3B-Paddle) into an Orbax
+checkpoint that `ernie_jax.from_pretrained` and `experiments/pretrain.py --config.init_from` load
+on any mesh.
+
+  python tools/convert/paddle_to_orbax.py --input ERNIE-4.5-0.3B-Paddle --output ckpt/0.3b
+  python tools/convert/paddle_to_orbax.py --input ERNIE-4.5-21B-A3B-Paddle --output ckpt/21b --verify
+
+Understood layouts (spec §5.4): the `-Paddle` release files (`ernie.` prefix, Linear weights
+[in, out], fused qkv_proj [Q|K|V] and up_gate_proj [gate|up], bf16 stored as BF16 or as raw U16
+bit patterns, which are bit-cast, never value-cast) and PaddleFormers' `save_to_hf=False` output
+(`model.` prefix, qkv grouped per KV head). PaddleFormers' default `save_pretrained` writes the HF
+layout: use hf_to_orbax.py for that (auto-detection tells them apart either way).
+`.pdparams` files are pickle: refused unless --allow-pickle (and then they need paddlepaddle).
+
+--verify compares against transformers running the same weights converted by the official
+Paddle -> HF rule set (ERNIE tools/paddle2torch/tran_4_5t.py), which does not share code with the
+conversion tables.
+
+Exit status: 0 done; 1 bad input, existing output or other error (the message names the tensor or
+file; nothing is left behind); 3 --verify found a disagreement (nothing is left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from ernie_jax.interop.convert import main_to_orbax  # noqa: E402
+
+if __name__ == "__main__":
+  sys.exit(main_to_orbax("paddle", __doc__))
