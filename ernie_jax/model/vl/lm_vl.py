@@ -1,0 +1,306 @@
+"""ERNIE 4.5 VL conditional-generation model: vision tower + resampler + 3-D-RoPE MoE language model.
+
+Forward: token embeddings, with the resampler's outputs written over the image (video) placeholder
+positions in order of appearance; decoder layers (GQA attention with 3-D RoPE angles, then a dense
+SwiGLU MLP or the modality-isolated MoE) stacked per layer group and applied with nnx.scan; final
+RMSNorm; LM head (tied to the embedding by default); logits in fp32.
+
+Host-side helpers (`prepare_inputs`) build the (t, h, w) positions and MoE token types from the
+token ids and the static image / video grids; `forward` is a jitted entry point with the grids as
+static arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from ernie_jax.model.attention import Attention, KVCache
+from ernie_jax.model.common import make_param, normal
+from ernie_jax.model.decoder import _REMAT_POLICIES, layer_groups, layer_locations
+from ernie_jax.model.mlp import MLP
+from ernie_jax.model.norms import RMSNorm
+from ernie_jax.model.vl import rope3d
+from ernie_jax.model.vl.config_vl import VLConfig
+from ernie_jax.model.vl.moe_vl import VLMoE, VLRouterOutput
+from ernie_jax.model.vl.resampler import Resampler, output_tokens
+from ernie_jax.model.vl.vision import VisionTransformer
+from ernie_jax.parallel.sharding import constrain
+
+Grid = Sequence[Sequence[int]]
+
+
+@struct.dataclass
+class VLOutput:
+  logits: jax.Array  # [B, S, V] fp32
+  hidden: jax.Array  # [B, S, H] last decoder layer output, before the final norm
+  router: VLRouterOutput | None  # stacked over MoE layers: [L_moe, B*S, ...]
+  vision_mask: jax.Array | None  # [B, S] bool: tokens routed to the vision experts (None: all text)
+  cache: Any = None
+
+
+class VLDecoderLayer(nnx.Module):
+  def __init__(self, cfg: VLConfig, kind: str, *, rngs: nnx.Rngs):
+    pd, d = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                          cfg.head_dim, param_dtype=pd, dtype=d, init_std=cfg.initializer_range, rngs=rngs)
+    self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    if kind == "moe":
+      self.mlp = VLMoE(cfg, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd, dtype=d,
+                     init_std=cfg.initializer_range, rngs=rngs)
+    self.kind = kind
+
+  def __call__(self, x, cos, sin, *, positions, vision, segment_ids=None, cache=None, cache_index=None):
+    h, cache = self.attn(self.input_norm(x), cos, sin, positions=positions, segment_ids=segment_ids,
+                         cache=cache, cache_index=cache_index)
+    x = x + h.astype(x.dtype)
+    h = self.post_norm(x)
+    router = None
+    if self.kind == "moe":
+      h, router = self.mlp(h, vision)
+    else:
+      h = self.mlp(h)
+    return constrain(x + h.astype(x.dtype), ("batch", "length", "act_embed")), cache, router
+
+
+class VLBlock(nnx.Module):
+  def __init__(self, cfg: VLConfig, unit: tuple[str, ...], *, rngs: nnx.Rngs):
+    self.layers = nnx.List([VLDecoderLayer(cfg, kind, rngs=rngs) for kind in unit])
+
+  def __call__(self, x, cos, sin, positions, vision, segment_ids, caches, index=None):
+    new_caches, routers = [], []
+    for j, layer in enumerate(self.layers):
+      x, c, r = layer(x, cos, sin, positions=positions, vision=vision, segment_ids=segment_ids,
+                      cache=None if caches is None else caches[j], cache_index=index)
+      new_caches.append(c)
+      if r is not None:
+        routers.append(r)
+    return x, (None if caches is None else tuple(new_caches)), tuple(routers)
+
+
+class VLLayerGroup(nnx.Module):
+  """`repeats` stacked copies of a VLBlock applied with nnx.scan (the text model's pattern)."""
+
+  def __init__(self, cfg: VLConfig, unit: tuple[str, ...], repeats: int, *, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+      return VLBlock(cfg, unit, rngs=rngs)
+
+    self.blocks = make(rngs)
+    self.unit = unit
+    self.repeats = repeats
+    self.remat = cfg.remat
+
+  def __call__(self, x, cos, sin, positions, vision, segment_ids=None, caches=None):
+    def body(block, carry, index):
+      x, caches = carry
+      x, caches, routers = block(x, cos, sin, positions, vision, segment_ids, caches, index)
+      return (x, caches), routers
+
+    if self.remat != "none":
+      body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat])
+
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def scan_fn(block, carry, index):
+      return body(block, carry, index)
+
+    (x, caches), routers = scan_fn(self.blocks, (x, caches), jnp.arange(self.repeats))
+    return x, caches, routers
+
+
+def merge_embeddings(x: jax.Array, tokens: jax.Array, features: jax.Array, token_id: int) -> jax.Array:
+  """Replace x[b, s] where tokens[b, s] == token_id by the next row of `features` (row-major order
+  over the batch, like the reference's masked_scatter)."""
+  mask = tokens == token_id
+  idx = jnp.cumsum(mask.reshape(-1)) - 1
+  rows = jnp.take(features.astype(x.dtype), jnp.clip(idx, 0, features.shape[0] - 1), axis=0)
+  return jnp.where(mask[..., None], rows.reshape(x.shape), x)
+
+
+class Ernie45VLForConditionalGeneration(nnx.Module):
+  def __init__(self, cfg: VLConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    std = cfg.initializer_range
+    self.embed = make_param(rngs, normal(std), (cfg.vocab_size, cfg.hidden_size), pd, ("vocab", "embed"))
+    self.groups = nnx.List([VLLayerGroup(cfg, unit, reps, rngs=rngs)
+                            for unit, reps in layer_groups(cfg.layer_kinds)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    make_param(rngs, normal(std), (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab")))
+    self.vision_model = VisionTransformer(cfg.vision, param_dtype=pd, dtype=jnp.dtype(cfg.dtype),
+                                          init_std=std, remat=cfg.remat, rngs=rngs)
+    self.resampler = Resampler(cfg, rngs=rngs)
+
+  # ------------------------------------------------------------------------------------------------
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+
+  def encode_vision(self, pixel_values: jax.Array, grid_thw: Grid) -> jax.Array:
+    """Patches [N, C*p*p] of images / videos with static grids -> LM embeddings [M, hidden]."""
+    return self.resampler(self.vision_model(pixel_values, grid_thw), grid_thw)
+
+  def head(self, h: jax.Array) -> jax.Array:
+    d = jnp.dtype(self.config.dtype)
+    y = self.norm(h).astype(d)
+    if self.lm_head is None:
+      logits = jnp.einsum("bsh,vh->bsv", y, self.embed[...].astype(d), preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("bsh,hv->bsv", y, self.lm_head[...].astype(d), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+  def vision_mask(self, tokens: jax.Array) -> jax.Array:
+    """Tokens the MoE routes to the vision experts: placeholders and image/video start/end tokens."""
+    return jnp.isin(tokens, jnp.asarray(self.config.vision_token_ids, tokens.dtype))
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               token_types: jax.Array | None = None, text_only: bool = False,
+               pixel_values: jax.Array | None = None, image_grid_thw: Grid | None = None,
+               pixel_values_videos: jax.Array | None = None, video_grid_thw: Grid | None = None,
+               image_embeds: jax.Array | None = None, video_embeds: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache=None,
+               cache_positions: jax.Array | None = None) -> VLOutput:
+    """tokens [B, S] -> VLOutput.
+
+    positions: [B, S, 3] (t, h, w) from `prepare_inputs` (default: text positions 0..S-1).
+    token_types: [B, S] MoE modality (0 text, 1 image, 2 video); default: from the token ids (the
+      placeholders and the image/video start/end tokens are vision). text_only=True routes every
+      token as text and skips the vision experts (generated tokens).
+    pixel_values / pixel_values_videos with their static grids (tuples of (t, h, w)), or
+      precomputed image_embeds / video_embeds [M, hidden]: written over the image / video
+      placeholder tokens in order.
+    cache / cache_positions [B, S]: KV cache from `init_cache` and the cache slot of each token.
+    """
+    c = self.config
+    b, s = tokens.shape
+    if positions is None:
+      positions = rope3d.text_positions(b, s)
+    if positions.shape != (b, s, 3):
+      raise ValueError(f"positions must be [batch, seq, 3] (t, h, w), got {positions.shape}")
+    x = self.embed_tokens(tokens)
+    if pixel_values is not None:
+      image_embeds = self.encode_vision(pixel_values, image_grid_thw)
+    if image_embeds is not None:
+      x = merge_embeddings(x, tokens, image_embeds, c.image_token_id)
+    if pixel_values_videos is not None:
+      video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw)
+    if video_embeds is not None:
+      x = merge_embeddings(x, tokens, video_embeds, c.video_token_id)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    if text_only:
+      vision = None
+    elif token_types is None:
+      vision = self.vision_mask(tokens)
+    else:
+      vision = token_types > 0
+    if cache is not None and cache_positions is None:
+      raise ValueError("cache_positions (the cache slot of every token) are required with a cache")
+    slots = cache_positions if cache is not None else jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin = rope3d.mrope_angles(positions, c.head_dim, c.rope_theta, c.mrope_section)
+    routers, new_cache = [], []
+    for g, group in enumerate(self.groups):
+      x, cg, r = group(x, cos, sin, slots, vision, segment_ids, None if cache is None else cache[g])
+      new_cache.append(cg)
+      routers.extend(_layer_major(r))
+    router = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *routers) if routers else None
+    return VLOutput(self.head(x), x, router, vision, None if cache is None else tuple(new_cache))
+
+  def layer(self, i: int) -> VLDecoderLayer:
+    """A standalone copy of decoder layer i (sliced out of its scanned group), for inspection."""
+    g, r, j = layer_locations(self.config.layer_kinds)[i]
+    graphdef, state = nnx.split(self.groups[g].blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state)).layers[j]
+
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    c = self.config
+    dtype = jnp.dtype(dtype or c.dtype)
+    shape = lambda reps: (reps, batch, max_len, c.num_key_value_heads, c.head_dim)
+    return tuple(tuple(KVCache(jnp.zeros(shape(g.repeats), dtype), jnp.zeros(shape(g.repeats), dtype))
+                       for _ in g.unit) for g in self.groups)
+
+
+def _layer_major(routers):
+  if not routers:
+    return []
+  stacked = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *routers)  # [R, P, ...]
+  return [jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stacked)]
+
+
+# --------------------------------------------------------------------------------------------------
+def _grid(g) -> tuple[tuple[int, int, int], ...] | None:
+  if g is None:
+    return None
+  return tuple(tuple(int(v) for v in row) for row in np.asarray(g).reshape(-1, 3))
+
+
+def prepare_inputs(cfg: VLConfig, input_ids, *, image_grid_thw=None, video_grid_thw=None,
+                   attention_mask=None) -> dict[str, np.ndarray]:
+  """Host-side inputs for the model: {"positions" [B, S, 3], "token_types" [B, S] (MoE modality,
+  0 text / 1 image / 2 video, start/end tokens included), "rope_deltas" [B]}. Checks that the
+  placeholder counts match the grids."""
+  ids = np.asarray(input_ids)
+  mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+  v = cfg.vision
+  for token, grids, name, video in ((cfg.image_token_id, _grid(image_grid_thw), "image", False),
+                                    (cfg.video_token_id, _grid(video_grid_thw), "video", True)):
+    have = int(((ids == token) & mask).sum())
+    want = 0 if grids is None else sum(
+      rope3d.vision_tokens(g, video, v.spatial_merge_size, v.temporal_merge_size) for g in grids)
+    if have != want:
+      raise ValueError(f"{have} {name} placeholder tokens (id {token}) but the {name} grids "
+                       f"{list(grids or [])} need {want}")
+  positions, deltas = rope3d.rope_index(
+    ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+    image_grid_thw=_grid(image_grid_thw), video_grid_thw=_grid(video_grid_thw), attention_mask=mask,
+    spatial_merge=v.spatial_merge_size, temporal_merge=v.temporal_merge_size)
+  types = np.zeros(ids.shape, np.int32)
+  types[np.isin(ids, [cfg.image_token_id, cfg.image_start_token_id, cfg.image_end_token_id])] = 1
+  types[np.isin(ids, [cfg.video_token_id, cfg.video_start_token_id, cfg.video_end_token_id])] = 2
+  types[~mask] = 0
+  return {"positions": positions, "token_types": types, "rope_deltas": deltas}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "image_grid", "video_grid", "text_only"))
+def _forward_jit(state, tokens, positions, token_types, pixel_values, pixel_values_videos, *,
+                 graphdef, image_grid, video_grid, text_only):
+  model = nnx.merge(graphdef, state)
+  return model(tokens, positions=positions, token_types=token_types, text_only=text_only,
+               pixel_values=pixel_values, image_grid_thw=image_grid,
+               pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid)
+
+
+def forward(model: Ernie45VLForConditionalGeneration, input_ids, *, pixel_values=None,
+            image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+            attention_mask=None, positions=None, token_types=None) -> VLOutput:
+  """Jitted full forward from host inputs (compiled once per model structure, input shapes and
+  grids). Positions and token types are built with `prepare_inputs` unless given."""
+  ids = np.asarray(input_ids, np.int32)
+  if positions is None or token_types is None:
+    prep = prepare_inputs(model.config, ids, image_grid_thw=image_grid_thw,
+                          video_grid_thw=video_grid_thw, attention_mask=attention_mask)
+    positions = prep["positions"] if positions is None else positions
+    token_types = prep["token_types"] if token_types is None else token_types
+  if (pixel_values is None) != (image_grid_thw is None) or (pixel_values_videos is None) != (video_grid_thw is None):
+    raise ValueError("pixel values and their grid_thw must be given together")
+  graphdef, state = nnx.split(model)
+  return _forward_jit(state, jnp.asarray(ids), jnp.asarray(positions, jnp.int32),
+                      jnp.asarray(token_types, jnp.int32),
+                      None if pixel_values is None else jnp.asarray(pixel_values),
+                      None if pixel_values_videos is None else jnp.asarray(pixel_values_videos),
+                      graphdef=graphdef, image_grid=_grid(image_grid_thw), video_grid=_grid(video_grid_thw),
+                      text_only=False)
+
+
+def image_token_count(cfg: VLConfig, grid: Sequence[int]) -> int:
+  """Placeholders of one image / video grid (what the resampler emits for it)."""
+  return output_tokens(grid, cfg.vision.spatial_merge_size)

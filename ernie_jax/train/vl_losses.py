@@ -1,0 +1,142 @@
+"""Training losses of ERNIE 4.5 VL (spec §4.1, §3.3, §3.4).
+
+* Router losses per modality: the text router's aux (load-balance) and z losses over the text
+  tokens only, the vision router's over the vision tokens only (each normalised by its own token
+  count), orthogonal losses of both router weights; summed over MoE layers and modalities.
+* Token-balanced LM loss: the gradient is that of sum_t ce_t * mask_t / token_balance_seqlen (a
+  constant, e.g. batch x seq), the reported value the usual masked mean
+  (`loss = l_tb - stop_gradient(l_tb) + stop_gradient(mean)`, PF `ErniePretrainingCriterion`).
+* Only text-typed targets get the LM loss (`text_target_mask`).
+* Aux-loss-free balancing: per-modality expert usage and the sign update of each correction-bias row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ernie_jax.model.decoder import layer_groups
+from ernie_jax.model.vl.moe_vl import VLRouterOutput
+from ernie_jax.train import moe_losses
+
+
+def modality_masks(vision_mask, mask=None):
+  """(text [T], vision [T]) float masks over the flattened tokens; `mask` [B, S] drops padding."""
+  v = vision_mask.reshape(-1).astype(jnp.float32)
+  m = jnp.ones_like(v) if mask is None else mask.reshape(-1).astype(jnp.float32)
+  return (1.0 - v) * m, v * m
+
+
+def load_balance_loss(router: VLRouterOutput, vision_mask, mask=None) -> jax.Array:
+  text, vision = modality_masks(vision_mask, mask)
+  return moe_losses.load_balance_loss(router.text, text) + moe_losses.load_balance_loss(router.vision, vision)
+
+
+def z_loss(router: VLRouterOutput, vision_mask, mask=None) -> jax.Array:
+  text, vision = modality_masks(vision_mask, mask)
+  return moe_losses.z_loss(router.text, text) + moe_losses.z_loss(router.vision, vision)
+
+
+def _router_vars(model, router: str, name: str):
+  out = []
+  for g, (unit, _) in zip(model.groups, layer_groups(model.config.layer_kinds)):
+    vs = [getattr(getattr(g.blocks.layers[j].mlp, router), name) for j, k in enumerate(unit) if k == "moe"]
+    if vs:
+      out.append((jnp.stack([v[...] for v in vs], axis=1).reshape((-1,) + vs[0].shape[1:]), vs))
+  return out
+
+
+def router_kernels(model) -> tuple[jax.Array, jax.Array]:
+  """(text, vision) router weights of all MoE layers in layer order, each [L, H, E]."""
+  return tuple(jnp.concatenate([w for w, _ in _router_vars(model, r, "kernel")], axis=0)
+               for r in ("text_router", "vision_router"))
+
+
+def orthogonal_loss(model) -> jax.Array:
+  text, vision = router_kernels(model)
+  return moe_losses.orthogonal_loss(text) + moe_losses.orthogonal_loss(vision)
+
+
+def router_loss(model, out, mask=None, *, aux_coef: float = 1e-2, z_coef: float = 1e-4,
+                orth_coef: float = 1e-2) -> jax.Array:
+  """c_aux * L_aux + c_z * L_z + c_orth * L_orth for a `VLOutput` (0 without MoE layers)."""
+  if out.router is None:
+    return jnp.zeros((), jnp.float32)
+  vision = jnp.zeros(out.logits.shape[:2], bool) if out.vision_mask is None else out.vision_mask
+  loss = aux_coef * load_balance_loss(out.router, vision, mask) + z_coef * z_loss(out.router, vision, mask)
+  if orth_coef:
+    loss = loss + orth_coef * orthogonal_loss(model)
+  return loss
+
+
+# --------------------------------------------------------------------------------------------------
+def text_target_mask(targets, config) -> jax.Array:
+  """True where the target is a text token: image / video placeholders and their start / end tokens
+  are vision-typed (PF token-type mapping) and get no LM loss."""
+  return ~jnp.isin(targets, jnp.asarray(config.vision_token_ids, targets.dtype))
+
+
+def token_balanced_lm_loss(logits, targets, loss_mask, token_balance_seqlen: float) -> jax.Array:
+  """Value: masked mean NLL. Gradient: that of sum(NLL * mask) / token_balance_seqlen."""
+  m = loss_mask.astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  total = jnp.sum(nll * m)
+  balanced = total / token_balance_seqlen
+  mean = total / jnp.maximum(m.sum(), 1.0)
+  return balanced - jax.lax.stop_gradient(balanced) + jax.lax.stop_gradient(mean)
+
+
+# --------------------------------------------------------------------------------------------------
+def expert_usage(router: VLRouterOutput, vision_mask, mask=None) -> jax.Array:
+  """[L, 2, E]: tokens each expert received per MoE layer (row 0 text, row 1 vision), from the
+  actual (bias-influenced) selection."""
+  text, vision = modality_masks(vision_mask, mask)
+  return jnp.stack([moe_losses.expert_usage(router.text, text),
+                    moe_losses.expert_usage(router.vision, vision)], axis=1)
+
+
+def update_correction_bias(model, usage: jax.Array, lr: float, *, text: bool = True, vision: bool = True) -> None:
+  """bias_m += lr * sign(mean_e(usage_m) - usage_m) for each modality row m (in place).
+  text=False keeps the text row fixed (e.g. a frozen text router)."""
+  if not model.config.moe_use_correction_bias:
+    return
+  step = lr * jnp.sign(usage.mean(-1, keepdims=True) - usage)  # [L, 2, E]
+  for m, (name, on) in enumerate((("text_router", text), ("vision_router", vision))):
+    if not on:
+      continue
+    offset = 0
+    for g, (unit, reps) in zip(model.groups, layer_groups(model.config.layer_kinds)):
+      positions = [j for j, k in enumerate(unit) if k == "moe"]
+      if not positions:
+        continue
+      n = reps * len(positions)
+      s = step[offset:offset + n, m].reshape(reps, len(positions), -1)
+      offset += n
+      for p, j in enumerate(positions):
+        var = getattr(g.blocks.layers[j].mlp, name).correction_bias
+        var[...] = var[...] + s[:, p]
+
+
+# --------------------------------------------------------------------------------------------------
+def vl_loss(model, batch: dict, *, image_grid_thw=None, video_grid_thw=None,
+            token_balance_seqlen: float | None = None, aux_coef: float = 1e-2, z_coef: float = 1e-4,
+            orth_coef: float = 1e-2):
+  """The VL training objective for one batch -> (loss, metrics).
+
+  batch: "inputs", "targets", "loss_mask" [B, S]; "positions" [B, S, 3] and "token_types" [B, S]
+  (from `prepare_inputs`); optional "pixel_values" / "pixel_values_videos" with the static grids
+  passed as arguments. The LM loss covers text-typed targets only and is token-balanced
+  (default token_balance_seqlen = B * S); the router loss adds its gradient but not its value
+  (`loss + router - stop_gradient(router)`, as the reference VL criterion does).
+  """
+  tokens, targets = batch["inputs"], batch["targets"]
+  out = model(tokens, positions=batch.get("positions"), token_types=batch.get("token_types"),
+              pixel_values=batch.get("pixel_values"), image_grid_thw=image_grid_thw,
+              pixel_values_videos=batch.get("pixel_values_videos"), video_grid_thw=video_grid_thw)
+  mask = batch["loss_mask"].astype(jnp.float32) * text_target_mask(targets, model.config)
+  balance = token_balance_seqlen or float(tokens.shape[0] * tokens.shape[1])
+  lm = token_balanced_lm_loss(out.logits, targets, mask, balance)
+  router = router_loss(model, out, batch.get("attention_mask"), aux_coef=aux_coef, z_coef=z_coef,
+                       orth_coef=orth_coef)
+  return lm + router - jax.lax.stop_gradient(router), {"lm_loss": lm, "router_loss": router}
