@@ -1,0 +1,168 @@
+"""Training throughput (tokens/s) and MFU of the pretraining step, JAX vs transformers' PyTorch.
+
+  python benchmarks/train_throughput.py                       # tiny and ~100M configs, CPU
+  python benchmarks/train_throughput.py --configs tiny --steps 10
+  python benchmarks/train_throughput.py --configs 100m --batch 4 --seq 512 --no-torch
+
+What is timed: one optimizer step on a fixed batch of random tokens (data loading excluded) =
+forward + backward + global-norm clip + AdamW, fp32, for
+  * jax:   the jitted `ernie_jax.train.step` step (LM loss + MoE losses + MTP when the config has
+           it, correction-bias update, non-finite guard), on one device;
+  * jax (no MTP): the same model without the MTP layer, as transformers has none;
+  * torch: transformers' Ernie4_5(_Moe)ForCausalLM with the same shapes, loss from `labels`,
+           `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()` (no MTP, no MoE aux loss).
+MFU = model FLOPs (ernie_jax.train.flops: 6 x active matmul params + causal attention, per token)
+/ (time x peak). On CPU the peak is the measured FLOP/s of a large fp32 matmul on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+DEFAULT_SHAPES = {"tiny": (8, 256), "100m": (4, 512)}
+CONFIG_FILES = {"tiny": "tiny", "100m": "ernie45_100m"}
+
+
+def model_config(name: str):
+  import importlib
+
+  from ernie_jax.train.config import parse
+
+  c = importlib.import_module(f"configs.{CONFIG_FILES.get(name, name)}").get_config()
+  c.data.paths, c.data.tokenizer = "unused", "bytes"
+  return parse(c)
+
+
+def random_batch(rows: int, seq: int, vocab: int, seed: int = 0):
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, vocab, (rows, seq + 1)).astype(np.int32)
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=np.ones((rows, seq), np.int32),
+              positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)), loss_mask=np.ones((rows, seq), np.int32))
+
+
+def time_jax(cfg, model_cfg, batch, steps: int) -> list[float]:
+  import jax
+
+  from ernie_jax.parallel import MeshConfig, make_mesh
+  from ernie_jax.train.optimizer import make_optimizer
+  from ernie_jax.train.step import abstract_train_state, batch_sharding, create_train_state, make_train_step, put_batch
+
+  mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  tx, schedule = make_optimizer(cfg.optim, 1000)
+  graphdef, state = create_train_state(model_cfg, tx, seed=0, mesh=mesh)
+  _, shardings, _ = abstract_train_state(model_cfg, tx, 0, mesh)
+  step = make_train_step(graphdef, shardings, cfg.loss, schedule)
+  times = []
+  with jax.set_mesh(mesh):
+    b = put_batch(batch, 1, batch_sharding(mesh))
+    state, m = step(state, b)  # compile
+    jax.block_until_ready(m)
+    for _ in range(steps):
+      t = time.perf_counter()
+      state, m = step(state, b)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+  return times
+
+
+def hf_model(model_cfg):
+  import transformers
+
+  c = model_cfg
+  common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+                rope_theta=c.rope_theta, use_bias=False)
+  if c.is_moe:
+    hf = transformers.Ernie4_5_MoeConfig(**common, moe_num_experts=c.moe_num_experts, moe_k=c.moe_k,
+                                         moe_intermediate_size=c.moe_intermediate_size,
+                                         moe_num_shared_experts=c.moe_num_shared_experts,
+                                         moe_layer_start_index=c.moe_layer_start_index,
+                                         moe_layer_end_index=c.moe_layer_end_index,
+                                         moe_layer_interval=c.moe_layer_interval)
+    return transformers.Ernie4_5_MoeForCausalLM(hf)
+  return transformers.Ernie4_5ForCausalLM(transformers.Ernie4_5Config(**common))
+
+
+def time_torch(cfg, model_cfg, batch, steps: int) -> list[float]:
+  import torch
+
+  torch.manual_seed(0)
+  model = hf_model(model_cfg).train()
+  o = cfg.optim
+  opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+  inputs = torch.as_tensor(batch["inputs"], dtype=torch.long)
+  labels = torch.as_tensor(batch["targets"], dtype=torch.long)
+
+  def step():
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  step()  # warm-up
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--configs", default="tiny,100m", help="comma-separated: tiny, 100m, or an experiments/configs name")
+  p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up / compile step)")
+  p.add_argument("--batch", type=int, default=0, help="rows per step (default per config)")
+  p.add_argument("--seq", type=int, default=0, help="tokens per row (default per config)")
+  p.add_argument("--no-torch", action="store_true")
+  args = p.parse_args()
+
+  import jax
+
+  from ernie_jax.train import flops
+
+  peak, source = flops.peak_flops_per_device()
+  try:
+    import torch
+    torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+  except ImportError:
+    torch_info, args.no_torch = "torch not installed", True
+  print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); {torch_info}; "
+        f"peak {peak / 1e9:.0f} GFLOP/s ({source})")
+  print(f"{'config':8} {'impl':14} {'params':>8} {'batch':>9} {'step s':>8} {'tokens/s':>10} {'MFU':>7}")
+  for name in args.configs.split(","):
+    cfg = model_config(name)
+    rows, seq = DEFAULT_SHAPES.get(name, (cfg.run.global_batch_size, cfg.data.seq_len))
+    rows, seq = args.batch or rows, args.seq or seq
+    batch = random_batch(rows, seq, cfg.model.vocab_size)
+    runs = [("jax", cfg.model)]
+    if cfg.model.num_mtp_layers:
+      runs.append(("jax (no MTP)", cfg.model.replace(num_mtp_layers=0)))
+    if not args.no_torch:
+      runs.append(("torch", cfg.model.replace(num_mtp_layers=0)))
+    for impl, mcfg in runs:
+      times = (time_torch if impl == "torch" else time_jax)(cfg, mcfg, batch, args.steps)
+      t = statistics.median(times)
+      tokens = rows * seq
+      mfu = flops.train_flops_per_token(mcfg, seq) * tokens / t / peak
+      print(f"{name:8} {impl:14} {flops.total_params(mcfg) / 1e6:7.1f}M {rows:>4}x{seq:<4} {t:8.3f} "
+            f"{tokens / t:10,.0f} {mfu:7.1%}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,176 @@
+"""The training data pipeline (grain): source -> per-process shard -> shuffle -> repeat ->
+tokenize -> pack -> batch, deterministic and checkpointable.
+
+The iterator's position is `get_state()` (a small JSON-serialisable dict saved with every
+checkpoint); `set_state()` resumes exactly where it was, so a restarted run sees the same batches.
+Each process reads a disjoint slice of the documents (index i goes to process i % process_count)
+and yields its own rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import grain
+import numpy as np
+
+from ernie_jax.data import packing, sources
+from ernie_jax.data.tokenizers import ByteTokenizer, encode, get_tokenizer
+from ernie_jax.tokenizer import Tokenizer
+
+SOURCES = ("stdlib", "text", "jsonl", "tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  # Where documents come from: "stdlib" (the Python standard library's *.py files; needs nothing),
+  # "text" (raw text files), "jsonl" (one JSON object per line, text under `jsonl_field`) or
+  # "tokens" (pre-tokenized, memory-mapped .npy / .bin token files, documents separated by EOS).
+  source: str = "stdlib"
+  paths: str = ""  # comma-separated files or glob patterns (** allowed) for text / jsonl / tokens
+  text_mode: str = "file"  # source=text: one document per "file" or per non-empty "line"
+  jsonl_field: str = "text"  # source=jsonl: the field holding the document text
+  # "bytes" (byte-level, vocab 259), "bpe" (train a byte-level BPE of bpe_vocab_size once on the
+  # data, cached as <workdir>/tokenizer.json) or a path to tokenizer.model / tokenizer.json / a dir.
+  tokenizer: str = "bytes"
+  bpe_vocab_size: int = 4096
+  bpe_train_documents: int = 2000  # documents (from the start of the source) used to train the BPE
+  token_dtype: str = "uint16"  # source=tokens, raw .bin files: dtype of the stored ids
+  eos_id: int = -1  # document separator / end token; -1: the tokenizer's EOS (else the model's)
+  add_bos: bool = False  # prepend <s> to every document (text sources)
+  add_eos: bool = True  # append </s> to every document (text sources), so the model learns to end
+  seq_len: int = 256  # tokens per packed row
+  shuffle: bool = True  # shuffle documents (windows for source=tokens); reshuffled every epoch
+  # Packed rows are further shuffled in windows of this many rows, so that the rows of a batch come
+  # from different documents (a long document fills many consecutive rows); 0 = off.
+  shuffle_window: int = 1024
+  seed: int = 0  # shuffle seed
+  max_documents: int = 0  # use only the first N documents (windows); 0 = all
+  read_threads: int = 2  # grain threads that read and tokenize documents ahead of the trainer
+  worker_processes: int = 0  # grain worker processes (mp_prefetch) for heavy tokenization; 0 = none
+
+
+def build_source(cfg: DataConfig, eos_id: int):
+  if cfg.source == "stdlib":
+    return sources.TextDocuments(sources.stdlib_files(), "file")
+  if cfg.source == "text":
+    return sources.TextDocuments(sources.expand_paths(cfg.paths), cfg.text_mode)
+  if cfg.source == "jsonl":
+    return sources.TextDocuments(sources.expand_paths(cfg.paths), "jsonl", cfg.jsonl_field)
+  if cfg.source == "tokens":
+    return sources.TokenWindows(sources.expand_paths(cfg.paths), cfg.seq_len, eos_id, cfg.token_dtype)
+  raise sources.DataError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
+
+
+def load_tokenizer_for(cfg: DataConfig, workdir: str | None) -> Tokenizer | None:
+  """The tokenizer of text sources (None for pre-tokenized data)."""
+  if cfg.source == "tokens":
+    return None
+
+  def training_texts():
+    docs = build_source(cfg, -1)
+    return (docs[i] for i in range(min(len(docs), cfg.bpe_train_documents)))
+
+  return get_tokenizer(cfg.tokenizer, workdir=workdir, bpe_vocab_size=cfg.bpe_vocab_size,
+                       training_texts=training_texts)
+
+
+def resolve_eos(cfg: DataConfig, tokenizer: Tokenizer | None, model_eos: int) -> int:
+  if cfg.eos_id >= 0:
+    return cfg.eos_id
+  if tokenizer is not None and tokenizer.eos_id is not None:
+    return int(tokenizer.eos_id)
+  return model_eos
+
+
+class DataPipeline:
+  """Iterator over this process's rows of each global batch: dicts of int32 [rows, seq_len]."""
+
+  def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None, *, batch_size: int, eos_id: int,
+               process_index: int = 0, process_count: int = 1):
+    self.cfg, self.tokenizer, self.eos_id = cfg, tokenizer, eos_id
+    self.source = build_source(cfg, eos_id)
+    ds = grain.MapDataset.source(self.source)
+    if cfg.max_documents:
+      ds = ds[:cfg.max_documents]
+    ds = ds[process_index::process_count]
+    if len(ds) == 0:
+      raise sources.DataError(f"process {process_index} of {process_count} got no documents "
+                              f"({len(self.source)} in total)")
+    self.num_documents = len(ds)
+    if cfg.shuffle:
+      ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(None)
+    if cfg.source != "tokens":
+      bos = tokenizer.bos_id
+      ds = ds.map(lambda doc: packing.document_example(
+        encode(tokenizer, doc), bos_id=bos, eos_id=eos_id, add_bos=cfg.add_bos, add_eos=cfg.add_eos))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
+                                              prefetch_buffer_size=max(4 * batch_size, 16)))
+    if cfg.source != "tokens":
+      it = packing.pack_documents(it, cfg.seq_len)
+      if cfg.shuffle and cfg.shuffle_window > 1:
+        it = grain.experimental.WindowShuffleIterDataset(it, window_size=cfg.shuffle_window, seed=cfg.seed + 1)
+    it = it.batch(batch_size, drop_remainder=True)
+    if cfg.worker_processes:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_processes))
+    self.dataset = it
+    self._it = iter(it)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict[str, Any]:
+    """The iterator position, JSON-serialisable."""
+    return json.loads(json.dumps(self._it.get_state(), default=_jsonable))
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(_from_json(state))
+
+
+def _jsonable(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, bytes):
+    return x.decode("latin-1")
+  raise TypeError(f"data iterator state holds a {type(x).__name__}, which is not JSON-serialisable")
+
+
+def _from_json(x):
+  # grain states hold tuples (e.g. remainder slices); JSON returns lists
+  if isinstance(x, dict):
+    return {k: _from_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_from_json(v) for v in x)
+  return x
+
+
+def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer | None, eos_id: int, vocab_size: int,
+                    max_tokens: int = 2_000_000) -> float:
+  """Entropy (nats) of the unigram distribution of training targets, over up to `max_tokens`
+  targets from the start of the data: the loss of the best model that ignores context."""
+  src = build_source(cfg, eos_id)
+  n = min(len(src), cfg.max_documents or len(src))
+  counts = np.zeros(vocab_size, np.int64)
+  total = 0
+  for i in range(n):
+    if cfg.source == "tokens":
+      ex = src[i]
+      t = ex["targets"][ex["loss_mask"] > 0]
+    else:
+      ex = packing.document_example(encode(tokenizer, src[i]), bos_id=tokenizer.bos_id, eos_id=eos_id,
+                                    add_bos=cfg.add_bos, add_eos=cfg.add_eos)
+      if ex is None:
+        continue
+      t = ex["targets"]
+    counts += np.bincount(np.clip(t, 0, vocab_size - 1), minlength=vocab_size)
+    total += len(t)
+    if total >= max_tokens:
+      break
+  p = counts[counts > 0] / max(total, 1)
+  return float(-(p * np.log(p)).sum())

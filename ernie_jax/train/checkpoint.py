@@ -1,0 +1,110 @@
+"""Training checkpoints with Orbax: `<workdir>/checkpoints/<step>/` holds
+
+  state         the model's variables (Params + Buffers such as the MoE correction bias) as a
+                nested dict keyed by the names of `nnx.state(model)` (list indices as strings);
+  model_config  JSON {"format": "ernie_jax", "version": 1, "model_config": ModelConfig.to_dict()};
+                these two items are the layout of `ernie_jax.interop.orbax_io`, so
+                `ernie_jax.from_pretrained("<workdir>/checkpoints")` loads the latest trained model;
+  train         the rest of the train state: optimizer moments and step count, RNG key;
+  meta          JSON: step, data iterator position, the full training config.
+
+Saves are asynchronous (the device->host copy blocks, the write runs in the background) and every
+step directory is committed atomically, so a run killed mid-save resumes from the previous one.
+Restoring takes target shardings, so a checkpoint loads onto any mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+MODEL_ITEM, CONFIG_ITEM = "state", "model_config"  # names shared with ernie_jax.interop.orbax_io
+
+
+def _str_keys(tree):
+  return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def _like(tree, reference):
+  """`tree` with the keys of `reference` (undo _str_keys)."""
+  if not isinstance(reference, dict):
+    return tree
+  return {k: _like(tree[str(k)], v) for k, v in reference.items()}
+
+
+def _split(pure: dict) -> tuple[dict, dict]:
+  return _str_keys(pure["model"]), {k: v for k, v in pure.items() if k != "model"}
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.every_steps = every_steps
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      save_interval_steps=max(every_steps, 1))
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.every_steps > 0 and step % self.every_steps == 0
+
+  def save(self, step: int, state, meta: dict[str, Any], model_config: dict[str, Any], *,
+           force: bool = False) -> bool:
+    """Save the train state (an nnx.State of TrainState) at `step`; returns whether it saved."""
+    model, train = _split(nnx.to_pure_dict(state))
+    config = {"format": "ernie_jax", "version": 1, "model_config": model_config,
+              "source": {"kind": "pretrain", "step": step}}
+    args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardSave(model),
+                                 CONFIG_ITEM: ocp.args.JsonSave(config),
+                                 "train": ocp.args.StandardSave(train), "meta": ocp.args.JsonSave(meta)})
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, target) -> tuple[Any, dict[str, Any]]:
+    """Restore into `target` (an nnx.State of ShapeDtypeStructs with shardings); returns
+    (state with arrays placed per the target shardings, meta)."""
+    pure = nnx.to_pure_dict(target)
+    t_model, t_train = _split(pure)
+    args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(t_model),
+                                 "train": ocp.args.StandardRestore(t_train), "meta": ocp.args.JsonRestore()})
+    try:
+      out = self.manager.restore(step, args=args)
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(f"cannot restore {self.directory}/{step} into this run's train state "
+                            f"(was it written with another model or optimizer config? use a new workdir): "
+                            f"{type(e).__name__}: {e}") from e
+    state = jax.tree.map(lambda x: x, target)  # a copy to fill
+    nnx.replace_by_pure_dict(state, {"model": _like(out[MODEL_ITEM], pure["model"]), **out["train"]})
+    return state, dict(out["meta"])
+
+  def read_json(self, step: int, item: str = "meta") -> dict[str, Any]:
+    """A JSON item of a checkpoint ("meta" or "model_config") without restoring arrays."""
+    out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+    return dict(out[item])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

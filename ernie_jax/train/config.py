@@ -1,0 +1,210 @@
+"""The pretraining config: one ml-collections tree whose sections mirror typed dataclasses.
+
+  (top level)  RunConfig        workdir, steps, batch size, accumulation, seed, init_from, NaN policy
+  model        ModelConfig      every field of `ernie_jax.config.ModelConfig` (architecture, dtype
+                                policy `param_dtype` / `dtype`, `remat`, MoE, `num_mtp_layers`)
+  mesh         MeshConfig       device mesh axes (`ernie_jax.parallel.MeshConfig`)
+  data         DataConfig       `ernie_jax.data.pipeline.DataConfig`
+  optim        OptimConfig      `ernie_jax.train.optimizer.OptimConfig`
+  loss         LossConfig       `ernie_jax.train.step.LossConfig`
+  checkpoint   CheckpointConfig below
+  metrics      MetricsConfig    below
+Each field is documented where its dataclass defines it. `parse(config)` builds the dataclasses
+and validates everything that can be checked without devices or compilation; a problem raises
+`TrainConfigError` naming the field (e.g. `config field 'optim.lr': must be > 0, got -1.0`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from ernie_jax.config import ConfigError, ModelConfig
+from ernie_jax.data.pipeline import SOURCES, DataConfig
+from ernie_jax.parallel import MeshConfig
+from ernie_jax.train.optimizer import SCHEDULES, OptimConfig
+from ernie_jax.train.step import LossConfig
+
+
+class TrainConfigError(ValueError):
+  def __init__(self, field: str, message: str):
+    super().__init__(f"config field '{field}': {message}")
+    self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  workdir: str = "/tmp/ernie_jax/run"  # checkpoints, metrics.jsonl, TensorBoard events, tokenizer
+  steps: int = 1000  # total optimizer steps (a resumed run continues up to this number)
+  global_batch_size: int = 16  # rows of data.seq_len tokens per optimizer step, over all processes
+  grad_accum_steps: int = 1  # micro-batches per step (global_batch_size must be divisible by it)
+  seed: int = 0  # parameter initialisation and the RNG key of the train state
+  # A model checkpoint to start from (loaded with ernie_jax.from_pretrained; architecture from the
+  # checkpoint, dtype / remat / MoE implementation fields from `model`). Ignored when the workdir
+  # already holds a training checkpoint (the run resumes from that instead).
+  init_from: str = ""
+  nonfinite: str = "stop"  # non-finite loss / gradient / parameters: "stop" the run or "skip" the step
+  max_skipped_steps: int = 10  # nonfinite="skip": stop after this many consecutive skipped steps
+  peak_tflops_per_device: float = 0.0  # for MFU; 0 = from a table of accelerators (CPU: measured)
+  # JAX persistent compilation cache (restarts and resumed runs skip compilation); "" = off.
+  compilation_cache_dir: str = "~/.cache/ernie_jax/xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 500  # save every N steps (and always at the end / on SIGTERM); 0 = only then
+  keep: int = 3  # keep the last K checkpoints
+  async_save: bool = True  # write in the background while training continues
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+  log_every: int = 10  # log metrics every N steps (and at the last step)
+  tensorboard: bool = True  # write TensorBoard event files under <workdir>/tensorboard
+  progress_bar: bool = True  # tqdm progress bar with ETA (only on a terminal)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  run: RunConfig
+  model: ModelConfig
+  mesh: MeshConfig
+  data: DataConfig
+  optim: OptimConfig
+  loss: LossConfig
+  checkpoint: CheckpointConfig
+  metrics: MetricsConfig
+
+
+_SECTIONS = {"mesh": MeshConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig,
+             "checkpoint": CheckpointConfig, "metrics": MetricsConfig}
+
+
+def model_fields(cfg: ModelConfig) -> dict[str, Any]:
+  """ModelConfig -> plain dict for the config tree (moe_layer_end_index back to -1 = last layer,
+  so overriding num_hidden_layers on the command line keeps working)."""
+  d = dataclasses.asdict(cfg)
+  if d["moe_layer_end_index"] == cfg.num_hidden_layers - 1:
+    d["moe_layer_end_index"] = -1
+  return d
+
+
+def default_config(model: ModelConfig | None = None) -> ml_collections.ConfigDict:
+  """Every field with its default; experiment configs start from this and change a few."""
+  c = ml_collections.ConfigDict(dataclasses.asdict(RunConfig()))
+  c.model = model_fields(model or ModelConfig.tiny_dense())
+  for name, cls in _SECTIONS.items():
+    setattr(c, name, dataclasses.asdict(cls()))
+  return c
+
+
+def _build(cls, values: dict, prefix: str):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise TrainConfigError(f"{prefix}{unknown[0]}", f"unknown field (known: {', '.join(sorted(names))})")
+  for f in dataclasses.fields(cls):
+    if f.name in values and f.default is not dataclasses.MISSING:
+      v, want = values[f.name], type(f.default)
+      if want is float and isinstance(v, int) and not isinstance(v, bool):
+        values[f.name] = float(v)
+      elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
+        raise TrainConfigError(f"{prefix}{f.name}", f"expected {want.__name__}, got {v!r}")
+  return cls(**values)
+
+
+def parse(config: ml_collections.ConfigDict | dict) -> TrainConfig:
+  """Typed, validated config (raises TrainConfigError naming the field)."""
+  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  sections = {k: dict(d.pop(k, {}) or {}) for k in ("model",) + tuple(_SECTIONS)}
+  run = _build(RunConfig, d, "")
+  try:
+    model = ModelConfig.from_dict(sections.pop("model"))
+  except ConfigError as e:
+    raise TrainConfigError(f"model.{e.field}", str(e).split(": ", 1)[-1]) from None
+  except TypeError as e:
+    raise TrainConfigError("model", str(e)) from None
+  parts = {name: _build(cls, sections[name], f"{name}.") for name, cls in _SECTIONS.items()}
+  cfg = TrainConfig(run=run, model=model, **parts)
+  validate(cfg)
+  return cfg
+
+
+def _check(ok: bool, field: str, message: str):
+  if not ok:
+    raise TrainConfigError(field, message)
+
+
+def validate(c: TrainConfig) -> None:
+  r, o, l, d = c.run, c.optim, c.loss, c.data
+  _check(bool(r.workdir), "workdir", "must be a directory path")
+  _check(r.steps > 0, "steps", f"must be > 0, got {r.steps}")
+  _check(r.global_batch_size > 0, "global_batch_size", f"must be > 0, got {r.global_batch_size}")
+  _check(r.grad_accum_steps > 0, "grad_accum_steps", f"must be > 0, got {r.grad_accum_steps}")
+  _check(r.global_batch_size % r.grad_accum_steps == 0, "grad_accum_steps",
+         f"global_batch_size={r.global_batch_size} is not divisible by grad_accum_steps={r.grad_accum_steps}")
+  _check(r.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {r.nonfinite!r}")
+  _check(r.max_skipped_steps > 0, "max_skipped_steps", f"must be > 0, got {r.max_skipped_steps}")
+  _check(r.peak_tflops_per_device >= 0, "peak_tflops_per_device", "must be >= 0")
+
+  _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+  _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+  _check(o.decay_steps >= 0, "optim.decay_steps", f"must be >= 0, got {o.decay_steps}")
+  _check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
+  _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+  for name in ("b1", "b2"):
+    v = getattr(o, name)
+    _check(0.0 <= v < 1.0, f"optim.{name}", f"must be in [0, 1), got {v}")
+  _check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+  _check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+  _check(math.isfinite(o.clip_norm) and o.clip_norm >= 0, "optim.clip_norm", f"must be >= 0 (0 = off), got {o.clip_norm}")
+
+  for f in dataclasses.fields(LossConfig):
+    v = getattr(l, f.name)
+    _check(math.isfinite(v) and v >= 0, f"loss.{f.name}", f"must be a finite number >= 0, got {v}")
+
+  _check(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
+  _check(d.source == "stdlib" or bool(d.paths), "data.paths", f"data.source={d.source!r} needs files")
+  _check(d.source == "tokens" or bool(d.tokenizer), "data.tokenizer",
+         "set a tokenizer: 'bytes', 'bpe', or the path of a tokenizer.model / tokenizer.json (e.g. the "
+         "directory of an ERNIE 4.5 checkpoint)")
+  _check(d.text_mode in ("file", "line"), "data.text_mode", f"must be 'file' or 'line', got {d.text_mode!r}")
+  _check(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
+  _check(d.seq_len <= c.model.max_position_embeddings, "data.seq_len",
+         f"{d.seq_len} exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
+  _check(d.bpe_vocab_size >= 259, "data.bpe_vocab_size", f"must be >= 259 (256 bytes + 3 specials), got {d.bpe_vocab_size}")
+  _check(d.max_documents >= 0, "data.max_documents", "must be >= 0")
+  _check(d.read_threads >= 0 and d.worker_processes >= 0, "data.read_threads", "must be >= 0")
+  _check(d.eos_id < c.model.vocab_size, "data.eos_id", f"{d.eos_id} is outside the model vocabulary")
+  if d.source == "tokens" and not d.paths.endswith(".npy"):
+    import numpy as np
+    try:
+      np.dtype(d.token_dtype)
+    except TypeError:
+      raise TrainConfigError("data.token_dtype", f"not a numpy dtype: {d.token_dtype!r}") from None
+
+  ck = c.checkpoint
+  _check(ck.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {ck.every_steps}")
+  _check(ck.keep >= 1, "checkpoint.keep", f"must be >= 1, got {ck.keep}")
+  _check(c.metrics.log_every >= 1, "metrics.log_every", f"must be >= 1, got {c.metrics.log_every}")
+  sizes = {k: getattr(c.mesh, k) for k in ("data", "fsdp", "tensor", "expert")}
+  for k, v in sizes.items():
+    _check(v == -1 or v > 0, f"mesh.{k}", f"must be a positive size or -1 (all remaining devices), got {v}")
+  _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
+
+
+def check_batch_layout(c: TrainConfig, mesh, process_count: int) -> None:
+  """Batch divisibility against the actual mesh and process count (before compiling)."""
+  r = c.run
+  micro = r.global_batch_size // r.grad_accum_steps
+  shards = 1
+  for axis in ("data", "fsdp", "expert"):
+    shards *= mesh.shape.get(axis, 1)
+  _check(micro % shards == 0, "global_batch_size",
+         f"{r.global_batch_size} rows / grad_accum_steps {r.grad_accum_steps} = {micro} rows per micro-batch, "
+         f"not divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}")
+  _check(r.global_batch_size % (process_count * r.grad_accum_steps) == 0, "global_batch_size",
+         f"must be divisible by processes ({process_count}) x grad_accum_steps ({r.grad_accum_steps})")

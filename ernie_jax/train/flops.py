@@ -1,0 +1,116 @@
+"""Model FLOPs per trained token, and peak device FLOP/s, for MFU.
+
+Training FLOPs per token = 3 x forward (the backward pass costs twice the forward; recomputation
+from remat is NOT counted: MFU measures useful model work):
+
+  forward = 2 * N_active                             (every matmul weight used by a token)
+          + 2 * 2 * L_attn * n_heads * head_dim * S / 2   (QK^T and PV against on average S/2
+                                                     earlier keys: causal attention)
+where
+  N_active = sum over decoder layers of
+               attention projections  H * head_dim * (2 * n_heads + 2 * n_kv_heads)
+             + dense SwiGLU           3 * H * I                        (dense layers)
+             + MoE                    H * E                            (router)
+                                    + 3 * H * I_moe * (k + n_shared)   (routed + shared experts)
+           + LM head                  H * V
+           + per MTP depth            2H * H (projection) + one decoder layer + H * V (head)
+The embedding lookup is not a matmul and is not counted; norms, softmax and RoPE are ignored.
+L_attn counts decoder layers plus MTP layers.
+
+MFU = model FLOPs per second / (peak FLOP/s per device * devices). The peak comes from a table of
+accelerators (dense bf16 figures from the vendors) or `peak_tflops_per_device` in the config. On
+CPU there is no meaningful spec figure: the peak is MEASURED once as the FLOP/s of a large fp32
+matmul on this machine, so CPU "MFU" means "fraction of achievable matmul throughput".
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from ernie_jax.config import ModelConfig
+
+
+def _layer_params(cfg: ModelConfig, kind: str) -> int:
+  h = cfg.hidden_size
+  attn = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+  if kind == "moe":
+    ffn = h * cfg.moe_num_experts + 3 * h * cfg.moe_intermediate_size * (cfg.moe_k + cfg.moe_num_shared_experts)
+  else:
+    ffn = 3 * h * cfg.intermediate_size
+  return attn + ffn
+
+
+def active_matmul_params(cfg: ModelConfig) -> int:
+  """Matmul weights used per token (MoE: k routed + shared experts), incl. LM head and MTP."""
+  n = sum(_layer_params(cfg, k) for k in cfg.layer_kinds) + cfg.hidden_size * cfg.vocab_size
+  for d in range(cfg.num_mtp_layers):
+    kind = "moe" if cfg.is_moe_layer(d) else "dense"
+    n += 2 * cfg.hidden_size * cfg.hidden_size + _layer_params(cfg, kind) + cfg.hidden_size * cfg.vocab_size
+  return n
+
+
+def total_params(cfg: ModelConfig) -> int:
+  """All parameters (every expert; embedding counted once when tied)."""
+  h = cfg.hidden_size
+  n = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
+
+  def layer(kind):
+    attn = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 2 * h
+    if kind == "moe":
+      return attn + h * cfg.moe_num_experts + 3 * h * cfg.moe_intermediate_size * (
+        cfg.moe_num_experts + cfg.moe_num_shared_experts)
+    return attn + 3 * h * cfg.intermediate_size
+
+  n += sum(layer(k) for k in cfg.layer_kinds)
+  for d in range(cfg.num_mtp_layers):
+    n += 2 * h * h + 2 * h + layer("moe" if cfg.is_moe_layer(d) else "dense")
+  return n
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs to train on one token (forward + backward), see the module docstring."""
+  layers = cfg.num_hidden_layers + cfg.num_mtp_layers
+  attn = 2 * 2 * layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+  return 3.0 * (2.0 * active_matmul_params(cfg) + attn)
+
+
+# Dense bf16 peak FLOP/s per device (vendor figures), matched against jax's device_kind.
+PEAK_FLOPS = (
+  ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+  ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+  ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+  ("L40S", 362e12), ("L4", 121e12), ("B200", 2250e12), ("GB200", 2500e12),
+)
+
+_MEASURED: dict[str, float] = {}
+
+
+def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of an n x n matmul on the default device (best of `repeats`)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from)."""
+  if override_tflops > 0:
+    return override_tflops * 1e12, "config"
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return flops, f"table ({kind})"
+  if jax.default_backend() == "cpu":
+    if "cpu" not in _MEASURED:
+      _MEASURED["cpu"] = measure_matmul_flops()
+    return _MEASURED["cpu"], "measured fp32 matmul (CPU)"
+  return float("nan"), f"unknown device {kind!r}; set peak_tflops_per_device"

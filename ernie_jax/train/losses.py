@@ -1,0 +1,57 @@
+"""Language-model and multi-token-prediction losses on packed batches.
+
+A packed batch holds, per row of S positions: `inputs` (token ids), `targets` (the next token of
+the same document), `segment_ids` (document number in the row, 0 = padding), `positions` (position
+inside the document) and `loss_mask` (1 where `targets` is a real next token of the same document).
+
+Losses are returned as (sum, count) pairs so gradient accumulation can normalise by the token
+count of the whole batch, which makes N micro-batches exactly equal to one N-times larger batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-position negative log-likelihood in fp32: logits [B, S, V], targets [B, S] -> [B, S]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def lm_loss_sum(logits, targets, loss_mask) -> tuple[jax.Array, jax.Array]:
+  """(sum of NLL over masked positions, number of masked positions)."""
+  m = loss_mask.astype(jnp.float32)
+  return jnp.sum(token_nll(logits, targets) * m), jnp.sum(m)
+
+
+def _shift_left(x: jax.Array, n: int, fill) -> jax.Array:
+  """x[:, t + n] at position t; `fill` past the end."""
+  pad = jnp.full((x.shape[0], n) + x.shape[2:], fill, x.dtype)
+  return jnp.concatenate([x[:, n:], pad], axis=1)
+
+
+def mtp_targets(targets, segment_ids, loss_mask, depth: int) -> tuple[jax.Array, jax.Array]:
+  """Targets and mask of MTP depth `depth` (0-based).
+
+  Position t of depth d predicts input token t+d+2, i.e. `targets[t+d+1]`. It counts only when
+  t+d+1 is inside the row, belongs to the same document as t (no MTP contribution across document
+  boundaries of packed rows, spec §3.5) and is itself a real target.
+  """
+  n = depth + 1
+  tgt = _shift_left(targets, n, 0)
+  same_doc = _shift_left(segment_ids, n, -1) == segment_ids
+  mask = (loss_mask > 0) & (_shift_left(loss_mask, n, 0) > 0) & same_doc
+  return tgt, mask
+
+
+def mtp_loss_sums(mtp_logits: list[jax.Array], targets, segment_ids, loss_mask):
+  """Per depth: (sums [D], counts [D])."""
+  sums, counts = [], []
+  for d, logits in enumerate(mtp_logits):
+    tgt, mask = mtp_targets(targets, segment_ids, loss_mask, d)
+    s, c = lm_loss_sum(logits, tgt, mask)
+    sums.append(s)
+    counts.append(c)
+  return jnp.stack(sums), jnp.stack(counts)

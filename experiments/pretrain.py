@@ -1,0 +1,334 @@
+r"""Pretrain an ERNIE 4.5 model (dense or MoE, optional MTP) from scratch or from a checkpoint.
+
+  python experiments/pretrain.py --config=experiments/configs/tiny.py
+  python experiments/pretrain.py --config=experiments/configs/tiny.py --config.steps=50 \
+      --config.workdir=/tmp/run2 --config.optim.lr=1e-3
+
+Starting in a workdir that holds checkpoints resumes from the latest one (parameters, optimizer,
+step, RNG and data position). SIGTERM saves a checkpoint and exits 0. Every field of the config is
+documented in `ernie_jax/train/config.py` (and the dataclasses it lists).
+
+The loop, top to bottom: validate config -> tokenizer + data checks -> mesh -> train state (restored,
+`init_from`, or fresh; created directly in its sharded layout) -> for each step: batch -> jitted
+step -> non-finite check -> metrics -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ernie_jax.config import ModelConfig  # noqa: E402
+from ernie_jax.data import DataError, DataPipeline, load_tokenizer_for, resolve_eos, unigram_entropy  # noqa: E402
+from ernie_jax.data.sources import TokenWindows, expand_paths  # noqa: E402
+from ernie_jax.interop.safetensors_io import CheckpointError as ModelCheckpointError  # noqa: E402
+from ernie_jax.tokenizer import TokenizerError  # noqa: E402
+from ernie_jax.train import config as config_lib  # noqa: E402
+from ernie_jax.train import flops as flops_lib  # noqa: E402
+from ernie_jax.train.checkpoint import CheckpointError, Checkpointer  # noqa: E402
+from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl  # noqa: E402
+from ernie_jax.train.optimizer import make_optimizer  # noqa: E402
+from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,  # noqa: E402
+                                  create_train_state, make_train_step, put_batch)
+
+# ModelConfig fields that may differ from the checkpoint being resumed / initialised from: they
+# change how the model computes, not which parameters it has.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "moe_transport", "moe_capacity_factor")
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint at the end of the current step and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_vocab(data_cfg, tokenizer, model_cfg: ModelConfig, eos_id: int) -> None:
+  """Tokenizer / data ids must fit the model's embedding (before anything compiles)."""
+  v = model_cfg.vocab_size
+  if tokenizer is not None and tokenizer.vocab_size > v:
+    raise TokenizerError(f"tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} ids but "
+                         f"model.vocab_size is {v}: use a model vocabulary >= {tokenizer.vocab_size}")
+  if not 0 <= eos_id < v:
+    raise TokenizerError(f"EOS id {eos_id} is outside the model vocabulary [0, {v})")
+  if data_cfg.source == "tokens":
+    top = TokenWindows(expand_paths(data_cfg.paths), data_cfg.seq_len, eos_id, data_cfg.token_dtype).max_token_id()
+    if top >= v:
+      raise DataError(f"pre-tokenized data {data_cfg.paths!r} holds token id {top} >= model.vocab_size {v}")
+
+
+def _model_config(cfg: config_lib.TrainConfig, ckpt: Checkpointer, latest: int | None, mesh):
+  """(model config, pretrained model or None): from the checkpoint being resumed, else from
+  `init_from`, else from the config; runtime fields always come from the config."""
+  runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
+  if latest is not None:
+    saved = ModelConfig.from_dict(ckpt.read_json(latest, "model_config")["model_config"])
+    if not cfg.run.init_from:
+      arch = lambda c: {k: v for k, v in c.to_dict().items() if k not in RUNTIME_FIELDS}
+      diff = {k: (v, arch(cfg.model)[k]) for k, v in arch(saved).items() if arch(cfg.model)[k] != v}
+      if diff:
+        raise CheckpointError(f"{ckpt.directory} holds a model with other fields than config.model "
+                              f"(checkpoint vs config: {diff}); use a new workdir")
+    return saved.replace(**runtime), None
+  if cfg.run.init_from:
+    from ernie_jax import from_pretrained
+
+    model = from_pretrained(cfg.run.init_from, mesh=mesh, **runtime)
+    return model.config, model
+  return cfg.model, None
+
+
+def train(config) -> dict[str, Any]:
+  """Run (or resume) pretraining; returns a summary dict. `config`: an ml-collections ConfigDict."""
+  # 1. Config, tokenizer and data checks: everything that can fail does so before compiling.
+  cfg = config_lib.parse(config)
+  run = cfg.run
+  workdir = os.path.abspath(run.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if run.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(run.compilation_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  tokenizer = load_tokenizer_for(cfg.data, workdir)
+
+  # 2. Mesh and checkpoints; the model config (resume > init_from > config).
+  try:
+    mesh = build_mesh(cfg.mesh)
+  except ValueError as e:
+    raise config_lib.TrainConfigError("mesh", str(e)) from None
+  config_lib.check_batch_layout(cfg, mesh, jax.process_count())
+  with Checkpointer(workdir, every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
+                    async_save=cfg.checkpoint.async_save) as ckpt:  # closed (saves finished) on any exit
+    summary = _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main)
+  if is_main:
+    print("done: " + json.dumps({k: v for k, v in summary.items() if v is not None}), flush=True)
+  return summary
+
+
+def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, Any]:
+  """Steps 2 (cont.) to 5 of `train`, with the checkpoint manager open."""
+  run = cfg.run
+  latest = ckpt.latest_step()
+  model_cfg, pretrained = _model_config(cfg, ckpt, latest, mesh)
+  eos_id = resolve_eos(cfg.data, tokenizer, model_cfg.eos_token_id)
+  _check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
+  # peak FLOP/s for MFU (on CPU measured now, before data threads compete for the cores)
+  peak, peak_source = flops_lib.peak_flops_per_device(run.peak_tflops_per_device)
+  peak_total = peak * (1 if jax.default_backend() == "cpu" else jax.device_count())  # CPU devices share cores
+  rows_per_process = run.global_batch_size // jax.process_count()
+  data = DataPipeline(cfg.data, tokenizer, batch_size=rows_per_process, eos_id=eos_id,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+
+  # 3. Train state: restored from the latest checkpoint, or created in its sharded layout.
+  tx, schedule = make_optimizer(cfg.optim, run.steps)
+  graphdef, shardings, target = abstract_train_state(model_cfg, tx, run.seed, mesh)
+  if latest is not None:
+    saved_stream = ckpt.read_json(latest)["data_stream"]
+    if saved_stream != _data_stream(cfg):
+      raise CheckpointError(f"{ckpt.directory} was written with another data stream (its data position "
+                            f"would not apply): checkpoint {saved_stream} vs config {_data_stream(cfg)}; "
+                            "use a new workdir or restore those settings")
+    state, meta = ckpt.restore(latest, target)
+    data.set_state(meta["data"])
+    start_step = int(meta["step"])
+  else:
+    graphdef, state = create_train_state(model_cfg, tx, seed=run.seed, mesh=mesh, pretrained=pretrained)
+    del pretrained
+    start_step = 0
+  if is_main:
+    truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
+  train_step = make_train_step(graphdef, shardings, cfg.loss, schedule, grad_accum=run.grad_accum_steps)
+  batch_sh = batch_sharding(mesh)
+
+  # 4. What this run is; figures for throughput and MFU.
+  seq = cfg.data.seq_len
+  tokens_per_step = run.global_batch_size * seq
+  flops_per_step = flops_lib.train_flops_per_token(model_cfg, seq) * tokens_per_step
+  info = {
+    "model_params": flops_lib.total_params(model_cfg), "active_params": flops_lib.active_matmul_params(model_cfg),
+    "train_flops_per_token": flops_lib.train_flops_per_token(model_cfg, seq),
+    "tokens_per_step": tokens_per_step, "mesh": dict(mesh.shape), "devices": jax.device_count(),
+    "backend": jax.default_backend(), "peak_flops": peak_total, "peak_flops_source": peak_source,
+    "documents": data.num_documents, "tokenizer": getattr(tokenizer, "path", "pre-tokenized"),
+    "unigram_entropy": unigram_entropy(cfg.data, tokenizer, eos_id, model_cfg.vocab_size, 1_000_000),
+    "resumed_from": latest, "init_from": run.init_from or None, "model_config": model_cfg.to_dict(),
+  }
+  writer = MetricWriter(workdir, total_steps=run.steps, start_step=start_step,
+                        tensorboard=cfg.metrics.tensorboard, progress_bar=cfg.metrics.progress_bar,
+                        enabled=is_main)
+  if is_main:
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+      json.dump(info, f, indent=1)
+  writer.print(f"model: {info['model_params'] / 1e6:.2f}M parameters ({info['active_params'] / 1e6:.2f}M "
+               f"active matmul), {model_cfg.num_hidden_layers} layers, "
+               f"{'MoE ' + str(model_cfg.moe_num_experts) + ' experts top-' + str(model_cfg.moe_k) if model_cfg.is_moe else 'dense'}"
+               f", {model_cfg.num_mtp_layers} MTP, dtype {model_cfg.dtype} (params {model_cfg.param_dtype}), remat {model_cfg.remat}")
+  writer.print(f"data: {cfg.data.source} ({data.num_documents} documents on this process), tokenizer "
+               f"{info['tokenizer']}, {tokens_per_step} tokens/step; unigram entropy "
+               f"{info['unigram_entropy']:.3f} nats/token")
+  writer.print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices; workdir {workdir}; "
+               + (f"resumed from step {latest}" if latest is not None else
+                  f"initialised from {run.init_from}" if run.init_from else "fresh start"))
+
+  def save(step: int, state, data_state, *, force: bool) -> bool:
+    if not all_finite(state):
+      raise NonFiniteError(f"step {step}: the train state holds non-finite values; not saving a checkpoint")
+    meta = {"step": step, "data": data_state, "data_stream": _data_stream(cfg),
+            "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
+    saved = ckpt.save(step, state, meta, model_cfg.to_dict(), force=force)
+    if saved:
+      writer.print(f"checkpoint: step {step} -> {ckpt.directory}")
+    return saved
+
+  # 5. The loop. Metrics are averaged over each logging interval.
+  def next_batch():
+    batch = put_batch(next(data), run.grad_accum_steps, batch_sh)
+    return batch, data.get_state()  # the data position after this batch
+
+  step, skipped, last_saved, preempted = start_step, 0, latest, False
+  interval = _Interval()
+  last_log_time, last_log_step, last_metrics = None, start_step, {}
+  try:
+    with jax.set_mesh(mesh), _Preemption() as preemption:
+      batch, data_state = next_batch()
+      while step < run.steps:
+        state, metrics = train_step(state, batch)  # dispatched asynchronously
+        step += 1
+        step_data_state = data_state  # saved with this step's checkpoint
+        if step < run.steps:
+          batch, data_state = next_batch()  # overlaps with the device computing the step
+        host = jax.device_get(metrics)  # waits for the step
+        writer.advance()
+
+        if not host["finite"]:  # the update was not applied: the state is unchanged
+          skipped += 1
+          msg = (f"step {step}: non-finite loss ({float(host['loss'])}) or gradient norm "
+                 f"({float(host['grad_norm'])}) or parameters; the update was not applied")
+          if run.nonfinite == "stop" or skipped >= run.max_skipped_steps:
+            why = "" if run.nonfinite == "stop" else f" ({skipped} consecutive skipped steps)"
+            raise NonFiniteError(msg + f". Stopping{why}; the last checkpoint is step {last_saved}. "
+                                 "Lower optim.lr, enable optim.clip_norm, or set nonfinite='skip'.")
+          writer.print("warning: " + msg + "; skipping it")
+        else:
+          skipped = 0
+          interval.add(host)
+
+        if step % cfg.metrics.log_every == 0 or step == run.steps:
+          now = time.perf_counter()
+          scalars, usage = interval.mean()
+          scalars.update(lr=float(host["lr"]), tokens_seen=step * tokens_per_step, skipped=skipped)
+          n = step - last_log_step
+          if last_log_time is not None and n > 0:  # throughput excludes the first step (compilation)
+            scalars.update(tokens_per_sec=n * tokens_per_step / (now - last_log_time),
+                           step_time=(now - last_log_time) / n,
+                           mfu=n * flops_per_step / (now - last_log_time) / peak_total)
+          extra = {}
+          if usage is not None:
+            summary_usage = summarize_expert_usage(usage)
+            extra["expert_usage"] = summary_usage.pop("expert_usage")
+            scalars.update(summary_usage)
+          writer.write(step, scalars, extra)
+          interval, last_metrics = _Interval(), scalars
+          last_log_time, last_log_step = time.perf_counter(), step
+        elif last_log_time is None:
+          last_log_time, last_log_step = time.perf_counter(), step
+
+        if preemption.requested:
+          writer.print(f"SIGTERM: saving a checkpoint at step {step} and exiting")
+          save(step, state, step_data_state, force=True)
+          last_saved, preempted = step, True
+          break
+        if (ckpt.should_save(step) or step == run.steps) and save(step, state, step_data_state,
+                                                                  force=step == run.steps):
+          last_saved = step
+  finally:
+    writer.close()
+
+  summary = {"step": step, "preempted": preempted, "resumed_from": latest, "last_checkpoint": last_saved,
+             "loss": last_metrics.get("loss"), "lm_loss": last_metrics.get("lm_loss"),
+             "tokens_per_sec": last_metrics.get("tokens_per_sec"), "mfu": last_metrics.get("mfu"),
+             "unigram_entropy": info["unigram_entropy"], "workdir": workdir}
+  return summary
+
+
+def _data_stream(cfg: config_lib.TrainConfig) -> dict[str, Any]:
+  """The settings that define the sequence of batches (a saved data position is only valid for them)."""
+  d = dataclasses.asdict(cfg.data)
+  for k in ("read_threads", "worker_processes", "bpe_train_documents"):
+    d.pop(k)
+  return {**d, "global_batch_size": cfg.run.global_batch_size, "processes": jax.process_count()}
+
+
+class _Interval:
+  """Host-side means of the step metrics over a logging interval (applied steps only)."""
+
+  def __init__(self):
+    self.sums: dict[str, float] = {}
+    self.usage = None
+    self.count = 0
+
+  def add(self, host: dict[str, Any]) -> None:
+    self.count += 1
+    for k, v in host.items():
+      if k in ("finite", "lr", "tokens"):
+        continue
+      v = np.asarray(v, np.float64)
+      if k == "expert_usage":
+        self.usage = v if self.usage is None else self.usage + v
+      elif k == "mtp_loss":
+        self.sums["mtp_loss"] = self.sums.get("mtp_loss", 0.0) + float(v.mean())
+        if v.size > 1:
+          for d, x in enumerate(v):
+            self.sums[f"mtp_loss_{d}"] = self.sums.get(f"mtp_loss_{d}", 0.0) + float(x)
+      else:
+        self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+  def mean(self) -> tuple[dict[str, float], np.ndarray | None]:
+    n = max(self.count, 1)
+    return {k: v / n for k, v in self.sums.items()}, self.usage
+
+
+def main(argv):
+  del argv
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
+  try:
+    train(_CONFIG.value)
+  except (config_lib.TrainConfigError, DataError, TokenizerError, CheckpointError, ModelCheckpointError,
+          NonFiniteError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  from absl import app
+  from ml_collections import config_flags
+
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/configs/*.py)")
+  app.run(main)
