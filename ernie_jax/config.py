@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 DType = Literal["float32", "bfloat16", "float16"]
 MoEImpl = Literal["auto", "ragged_dot", "blocked", "loop"]
-Remat = Literal["none", "full", "save_dots"]
+Remat = Literal["none", "full", "save_dots", "save_qkv", "save_attn_out", "save_mlp", "save_qkv_attn_out"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _MOE_IMPLS = ("auto", "ragged_dot", "blocked", "loop")
-_REMATS = ("none", "full", "save_dots")
+_REMATS = ("none", "full", "save_dots", "save_qkv", "save_attn_out", "save_mlp", "save_qkv_attn_out")
 _TRANSPORTS = ("none", "all_to_all", "ragged_all_to_all", "allgather")
 _FP8_RECIPES = ("none", "delayed", "current")
 

@@ -170,7 +170,7 @@ def test_fp8_state_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(got[p][...]), np.asarray(v[...]), err_msg=str(p))
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv_attn_out", "save_mlp"])
 def test_fp8_with_remat_gives_same_gradients(remat):
   tokens = jnp.asarray(_data(1)[0][:2])
   grad_fn = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, fp8_optim.FP8_WRT)))

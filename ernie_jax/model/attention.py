@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
@@ -115,7 +116,7 @@ class Attention(nnx.Module):
     v = self._proj("v", "bsh,hnd->bsnd", x, self.v[...].astype(d))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     heads = ("batch", "length", "act_heads", None)
-    q, k, v = constrain(q, heads), constrain(k, heads), constrain(v, heads)
+    q, k, v = (checkpoint_name(constrain(t, heads), "qkv") for t in (q, k, v))
     b, s = x.shape[:2]
     if cache is None:
       out = causal_attend(q, k, v, segment_ids)
@@ -127,5 +128,5 @@ class Attention(nnx.Module):
       ck, cv = (cache.k, cache.v) if cache_index is None else (cache.k[cache_index], cache.v[cache_index])
       mask = cache_mask(positions, ck.shape[1])
       out = attend(q, ck.astype(d), cv.astype(d), mask)
-    y = self._proj("o", "bsnd,ndh->bsh", out, self.o[...].astype(d))
+    y = checkpoint_name(self._proj("o", "bsnd,ndh->bsh", out, self.o[...].astype(d)), "attn_out")
     return y, cache

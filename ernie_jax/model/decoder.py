@@ -23,6 +23,12 @@ from ernie_jax.parallel.sharding import constrain
 _REMAT_POLICIES = {
   "full": None,
   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # ERNIE-style fine-grained recomputation: keep the named matmul outputs, recompute the rest
+  # (names are set with jax.ad_checkpoint.checkpoint_name in attention.py / mlp.py / moe.py).
+  "save_qkv": jax.checkpoint_policies.save_only_these_names("qkv"),
+  "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+  "save_mlp": jax.checkpoint_policies.save_only_these_names("mlp_hidden", "mlp_out", "moe_out"),
+  "save_qkv_attn_out": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
 }
 
 

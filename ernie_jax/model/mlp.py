@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
@@ -11,8 +12,8 @@ from ernie_jax.model.common import make_param, normal
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-  h = jax.nn.silu(x @ gate) * (x @ up)
-  return h @ down
+  h = checkpoint_name(jax.nn.silu(x @ gate) * (x @ up), "mlp_hidden")
+  return checkpoint_name(h @ down, "mlp_out")
 
 
 class MLPFp8(nnx.Module):

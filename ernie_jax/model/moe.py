@@ -4,6 +4,7 @@ unbiased top-k weights renormalised with norm_min, routed SwiGLU experts, shared
 from __future__ import annotations
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
@@ -92,6 +93,7 @@ class MoE(nnx.Module):
       y = routed_experts(xe, gate, up, down, r.indices, r.weights.astype(d), self.impl, act)
     if self.fp8 is not None:
       y = self.fp8.output(y)
+    y = checkpoint_name(y, "moe_out")
     if self.shared is not None:
       y = y + self.shared(xt)
     return y.reshape(b, s, h), r
