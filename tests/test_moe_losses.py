@@ -68,9 +68,9 @@ def test_bias_update_direction_and_no_grad():
   usage = ml.expert_usage(out.router)
   assert usage.shape == (3, cfg.moe_num_experts)
   np.testing.assert_allclose(usage.sum(-1), 2 * 16 * cfg.moe_k)
-  before = np.asarray(ml._moe_vars(model, "correction_bias")[0][0])
+  before = np.asarray(ml.router_values(model, "correction_bias"))
   ml.update_correction_bias(model, usage, lr=0.01)
-  after = np.asarray(ml._moe_vars(model, "correction_bias")[0][0])
+  after = np.asarray(ml.router_values(model, "correction_bias"))
   u = np.asarray(usage)
   expected = np.sign(u.mean(-1, keepdims=True) - u) * 0.01
   np.testing.assert_allclose(after - before, expected, atol=1e-7)

@@ -66,18 +66,38 @@ def expert_usage(router: RouterOutput, mask=None) -> jax.Array:
 
 def router_kernels(model) -> jax.Array:
   """Router weights of all MoE layers in layer order, [L, H, E]."""
-  return jnp.concatenate([w for w, _ in _moe_vars(model, "kernel")], axis=0)
+  return router_values(model, "kernel")
 
 
-def _moe_vars(model, name: str):
-  """(array [R*P, ...] in layer order, list of variables) per group with MoE layers."""
-  out = []
+def router_values(model, name: str, router: str = "router") -> jax.Array:
+  """Variable `name` of each MoE layer's `router` submodule, stacked in layer order [L_moe, ...]."""
+  parts = []
+  for g, positions, _, _ in moe_layers(model):
+    stacked = jnp.stack([getattr(getattr(g.blocks.layers[j].mlp, router), name)[...] for j in positions],
+                        axis=1)  # [R, P, ...]
+    parts.append(stacked.reshape((-1,) + stacked.shape[2:]))
+  return jnp.concatenate(parts, axis=0)
+
+
+def moe_layers(model):
+  """For each scanned group holding MoE layers: (group, positions of the MoE layers in its unit,
+  repeats, the slice of a layer-ordered [L_moe, ...] array that covers the group)."""
+  offset = 0
   for g, (unit, reps) in zip(model.groups, layer_groups(model.config.layer_kinds)):
-    vs = [getattr(g.blocks.layers[j].mlp.router, name) for j, k in enumerate(unit) if k == "moe"]
-    if vs:
-      stacked = jnp.stack([v[...] for v in vs], axis=1)  # [R, P, ...]
-      out.append((stacked.reshape((-1,) + stacked.shape[2:]), vs))
-  return out
+    positions = [j for j, k in enumerate(unit) if k == "moe"]
+    if positions:
+      n = reps * len(positions)
+      yield g, positions, reps, slice(offset, offset + n)
+      offset += n
+
+
+def apply_bias_step(model, step: jax.Array, router: str = "router") -> None:
+  """Add a layer-ordered [L_moe, E] step to the correction bias of each MoE layer's `router`."""
+  for g, positions, reps, rows in moe_layers(model):
+    s = step[rows].reshape(reps, len(positions), -1)
+    for p, j in enumerate(positions):
+      var = getattr(g.blocks.layers[j].mlp, router).correction_bias
+      var[...] = var[...] + s[:, p]
 
 
 def update_correction_bias(model, usage: jax.Array, lr: float) -> None:
@@ -85,17 +105,5 @@ def update_correction_bias(model, usage: jax.Array, lr: float) -> None:
 
   Under-used experts get a larger bias and are picked more often. Gradients are not involved.
   """
-  if not model.config.moe_use_correction_bias:
-    return
-  offset = 0
-  for g, (unit, reps) in zip(model.groups, layer_groups(model.config.layer_kinds)):
-    positions = [j for j, k in enumerate(unit) if k == "moe"]
-    if not positions:
-      continue
-    n = reps * len(positions)
-    u = usage[offset:offset + n].reshape(reps, len(positions), -1)
-    offset += n
-    step = lr * jnp.sign(u.mean(-1, keepdims=True) - u)
-    for p, j in enumerate(positions):
-      var = g.blocks.layers[j].mlp.router.correction_bias
-      var[...] = var[...] + step[:, p]
+  if model.config.moe_use_correction_bias:
+    apply_bias_step(model, lr * jnp.sign(usage.mean(-1, keepdims=True) - usage))

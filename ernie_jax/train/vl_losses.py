@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ernie_jax.model.decoder import layer_groups
 from ernie_jax.model.vl.moe_vl import VLRouterOutput
 from ernie_jax.train import moe_losses
 
@@ -38,18 +37,9 @@ def z_loss(router: VLRouterOutput, vision_mask, mask=None) -> jax.Array:
   return moe_losses.z_loss(router.text, text) + moe_losses.z_loss(router.vision, vision)
 
 
-def _router_vars(model, router: str, name: str):
-  out = []
-  for g, (unit, _) in zip(model.groups, layer_groups(model.config.layer_kinds)):
-    vs = [getattr(getattr(g.blocks.layers[j].mlp, router), name) for j, k in enumerate(unit) if k == "moe"]
-    if vs:
-      out.append((jnp.stack([v[...] for v in vs], axis=1).reshape((-1,) + vs[0].shape[1:]), vs))
-  return out
-
-
 def router_kernels(model) -> tuple[jax.Array, jax.Array]:
   """(text, vision) router weights of all MoE layers in layer order, each [L, H, E]."""
-  return tuple(jnp.concatenate([w for w, _ in _router_vars(model, r, "kernel")], axis=0)
+  return tuple(moe_losses.router_values(model, "kernel", r)
                for r in ("text_router", "vision_router"))
 
 
@@ -103,19 +93,8 @@ def update_correction_bias(model, usage: jax.Array, lr: float, *, text: bool = T
     return
   step = lr * jnp.sign(usage.mean(-1, keepdims=True) - usage)  # [L, 2, E]
   for m, (name, on) in enumerate((("text_router", text), ("vision_router", vision))):
-    if not on:
-      continue
-    offset = 0
-    for g, (unit, reps) in zip(model.groups, layer_groups(model.config.layer_kinds)):
-      positions = [j for j, k in enumerate(unit) if k == "moe"]
-      if not positions:
-        continue
-      n = reps * len(positions)
-      s = step[offset:offset + n, m].reshape(reps, len(positions), -1)
-      offset += n
-      for p, j in enumerate(positions):
-        var = getattr(g.blocks.layers[j].mlp, name).correction_bias
-        var[...] = var[...] + s[:, p]
+    if on:
+      moe_losses.apply_bias_step(model, step[:, m], name)
 
 
 # --------------------------------------------------------------------------------------------------
