@@ -24,26 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie_jax.interop.hf import Slot, hf_shape, to_param
+from ernie_jax.interop.hf import DENSE_MLP_TABLE, LAYER_TABLE, SHARED_TABLE, Slot, hf_shape, to_param
 from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
 from ernie_jax.model.decoder import layer_locations
 from ernie_jax.model.vl.config_vl import VL_MODEL_TYPES, VLConfig
 from ernie_jax.model.vl.lm_vl import Ernie45VLForConditionalGeneration
 
-# (name under `model.layers.{l}.`, path under the decoder layer, kind)
-LAYER_TABLE = (
-  ("input_layernorm.weight", "input_norm/weight", "copy"),
-  ("post_attention_layernorm.weight", "post_norm/weight", "copy"),
-  ("self_attn.q_proj.weight", "attn/q", "linear:1"),
-  ("self_attn.k_proj.weight", "attn/k", "linear:1"),
-  ("self_attn.v_proj.weight", "attn/v", "linear:1"),
-  ("self_attn.o_proj.weight", "attn/o", "linear:2"),
-)
-DENSE_TABLE = (
-  ("mlp.gate_proj.weight", "mlp/gate", "linear:1"),
-  ("mlp.up_proj.weight", "mlp/up", "linear:1"),
-  ("mlp.down_proj.weight", "mlp/down", "linear:1"),
-)
+# Decoder-layer rows shared with the text model (LAYER_TABLE, DENSE_MLP_TABLE, SHARED_TABLE: hf.py).
 MOE_TABLE = (
   ("mlp.gate.weight", "mlp/text_router/kernel", "copy"),
   ("mlp.gate.weight_1", "mlp/vision_router/kernel", "copy"),
@@ -57,11 +44,6 @@ EXPERT_TABLE = (
   ("mlp.experts.{e}.gate_proj.weight", "gate", "linear:1"),
   ("mlp.experts.{e}.up_proj.weight", "up", "linear:1"),
   ("mlp.experts.{e}.down_proj.weight", "down", "linear:1"),
-)
-SHARED_TABLE = (
-  ("mlp.shared_experts.gate_proj.weight", "mlp/shared/gate", "linear:1"),
-  ("mlp.shared_experts.up_proj.weight", "mlp/shared/up", "linear:1"),
-  ("mlp.shared_experts.down_proj.weight", "mlp/shared/down", "linear:1"),
 )
 VISION_BLOCK_TABLE = (  # under `model.vision_model.blocks.{b}.` -> vision_model/blocks/...
   ("norm1.weight", "norm1/weight", "copy"), ("norm1.bias", "norm1/bias", "copy"),
@@ -100,7 +82,7 @@ def vl_name_map(cfg: VLConfig) -> dict[str, list[Slot]]:
   kinds = cfg.layer_kinds
   for i, (g, r, j) in enumerate(layer_locations(kinds)):
     pre, base = f"model.layers.{i}.", f"groups/{g}/blocks/layers/{j}"
-    rows = LAYER_TABLE + (DENSE_TABLE if kinds[i] == "dense" else
+    rows = LAYER_TABLE + (DENSE_MLP_TABLE if kinds[i] == "dense" else
                           MOE_TABLE + (MOE_BIAS_TABLE if cfg.moe_use_correction_bias else ())
                           + (SHARED_TABLE if cfg.moe_num_shared_experts else ()))
     for name, path, kind in rows:
