@@ -60,14 +60,7 @@ class ErnieForCausalLM(nnx.Module):
     return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
 
   def head(self, h: jax.Array) -> jax.Array:
-    """Final norm + LM head; logits in fp32."""
-    d = jnp.dtype(self.config.dtype)
-    y = self.norm(h).astype(d)
-    if self.lm_head is None:
-      logits = jnp.einsum("bsh,vh->bsv", y, self.embed[...].astype(d), preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("bsh,hv->bsv", y, self.lm_head[...].astype(d), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "act_vocab"))
+    return lm_logits(self, h)
 
   def _rope(self, positions):
     c = self.config
@@ -141,6 +134,17 @@ class ErnieForCausalLM(nnx.Module):
       tuple(KVCache(jnp.zeros(shape(g.repeats), dtype), jnp.zeros(shape(g.repeats), dtype))
             for _ in g.unit)
       for g in self.groups)
+
+
+def lm_logits(model, h: jax.Array) -> jax.Array:
+  """Final norm + LM head (tied to `model.embed` when `model.lm_head` is None); logits in fp32."""
+  d = jnp.dtype(model.config.dtype)
+  y = model.norm(h).astype(d)
+  if model.lm_head is None:
+    logits = jnp.einsum("bsh,vh->bsv", y, model.embed[...].astype(d), preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("bsh,hv->bsv", y, model.lm_head[...].astype(d), preferred_element_type=jnp.float32)
+  return constrain(logits, ("batch", "length", "act_vocab"))
 
 
 def _layer_major(routers: tuple[RouterOutput, ...]) -> list[RouterOutput]:

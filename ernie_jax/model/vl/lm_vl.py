@@ -22,6 +22,7 @@ from flax import nnx, struct
 
 from ernie_jax.model.attention import Attention, KVCache
 from ernie_jax.model.common import make_param, normal
+from ernie_jax.model.lm import lm_logits
 from ernie_jax.model.decoder import _REMAT_POLICIES, layer_groups, layer_locations
 from ernie_jax.model.mlp import MLP
 from ernie_jax.model.norms import RMSNorm
@@ -151,13 +152,7 @@ class Ernie45VLForConditionalGeneration(nnx.Module):
     return self.resampler(self.vision_model(pixel_values, grid_thw), grid_thw)
 
   def head(self, h: jax.Array) -> jax.Array:
-    d = jnp.dtype(self.config.dtype)
-    y = self.norm(h).astype(d)
-    if self.lm_head is None:
-      logits = jnp.einsum("bsh,vh->bsv", y, self.embed[...].astype(d), preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("bsh,hv->bsv", y, self.lm_head[...].astype(d), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "act_vocab"))
+    return lm_logits(self, h)
 
   def vision_mask(self, tokens: jax.Array) -> jax.Array:
     """Tokens the MoE routes to the vision experts: placeholders and image/video start/end tokens."""
