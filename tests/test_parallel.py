@@ -100,7 +100,9 @@ def test_logits_and_grads_match_single_device(single_device, transport, mesh_nam
   flat = dict(nnx.to_flat_state(grads))
   assert flat.keys() == flat_ref.keys()
   for path, g in flat.items():
-    assert _rel(g[...], flat_ref[path][...]) <= 1e-5, path
+    # fp32 sums in another order (per-shard partial sums, then a psum): a few ulps of the largest
+    # entry; the embedding gradient (a scatter-add over all tokens) reaches ~1.1e-5 on some CPUs
+    assert _rel(g[...], flat_ref[path][...]) <= 3e-5, path
   # expert weights really are split over the expert axis (no silent replication)
   gate = model.groups[1].blocks.layers[0].mlp.experts.gate[...]
   if mesh.shape["expert"] > 1:
