@@ -21,7 +21,7 @@ from flax import nnx
 from ernie_jax.config import ModelConfig
 from ernie_jax.interop import convert, hf, orbax_io
 from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
-from ernie_jax.model import ErnieForCausalLM
+from ernie_jax.model import ErnieForCausalLM, fp8
 
 
 def abstract_model(cfg: ModelConfig):
@@ -82,14 +82,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
   mesh / rules: load straight into the sharded layout given by the logical-axis rules
     (default `ernie_jax.parallel.DEFAULT_RULES`); parameters are placed one at a time, each device
     receiving only its shards, so the full model is never materialised on one device.
-  config_overrides: extra ModelConfig fields (e.g. moe_impl="ragged_dot", moe_transport="all_to_all").
+  config_overrides: extra ModelConfig fields (e.g. moe_impl="ragged_dot", moe_transport="all_to_all",
+    fp8_recipe="delayed"). An FP8 model's scales and amax histories start fresh (scale 1, empty
+    history), except from an Orbax checkpoint that holds them (an FP8-trained one). Orbax
+    checkpoints load without FP8 unless fp8_recipe is given.
   """
   path = os.fspath(path)
-  from ernie_jax.interop import hf_vl  # ERNIE 4.5 VL checkpoints (config.json model_type ernie4_5_vl_moe)
+  from ernie_jax.interop import hf_vl  # ERNIE 4.5 VL checkpoints (HF / Paddle config.json, Orbax info)
 
-  if format in ("auto", "hf") and hf_vl.is_vl_checkpoint(path):
-    return hf_vl.load(path, dtype=dtype, param_dtype=param_dtype, config=config, mesh=mesh, rules=rules,
-                      **config_overrides)
+  if hf_vl.is_vl_checkpoint(path):
+    return hf_vl.load(path, format=format, dtype=dtype, param_dtype=param_dtype, config=config, mesh=mesh,
+                      rules=rules, allow_pickle=allow_pickle, **config_overrides)
   fmt = detect_format(path) if format == "auto" else format
   if fmt not in convert.FORMATS:
     raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} (supported: {convert.FORMATS})")
@@ -102,6 +105,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
     if config is None:  # the stored config records the storage dtype; load as float32 by default
       overrides.setdefault("dtype", "float32")
       overrides.setdefault("param_dtype", "float32")
+      overrides.setdefault("fp8_recipe", "none")  # an FP8-trained checkpoint loads without FP8 unless asked
     return orbax_io.load_model(path, config=config, mesh=mesh, rules=rules, **overrides)
   cfg = config.replace(**overrides) if config is not None else convert.read_config(path, fmt, **overrides)
   graphdef, abstract = abstract_model(cfg)
@@ -110,13 +114,18 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
     from ernie_jax.parallel import DEFAULT_RULES, state_shardings
 
     shardings = _flat_state(state_shardings(abstract, mesh, rules or DEFAULT_RULES))
+  flat_abstract = _flat_state(abstract)
+  fp8_state = {p: v for p, v in flat_abstract.items() if fp8.is_fp8_path(p)}  # not in checkpoints
+  params = {p: v for p, v in flat_abstract.items() if p not in fp8_state}
   reader = convert.open_source(path, allow_pickle=allow_pickle)
   try:
     layout = convert.layout_for(fmt, reader.keys())
     arrays = {p: _place(host, shardings and shardings[p].get_value())
-              for p, host in convert.iter_params(reader, layout, cfg, _flat_state(abstract))}
+              for p, host in convert.iter_params(reader, layout, cfg, params)}
   finally:
     reader.close()
+  for p, v in fp8_state.items():  # fresh FP8 scales / histories
+    arrays[p] = _place(np.asarray(fp8.initial_value(p, v.shape)), shardings and shardings[p].get_value())
   flat = nnx.to_flat_state(abstract)
   for key, var in flat:
     var.set_value(arrays["/".join(str(k) for k in key)])

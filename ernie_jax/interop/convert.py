@@ -7,6 +7,11 @@ parameters form a group (a fused `qkv_proj` ties q, k and v together); groups ar
 after another and each parameter is emitted in *blocks* of at most `block_bytes` (one layer, one
 expert, or the whole parameter when it is small), which go straight to the Orbax writer.
 
+ERNIE 4.5 VL checkpoints (a VL config.json, `hf_vl.is_vl_checkpoint`) go through the same engine
+with the VL tables (`hf_vl.py`, `paddle_vl.py`: layouts `HFVLLayout`, `PaddleVLLayout`); their
+Orbax checkpoints record `"architecture": "ernie4_5_vl_moe"`, and `export_hf` writes them back as
+transformers VL checkpoints.
+
 Peak host memory while converting is therefore about
     largest source tensor + its transformed copy (the embedding / lm_head, or one expert)
     + a few blocks (<= block_bytes each: the one being assembled per parameter of the group, one
@@ -34,10 +39,11 @@ import ml_dtypes
 import numpy as np
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.interop import hf, orbax_io, paddle
+from ernie_jax.interop import hf, hf_vl, orbax_io, paddle, paddle_vl
 from ernie_jax.interop.hf import Slot
 from ernie_jax.interop.safetensors_io import DTYPES, CheckpointError, SafetensorsReader, TensorInfo
 from ernie_jax.interop import safetensors_writer as stw
+from ernie_jax.model.vl.config_vl import VLConfig
 
 FORMATS = ("orbax", "hf", "paddle")
 STORAGE_DTYPES = ("auto", "bfloat16", "float32", "float16")
@@ -164,7 +170,9 @@ def detect_format(path: str | os.PathLike) -> str:
   return "paddle" if paddle.detect_variant(names) else "hf"
 
 
-def read_config(path: str, fmt: str, **overrides) -> ModelConfig:
+def read_config(path: str, fmt: str, **overrides) -> ModelConfig | VLConfig:
+  if fmt in ("hf", "paddle") and hf_vl.is_vl_checkpoint(path):  # ERNIE 4.5 VL (config.json)
+    return (VLConfig.from_hf if fmt == "hf" else VLConfig.from_paddle)(path, **overrides)
   if fmt == "hf":
     return ModelConfig.from_hf(path, **overrides)
   if fmt == "paddle":
@@ -205,6 +213,53 @@ class HFLayout:
   def describe_unexpected(self, cfg, name):
     return hf.describe_unexpected(cfg, name)
 
+  # export (Orbax / model -> HF)
+  def from_params(self, read: Read, values: list[np.ndarray]) -> np.ndarray:
+    return hf.from_param(read.slots[0].kind, values[0])
+
+  def absent_bias(self, cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensors transformers always has but the model may lack (the correction bias): zeros."""
+    if not cfg.is_moe or cfg.moe_use_correction_bias:
+      return []
+    return [(f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias", (1, cfg.moe_num_experts))
+            for i, kind in enumerate(cfg.layer_kinds) if kind == "moe"]
+
+  def hf_config(self, cfg, dtype: str) -> dict:
+    return hf.hf_config(cfg, dtype)
+
+
+class HFVLLayout(HFLayout):
+  """ERNIE 4.5 VL HF checkpoints (`hf_vl` tables); the vision prefix is detected from the names."""
+
+  name = "hf/vl"
+
+  def __init__(self, names=()):
+    self.vision_prefix = hf_vl.detect_vision_prefix(names)
+
+  def reads(self, cfg: VLConfig) -> dict[str, Read]:
+    return {n: Read(n, tuple(s)) for n, s in hf_vl.vl_name_map(cfg, self.vision_prefix).items()}
+
+  def source_shape(self, read: Read, targets) -> tuple[int, ...]:
+    return hf_vl.source_shape(read.slots, targets)
+
+  def to_params(self, read: Read, x: np.ndarray, targets) -> list[np.ndarray]:
+    return hf_vl.to_params(read.slots, x, targets)
+
+  def ignorable(self, cfg, name):
+    return hf_vl.ignorable(cfg, name)
+
+  def describe_unexpected(self, cfg, name):
+    return hf_vl.describe_unexpected(cfg, name, self.vision_prefix)
+
+  def from_params(self, read: Read, values: list[np.ndarray]) -> np.ndarray:
+    return hf_vl.from_params(read.slots, values)
+
+  def absent_bias(self, cfg) -> list[tuple[str, tuple[int, ...]]]:
+    return hf_vl.absent_bias(cfg)
+
+  def hf_config(self, cfg, dtype: str) -> dict:
+    return hf_vl.hf_config(cfg, dtype)
+
 
 class PaddleLayout:
   dtypes = paddle.ACCEPTED_DTYPES
@@ -232,7 +287,43 @@ class PaddleLayout:
     return paddle.describe_unexpected(cfg, name)
 
 
-def layout_for(fmt: str, names) -> HFLayout | PaddleLayout:
+class PaddleVLLayout(PaddleLayout):
+  """ERNIE 4.5 VL `-Paddle` checkpoints (`paddle_vl` tables: the native layout plus vision,
+  resampler and two-modality MoE); the vision prefix is detected from the names."""
+
+  def __init__(self, names=()):
+    super().__init__("native")
+    self.name = "paddle/vl"
+    self.vision_prefix = hf_vl.detect_vision_prefix(names, paddle_vl.VISION_PREFIXES)
+
+  def reads(self, cfg: VLConfig) -> dict[str, Read]:
+    return {n: Read(n, t.slots, t.fuse) for n, t in paddle_vl.paddle_vl_name_map(cfg, self.vision_prefix).items()}
+
+  # fuse "rows" (the [2, E] correction bias) has the HF layout's row slots; the rest is text Paddle
+  def source_shape(self, read: Read, targets) -> tuple[int, ...]:
+    rows = read.fuse == "rows"
+    return hf_vl.source_shape(read.slots, targets) if rows else super().source_shape(read, targets)
+
+  def to_params(self, read: Read, x: np.ndarray, targets) -> list[np.ndarray]:
+    return hf_vl.to_params(read.slots, x, targets) if read.fuse == "rows" else super().to_params(read, x, targets)
+
+  def describe_unexpected(self, cfg, name):
+    return paddle_vl.describe_unexpected(cfg, name, self.vision_prefix)
+
+
+def layout_for(fmt: str, names, cfg=None) -> HFLayout | PaddleLayout:
+  """The tensor layout of a checkpoint of format `fmt` with tensor `names`; a VLConfig `cfg`
+  selects the VL tables."""
+  if isinstance(cfg, VLConfig):
+    names = list(names)
+    if fmt == "hf":
+      return HFVLLayout(names)
+    if fmt == "paddle":
+      if (paddle.detect_variant(names) or "native") != "native":
+        raise CheckpointError("this ERNIE 4.5 VL checkpoint is in PaddleFormers' save_to_hf=False layout "
+                              "(`model.` prefix, GQA-grouped qkv), which is only supported for the text "
+                              "models; save it with PaddleFormers' default (HF) layout instead")
+      return PaddleVLLayout(names)
   if fmt == "hf":
     return HFLayout()
   if fmt == "paddle":
@@ -407,10 +498,10 @@ def iter_params(reader, layout, cfg: ModelConfig, flat) -> Iterator[tuple[str, n
     yield path, arr
 
 
-def _abstract_params(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def _abstract_params(cfg: ModelConfig | VLConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   from ernie_jax.loading import _flat_state, abstract_model
 
-  _, abstract = abstract_model(cfg)
+  _, abstract = (hf_vl.abstract_model if isinstance(cfg, VLConfig) else abstract_model)(cfg)
   return {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in _flat_state(abstract).items()}
 
 
@@ -518,7 +609,7 @@ def convert_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, format: 
     reader = open_source(src, allow_pickle=allow_pickle)
     try:
       cfg = config or read_config(src, fmt)
-      layout = layout_for(fmt, reader.keys())
+      layout = layout_for(fmt, reader.keys(), cfg)
       probe = _abstract_params(cfg.replace(param_dtype="bfloat16"))
       reads = check_source(reader, layout, cfg, {p: s for p, (s, _) in probe.items()})
       storage = _storage_dtype(dtype, reader, reads)
@@ -582,9 +673,11 @@ def export_hf(src, dst: str | os.PathLike, *, dtype: str = "auto", overwrite: bo
               before_commit: Callable[[str, dict], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict:
   """Write an HF-layout checkpoint (safetensors shards + index + config.json) that transformers
-  loads. src: an Orbax checkpoint directory or an `ErnieForCausalLM`. Tensors are read, transposed
-  and written one at a time. dtype: "auto" keeps each parameter's stored dtype (the router weight
-  and correction bias are always fp32). before_commit(tmp_dir, report): see `convert_to_orbax`."""
+  loads. src: an Orbax checkpoint directory or an `ErnieForCausalLM` (or an ERNIE 4.5 VL
+  checkpoint / `Ernie45VLForConditionalGeneration`: a transformers VL checkpoint is written).
+  Tensors are read, transposed and written one at a time. dtype: "auto" keeps each parameter's
+  stored dtype (the router weight and correction bias are always fp32). before_commit(tmp_dir,
+  report): see `convert_to_orbax`."""
   if dtype not in STORAGE_DTYPES:
     raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
   if os.path.lexists(dst) and not overwrite:  # fail before reading anything
@@ -593,7 +686,9 @@ def export_hf(src, dst: str | os.PathLike, *, dtype: str = "auto", overwrite: bo
   params = orbax_io.OrbaxReader(src) if isinstance(src, (str, os.PathLike)) else _ModelParams(src)
   try:
     cfg = params.config
-    names = hf.hf_name_map(cfg)
+    layout = HFVLLayout() if isinstance(cfg, VLConfig) else HFLayout()
+    names = layout.reads(cfg)
+    slots = [s for r in names.values() for s in r.slots]
     specs, fetchers = [], {}
 
     def out_dtype(path):
@@ -602,22 +697,20 @@ def export_hf(src, dst: str | os.PathLike, *, dtype: str = "auto", overwrite: bo
       return params.dtype(path) if dtype == "auto" else np.dtype(dtype if dtype != "bfloat16" else ml_dtypes.bfloat16)
 
     # parameter-major order (all slices of one parameter in a row): each storage chunk is read once
-    for name in sorted(names, key=lambda n: (names[n].path, names[n].index)):
-      slot = names[name]
-      target = params.shape(slot.path)[len(slot.index):]
-      dt = out_dtype(slot.path)
-      specs.append(stw.TensorSpec(name, stw.tag_of(dt), tuple(hf.hf_shape(slot.kind, target))))
-      fetchers[name] = (lambda s=slot, d=dt: hf.from_param(s.kind, params.read(s.path, s.index)).astype(d, copy=False))
-    if cfg.is_moe and not cfg.moe_use_correction_bias:  # transformers always has the bias: zeros
-      for i, kind in enumerate(cfg.layer_kinds):
-        if kind == "moe":
-          name = f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias"
-          specs.append(stw.TensorSpec(name, "F32", (1, cfg.moe_num_experts)))
-          fetchers[name] = lambda: np.zeros((1, cfg.moe_num_experts), np.float32)
-    stored = {params.dtype(s.path) for s in names.values() if not s.path.endswith(_FP32_PARAMS)}
+    for name in sorted(names, key=lambda n: (names[n].slots[0].path, names[n].slots[0].index)):
+      read = names[name]
+      targets = [params.shape(s.path)[len(s.index):] for s in read.slots]
+      dt = out_dtype(read.slots[0].path)
+      specs.append(stw.TensorSpec(name, stw.tag_of(dt), tuple(layout.source_shape(read, targets))))
+      fetchers[name] = (lambda r=read, d=dt: layout.from_params(
+        r, [params.read(s.path, s.index) for s in r.slots]).astype(d, copy=False))
+    for name, shape in layout.absent_bias(cfg):  # transformers always has the bias: zeros
+      specs.append(stw.TensorSpec(name, "F32", shape))
+      fetchers[name] = lambda shape=shape: np.zeros(shape, np.float32)
+    stored = {params.dtype(s.path) for s in slots if not s.path.endswith(_FP32_PARAMS)}
     config_dtype = dtype if dtype != "auto" else ("bfloat16" if stored == {np.dtype(ml_dtypes.bfloat16)}
                                                   else "float16" if stored == {np.dtype(np.float16)} else "float32")
-    hf_cfg = hf.hf_config(cfg, config_dtype)
+    hf_cfg = layout.hf_config(cfg, config_dtype)
     t0 = time.perf_counter()
     total = sum(s.nbytes for s in specs)
     with atomic_output(dst, overwrite) as out:
@@ -632,7 +725,7 @@ def export_hf(src, dst: str | os.PathLike, *, dtype: str = "auto", overwrite: bo
                 "seconds": time.perf_counter() - t0, "dtype": config_dtype,
                 "lossy": any(out_dtype(s.path) != params.dtype(s.path)
                              and out_dtype(s.path).itemsize <= params.dtype(s.path).itemsize
-                             for s in names.values())}
+                             for s in slots)}
       if before_commit is not None:
         before_commit(out, report)
     if log:
@@ -664,7 +757,8 @@ class VerifyResult:
 def verify(orbax_dir, hf_dir, *, lossy: bool = False, tolerance: float | None = None, batch: int = 2,
            seq: int = 16, seed: int = 0) -> VerifyResult:
   """Logits of our model loaded from `orbax_dir` vs transformers' from `hf_dir` (both fp32
-  compute) on random token sequences. Needs torch + transformers."""
+  compute) on random token sequences (for a VL model: two prompts with an image each, see
+  `hf_vl.reference_logits`). Needs torch + transformers."""
   try:
     import torch
     import transformers
@@ -674,6 +768,9 @@ def verify(orbax_dir, hf_dir, *, lossy: bool = False, tolerance: float | None = 
 
   ours = orbax_io.load_model(orbax_dir, dtype="float32", param_dtype="float32")
   cfg = ours.config
+  if isinstance(cfg, VLConfig):
+    a, b = hf_vl.reference_logits(ours, hf_dir, seed=seed)
+    return _verify_result(a, b, lossy, tolerance)
   tokens = np.random.RandomState(seed).randint(min(3, cfg.vocab_size - 1), cfg.vocab_size, size=(batch, seq))
   a = np.asarray(ours(jnp.asarray(tokens, jnp.int32)).logits, np.float64)
   del ours
@@ -683,6 +780,10 @@ def verify(orbax_dir, hf_dir, *, lossy: bool = False, tolerance: float | None = 
     ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
   with torch.no_grad():
     b = ref.eval()(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy().astype(np.float64)
+  return _verify_result(a, b, lossy, tolerance)
+
+
+def _verify_result(a: np.ndarray, b: np.ndarray, lossy: bool, tolerance: float | None) -> VerifyResult:
   diff = float(np.abs(a - b).max())
   tol = tolerance if tolerance is not None else (5e-2 if lossy else 1e-4)
   return VerifyResult(diff, diff / max(float(np.abs(b).max()), 1e-30),
@@ -692,18 +793,22 @@ def verify(orbax_dir, hf_dir, *, lossy: bool = False, tolerance: float | None = 
 @contextlib.contextmanager
 def paddle_reference(src: str, cfg: ModelConfig, *, allow_pickle: bool = False, near: str | None = None):
   """A temporary HF checkpoint made from a Paddle one by the official Paddle -> HF rules
-  (`paddle.reference_hf_tensors`, independent of the conversion tables), for `verify`."""
+  (`paddle.reference_hf_tensors`, or `paddle_vl.reference_hf_tensors` for VL; independent of
+  the conversion tables), for `verify`."""
   reader = open_source(src, allow_pickle=allow_pickle)
   work = tempfile.mkdtemp(prefix=".paddle-reference-", dir=near)
   try:
     variant = paddle.detect_variant(reader.keys()) or "native"
     get = lambda n: paddle.decode(reader.get(n), reader.tensors[n].dtype)
-    tensors = dict(paddle.reference_hf_tensors(get, sorted(reader.keys(), key=_natural_key), cfg, variant))
+    names = sorted(reader.keys(), key=_natural_key)
+    vl = isinstance(cfg, VLConfig)
+    tensors = dict(paddle_vl.reference_hf_tensors(get, names, cfg) if vl
+                   else paddle.reference_hf_tensors(get, names, cfg, variant))
     specs = [stw.TensorSpec(n, stw.tag_of(x.dtype), tuple(x.shape)) for n, x in tensors.items()]
     stw.write_checkpoint(work, specs, tensors.__getitem__, DEFAULT_SHARD_BYTES)
     tensors.clear()
     with open(os.path.join(work, "config.json"), "w") as f:
-      json.dump(hf.hf_config(cfg, "float32"), f)
+      json.dump((hf_vl if vl else hf).hf_config(cfg, "float32"), f)
     yield work
   finally:
     reader.close()

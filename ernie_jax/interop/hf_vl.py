@@ -1,31 +1,35 @@
-"""Hugging Face ERNIE 4.5 VL (`-PT`) checkpoints <-> ernie_jax VL parameters, as a data table.
+"""Hugging Face ERNIE 4.5 VL (`-PT`) checkpoints <-> ernie_jax VL parameters, as a data table; and
+the loader behind `ernie_jax.from_pretrained` for every VL format (HF, Paddle, Orbax).
 
 On-disk names (spec §5.3; what transformers' `save_pretrained` writes after reversing its in-memory
-renames): `model.layers.*` (LM), `model.vision_model.*` (ViT), `model.resampler_model.*`
-(resampler, `spatial_linear.{0,2,3}` = fc1 / fc2 / LayerNorm), `lm_head.weight` when untied.
-MoE layers: routers `mlp.gate.weight` (text) and `mlp.gate.weight_1` (vision) stored [H, E] (our
-layout, not transposed), `mlp.moe_statics.e_score_correction_bias` [2, E] (row 0 text, row 1
-vision), experts `mlp.experts.{0..E-1}` text and `{E..2E-1}` vision.
+renames): `model.layers.*` (LM), `model.vision_model.*` (ViT; the original `-PT` release and
+ERNIE's `tran_4_5t_vl.py` write it top level as `vision_model.*`: both are accepted),
+`model.resampler_model.*` (resampler, `spatial_linear.{0,2,3}` = fc1 / fc2 / LayerNorm),
+`lm_head.weight` when untied. MoE layers: routers `mlp.gate.weight` (text) and `mlp.gate.weight_1`
+(vision) stored [H, E] (our layout, not transposed), `mlp.moe_statics.e_score_correction_bias`
+[2, E] (row 0 text, row 1 vision), experts `mlp.experts.{0..E-1}` text and `{E..2E-1}` vision.
 
 Each name maps to one or more slots (parameter path, index into its stacked axes, kind):
   "copy"      same layout;  "linear:n"  torch Linear [out, in] -> [in, out] reshaped (see hf.py);
-  "row:r"     row r of a [2, E] tensor.
-Names, shapes and dtypes are checked against the config from the headers before any data is read.
+  "row:r"     row r of a [2, E] tensor (the name has one slot per row).
+The tensors are read through the streaming engine of `ernie_jax.interop.convert` (layouts
+`HFVLLayout` / `PaddleVLLayout`): names, shapes and dtypes are checked against the config from the
+headers before any data is read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import re
+from typing import Any, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie_jax.interop.hf import DENSE_MLP_TABLE, LAYER_TABLE, SHARED_TABLE, Slot, hf_shape, to_param
-from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
+from ernie_jax.interop.hf import (DENSE_MLP_TABLE, LAYER_TABLE, SHARED_TABLE, TOP_TABLE, UNTIED_HEAD_TABLE, Slot,
+                                  from_param, hf_shape, to_param)
+from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.model.decoder import layer_locations
 from ernie_jax.model.vl.config_vl import VL_MODEL_TYPES, VLConfig
 from ernie_jax.model.vl.lm_vl import Ernie45VLForConditionalGeneration
@@ -39,13 +43,13 @@ MOE_BIAS_TABLE = (  # one tensor, two slots
   ("mlp.moe_statics.e_score_correction_bias", "mlp/text_router/correction_bias", "row:0"),
   ("mlp.moe_statics.e_score_correction_bias", "mlp/vision_router/correction_bias", "row:1"),
 )
-# `{e}` runs over 0..E-1 for the text experts and E..2E-1 for the vision experts
+# `{e}` runs over 0..E-1 for the text experts and E..2E-1 for the vision experts (`expert_sets`)
 EXPERT_TABLE = (
   ("mlp.experts.{e}.gate_proj.weight", "gate", "linear:1"),
   ("mlp.experts.{e}.up_proj.weight", "up", "linear:1"),
   ("mlp.experts.{e}.down_proj.weight", "down", "linear:1"),
 )
-VISION_BLOCK_TABLE = (  # under `model.vision_model.blocks.{b}.` -> vision_model/blocks/...
+VISION_BLOCK_TABLE = (  # under `{vision prefix}blocks.{b}.` -> vision_model/blocks/...
   ("norm1.weight", "norm1/weight", "copy"), ("norm1.bias", "norm1/bias", "copy"),
   ("norm2.weight", "norm2/weight", "copy"), ("norm2.bias", "norm2/bias", "copy"),
   ("attn.qkv.weight", "qkv/kernel", "linear:1"), ("attn.qkv.bias", "qkv/bias", "copy"),
@@ -53,173 +57,255 @@ VISION_BLOCK_TABLE = (  # under `model.vision_model.blocks.{b}.` -> vision_model
   ("mlp.fc1.weight", "fc1/kernel", "linear:1"), ("mlp.fc1.bias", "fc1/bias", "copy"),
   ("mlp.fc2.weight", "fc2/kernel", "linear:1"), ("mlp.fc2.bias", "fc2/bias", "copy"),
 )
-TOP_TABLE = (
-  ("model.embed_tokens.weight", "embed", "copy"),
-  ("model.norm.weight", "norm/weight", "copy"),
-  ("model.vision_model.patch_embed.proj.weight", "vision_model/patch_embed", "linear:1"),
-  ("model.vision_model.ln.weight", "vision_model/ln/weight", "copy"),
-  ("model.vision_model.ln.bias", "vision_model/ln/bias", "copy"),
-  ("model.resampler_model.mlp.weight", "resampler/mlp/kernel", "linear:1"),
-  ("model.resampler_model.mlp.bias", "resampler/mlp/bias", "copy"),
-  ("model.resampler_model.after_norm.weight", "resampler/after_norm/weight", "copy"),
+VISION_TOP_TABLE = (  # under the vision prefix
+  ("patch_embed.proj.weight", "vision_model/patch_embed", "linear:1"),
+  ("ln.weight", "vision_model/ln/weight", "copy"),
+  ("ln.bias", "vision_model/ln/bias", "copy"),
+)
+RESAMPLER_TABLE = (  # under `{prefix}resampler_model.`
+  ("mlp.weight", "resampler/mlp/kernel", "linear:1"),
+  ("mlp.bias", "resampler/mlp/bias", "copy"),
+  ("after_norm.weight", "resampler/after_norm/weight", "copy"),
 ) + tuple(
-  (f"model.resampler_model.{mlp}.{i}.{w}", f"resampler/{mlp}/{part}/{p}", kind)
+  (f"{mlp}.{i}.{w}", f"resampler/{mlp}/{part}/{p}", kind)
   for mlp in ("spatial_linear", "temporal_linear")
   for i, part in (("0", "fc1"), ("2", "fc2"), ("3", "ln"))
   for w, p, kind in ((("weight", "kernel", "linear:1"), ("bias", "bias", "copy")) if part != "ln"
                      else (("weight", "weight", "copy"), ("bias", "bias", "copy"))))
-UNTIED_HEAD_TABLE = (("lm_head.weight", "lm_head", "linear:1"),)
+# LM embedding / final norm / untied head: hf.TOP_TABLE, hf.UNTIED_HEAD_TABLE.
+VISION_PREFIXES = ("model.vision_model.", "vision_model.")  # transformers' save_pretrained, -PT release
+RESAMPLER_PREFIX = "model.resampler_model."
 IGNORED_WHEN_TIED = ("lm_head.weight",)
 
 
-def vl_name_map(cfg: VLConfig) -> dict[str, list[Slot]]:
+def expert_sets(cfg: VLConfig) -> Iterator[tuple[int, str, int]]:
+  """(checkpoint expert number, expert-set module, index in that set) for all 2E experts."""
+  n = cfg.moe_num_experts
+  for e in range(2 * n):
+    yield e, ("text_experts" if e < n else "vision_experts"), e % n
+
+
+def detect_vision_prefix(names, prefixes=VISION_PREFIXES) -> str:
+  """The prefix of the vision tower's tensors among `prefixes` (the first one if none is used)."""
+  names = list(names)
+  return next((p for p in prefixes if any(n.startswith(p + "blocks.") or n.startswith(p + "patch_embed.")
+                                          for n in names)), prefixes[0])
+
+
+def vl_name_map(cfg: VLConfig, vision_prefix: str = VISION_PREFIXES[0]) -> dict[str, list[Slot]]:
   """Every checkpoint tensor the model expects -> the slots it fills."""
   names: dict[str, list[Slot]] = {}
 
-  def add(name, path, index, kind):
-    names.setdefault(name, []).append(Slot(path, index, kind))
+  def add(prefix, rows, base, index):
+    for name, path, kind in rows:
+      names.setdefault(prefix + name, []).append(Slot(f"{base}/{path}" if base else path, index, kind))
 
   kinds = cfg.layer_kinds
   for i, (g, r, j) in enumerate(layer_locations(kinds)):
     pre, base = f"model.layers.{i}.", f"groups/{g}/blocks/layers/{j}"
-    rows = LAYER_TABLE + (DENSE_MLP_TABLE if kinds[i] == "dense" else
-                          MOE_TABLE + (MOE_BIAS_TABLE if cfg.moe_use_correction_bias else ())
-                          + (SHARED_TABLE if cfg.moe_num_shared_experts else ()))
-    for name, path, kind in rows:
-      add(pre + name, f"{base}/{path}", (r,), kind)
+    add(pre, LAYER_TABLE + (DENSE_MLP_TABLE if kinds[i] == "dense" else
+                            MOE_TABLE + (MOE_BIAS_TABLE if cfg.moe_use_correction_bias else ())
+                            + (SHARED_TABLE if cfg.moe_num_shared_experts else ())), base, (r,))
     if kinds[i] == "moe":
-      e_count = cfg.moe_num_experts
-      for name, part, kind in EXPERT_TABLE:
-        for e in range(2 * e_count):
-          which = "text_experts" if e < e_count else "vision_experts"
-          add(pre + name.format(e=e), f"{base}/mlp/{which}/{part}", (r, e % e_count), kind)
+      for e, which, k in expert_sets(cfg):
+        add(pre, [(n.format(e=e), f"{which}/{part}", kind) for n, part, kind in EXPERT_TABLE], f"{base}/mlp", (r, k))
   for b in range(cfg.vision.depth):
-    for name, path, kind in VISION_BLOCK_TABLE:
-      add(f"model.vision_model.blocks.{b}.{name}", f"vision_model/blocks/{path}", (b,), kind)
-  for name, path, kind in TOP_TABLE + (() if cfg.tie_word_embeddings else UNTIED_HEAD_TABLE):
-    add(name, path, (), kind)
+    add(f"{vision_prefix}blocks.{b}.", VISION_BLOCK_TABLE, "vision_model/blocks", (b,))
+  add(vision_prefix, VISION_TOP_TABLE, "", ())
+  add(RESAMPLER_PREFIX, RESAMPLER_TABLE, "", ())
+  add("", TOP_TABLE + (() if cfg.tie_word_embeddings else UNTIED_HEAD_TABLE), "", ())
   return names
-
-
-def source_shape(kind: str, target: tuple[int, ...]) -> tuple[int, ...]:
-  if kind.startswith("row:"):
-    return (2,) + target
-  return hf_shape(kind, target)
-
-
-def slot_value(kind: str, x: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-  if kind.startswith("row:"):
-    return x[int(kind.split(":")[1])]
-  return to_param(kind, x, target)
 
 
 # --------------------------------------------------------------------------------------------------
-def is_vl_checkpoint(path) -> bool:
-  """True for a directory whose config.json is an ERNIE 4.5 VL config."""
-  cfg = os.path.join(os.fspath(path), "config.json")
-  if not os.path.isfile(cfg):
-    return False
-  try:
-    with open(cfg) as f:
-      return json.load(f).get("model_type") in VL_MODEL_TYPES
-  except (OSError, json.JSONDecodeError):
-    return False
+# Layout transforms over a name's slots. `targets` are the slots' per-slot parameter shapes.
+def _rows(slots) -> bool:
+  return slots[0].kind.startswith("row:")
 
 
-def _flat(state) -> dict[str, Any]:
-  return {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+def source_shape(slots, targets) -> tuple[int, ...]:
+  if _rows(slots):
+    return (len(slots),) + tuple(targets[0])
+  return hf_shape(slots[0].kind, tuple(targets[0]))
 
 
-def check_checkpoint(reader: SafetensorsReader, cfg: VLConfig, shapes: dict[str, tuple[int, ...]]):
-  """Names, shapes and dtypes from the headers against the config; raises CheckpointError naming
-  the first offending tensor. Returns the name map."""
-  names = vl_name_map(cfg)
-  where = os.path.dirname(next(iter(reader.tensors.values())).file) if reader.tensors else "?"
-  present = set(reader.keys())
-  unexpected = sorted(n for n in present - set(names) if not (cfg.tie_word_embeddings and n in IGNORED_WHEN_TIED))
-  if unexpected:
-    n = unexpected[0]
-    raise CheckpointError(f"unexpected tensor '{n}' in {where}: {_describe(cfg, n)}"
-                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-  missing = sorted(set(names) - present)
-  if missing:
-    raise CheckpointError(f"missing tensor '{missing[0]}' in {where}"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-  for name, slots in names.items():
-    info, slot = reader.tensors[name], slots[0]
-    want = source_shape(slot.kind, tuple(shapes[slot.path][len(slot.index):]))
-    if info.shape != want:
-      raise CheckpointError(f"tensor '{name}' has shape {list(info.shape)}, expected {list(want)} for "
-                            f"the config ({info.file})")
-    if info.dtype not in ("F32", "BF16", "F16"):
-      raise CheckpointError(f"tensor '{name}' has dtype {info.dtype}; expected F32, BF16 or F16")
-  return names
+def to_params(slots, x: np.ndarray, targets) -> list[np.ndarray]:
+  if _rows(slots):
+    return [x[int(s.kind.split(":")[1])] for s in slots]
+  return [to_param(slots[0].kind, x, tuple(targets[0]))]
 
 
-def _describe(cfg: VLConfig, name: str) -> str:
-  import re
+def from_params(slots, values: list[np.ndarray]) -> np.ndarray:
+  """Inverse of `to_params` (for export): the checkpoint tensor from its slots' values."""
+  if _rows(slots):
+    order = sorted(range(len(slots)), key=lambda i: int(slots[i].kind.split(":")[1]))
+    return np.stack([values[i] for i in order])
+  return np.ascontiguousarray(from_param(slots[0].kind, values[0]))
 
-  m = re.match(r"^model\.layers\.(\d+)\.", name)
+
+def ignorable(cfg: VLConfig, name: str) -> bool:
+  return cfg.tie_word_embeddings and name in IGNORED_WHEN_TIED
+
+
+_LAYER_RE = re.compile(r"^(?:model|ernie)\.layers\.(\d+)\.")
+_BLOCK_RE = re.compile(r"(?:^|\.)vision_model\.blocks\.(\d+)\.")
+
+
+def describe_unexpected(cfg: VLConfig, name: str, vision_prefix: str | None = None) -> str:
+  m = _LAYER_RE.match(name)
   if m and int(m.group(1)) >= cfg.num_hidden_layers:
     return f"layer {m.group(1)} but the config has num_hidden_layers={cfg.num_hidden_layers}"
-  m2 = re.match(r"^model\.vision_model\.blocks\.(\d+)\.", name)
+  m2 = _BLOCK_RE.search(name)
   if m2 and int(m2.group(1)) >= cfg.vision.depth:
     return f"vision block {m2.group(1)} but vision_config.depth={cfg.vision.depth}"
   if m and ".experts." in name:
     return (f"an expert tensor; layer {m.group(1)} is {cfg.mlp_layer_types[int(m.group(1))]} and has "
             f"{2 * cfg.moe_num_experts} experts (text + vision)")
+  if vision_prefix and "vision_model." in name and not name.startswith(vision_prefix):
+    return f"a vision tensor outside '{vision_prefix}', where this checkpoint's vision tower is"
   return "not part of the model described by the config"
 
 
-def iter_params(reader: SafetensorsReader, cfg: VLConfig, abstract_flat: dict[str, Any]):
-  """Yield (parameter path, host array in the parameter's dtype), one parameter at a time."""
-  shapes = {p: tuple(v.shape) for p, v in abstract_flat.items()}
-  names = check_checkpoint(reader, cfg, shapes)
-  by_path: dict[str, list[tuple[str, Slot]]] = {}
-  for name, slots in names.items():
-    for slot in slots:
-      by_path.setdefault(slot.path, []).append((name, slot))
-  for path, var in abstract_flat.items():
-    entries = by_path.get(path)
-    if not entries:
-      raise CheckpointError(f"no checkpoint tensor fills parameter '{path}'")
-    dtype = np.dtype(var.dtype)
-    out = np.empty(var.shape, dtype)
-    filled = np.zeros(var.shape[:len(entries[0][1].index)], bool)
-    for name, slot in entries:
-      target = tuple(var.shape[len(slot.index):])
-      out[slot.index] = slot_value(slot.kind, reader.get(name), target).astype(dtype)
-      filled[slot.index] = True
-    if not filled.all():
-      raise CheckpointError(f"parameter '{path}' is only partly filled by the checkpoint")
-    yield path, out
+# --------------------------------------------------------------------------------------------------
+# Export: a transformers config.json for a VLConfig.
+def hf_config(cfg: VLConfig, dtype: str = "bfloat16") -> dict:
+  """`config.json` contents that transformers' `Ernie4_5_VLMoeForConditionalGeneration` loads as `cfg`."""
+  v = cfg.vision
+  text = {
+    "model_type": "ernie4_5_vl_moe_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+    "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+    "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
+    "rms_norm_eps": cfg.rms_norm_eps, "initializer_range": cfg.initializer_range, "use_bias": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                        "mrope_section": list(cfg.mrope_section)},
+    "mlp_layer_types": list(cfg.mlp_layer_types), "moe_num_experts": cfg.moe_num_experts,
+    "moe_k": cfg.moe_k, "moe_intermediate_size": list(cfg.moe_intermediate_size),
+    "moe_num_shared_experts": cfg.moe_num_shared_experts, "moe_norm_min": cfg.moe_norm_min,
+    "output_router_logits": False, "tie_word_embeddings": cfg.tie_word_embeddings, "use_cache": True,
+    "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+  }
+  vision = {
+    "model_type": "ernie4_5_vl_moe_vision", "depth": v.depth, "hidden_size": v.hidden_size,
+    "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
+    "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
+    "temporal_merge_size": v.temporal_merge_size, "hidden_act": v.hidden_act,
+    "rms_norm_eps": v.layer_norm_eps, "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+  }
+  return {"architectures": ["Ernie4_5_VLMoeForConditionalGeneration"], "model_type": "ernie4_5_vl_moe",
+          "dtype": dtype, "tie_word_embeddings": cfg.tie_word_embeddings,
+          "image_token_id": cfg.image_token_id, "image_start_token_id": cfg.image_start_token_id,
+          "image_end_token_id": cfg.image_end_token_id, "video_token_id": cfg.video_token_id,
+          "video_start_token_id": cfg.video_start_token_id, "video_end_token_id": cfg.video_end_token_id,
+          "text_config": text, "vision_config": vision}
 
 
-def load(path, *, dtype: str | None = None, param_dtype: str | None = None, config: VLConfig | None = None,
-         mesh=None, rules=None, **config_overrides) -> Ernie45VLForConditionalGeneration:
-  """Build an `Ernie45VLForConditionalGeneration` from an HF VL checkpoint directory (single or
-  sharded safetensors). mesh / rules: place each parameter straight into its sharded layout."""
+def absent_bias(cfg: VLConfig) -> list[tuple[str, tuple[int, ...]]]:
+  """Correction-bias tensors transformers always has but a model without the bias lacks (export
+  writes zeros)."""
+  if cfg.moe_use_correction_bias:
+    return []
+  return [(f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias", (2, cfg.moe_num_experts))
+          for i, kind in enumerate(cfg.layer_kinds) if kind == "moe"]
+
+
+def reference_logits(model: Ernie45VLForConditionalGeneration, hf_dir, *, seed: int = 0):
+  """(ours, transformers') fp32 logits on a two-row prompt with one image per row (a square and a
+  non-square grid) between random text tokens: `convert.verify` for VL checkpoints."""
+  import torch
+  import transformers
+
+  from ernie_jax.model.vl.lm_vl import forward
+
+  cfg = model.config
+  m = cfg.vision.spatial_merge_size
+  grids = [(1, 2 * m, 2 * m), (1, 2 * m, 3 * m)]
+  rs = np.random.RandomState(seed)
+  text = np.setdiff1d(np.arange(min(3, cfg.vocab_size - 1), cfg.vocab_size), cfg.vision_token_ids)
+  n_img = [h * w // (m * m) for _, h, w in grids]
+  seq = max(n_img) + 10
+  rows = []
+  for n in n_img:
+    r = rs.choice(text, seq - n - 2).tolist()
+    rows.append(r[:3] + [cfg.image_start_token_id] + [cfg.image_token_id] * n + [cfg.image_end_token_id] + r[3:])
+  ids = np.asarray(rows)
+  pixels = rs.randn(sum(t * h * w for t, h, w in grids), cfg.vision.patch_dim).astype(np.float32)
+  ours = np.asarray(forward(model, ids, pixel_values=pixels, image_grid_thw=grids).logits, np.float64)
+  ref = transformers.Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(os.fspath(hf_dir), dtype=torch.float32)
+  image = ids == cfg.image_token_id
+  vision = np.isin(ids, [cfg.image_token_id, cfg.image_start_token_id, cfg.image_end_token_id])
+  with torch.no_grad():
+    out = ref.eval()(input_ids=torch.as_tensor(ids), mm_token_type_ids=torch.as_tensor(image.astype(np.int64)),
+                     moe_mm_token_type_ids=torch.as_tensor(vision.astype(np.int64)),
+                     pixel_values=torch.as_tensor(pixels), image_grid_thw=torch.as_tensor(grids))
+  return ours, out.logits.float().numpy().astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+def is_vl_config(d: dict[str, Any]) -> bool:
+  """An ERNIE 4.5 VL config.json: a VL model_type, or (Paddle) a `vision_config`."""
+  return d.get("model_type") in VL_MODEL_TYPES or isinstance(d.get("vision_config"), dict)
+
+
+def is_vl_checkpoint(path) -> bool:
+  """True for an ERNIE 4.5 VL checkpoint directory: HF / Paddle (from config.json) or Orbax (from
+  the config stored with the weights)."""
+  from ernie_jax.interop import orbax_io
+
   path = os.fspath(path)
-  overrides = dict(config_overrides)
-  if dtype is not None:
-    overrides["dtype"] = dtype
-  if param_dtype is not None:
-    overrides["param_dtype"] = param_dtype
-  cfg = config.replace(**overrides) if config is not None else VLConfig.from_hf(path, **overrides)
-  model = nnx.eval_shape(lambda: Ernie45VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract = nnx.split(model)
-  shardings = None
+  if orbax_io.is_orbax_checkpoint(path):
+    try:
+      return orbax_io.is_vl_info(orbax_io.read_info(path))
+    except (CheckpointError, ValueError, OSError):
+      return False
+  cfg = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg):
+    return False
+  try:
+    with open(cfg) as f:
+      d = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+  return isinstance(d, dict) and is_vl_config(d)
+
+
+def abstract_model(cfg: VLConfig):
+  """(graphdef, abstract state) of the VL model, without allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: Ernie45VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))))
+
+
+def load(path, *, format: str = "auto", dtype: str | None = None, param_dtype: str | None = None,
+         config: VLConfig | None = None, mesh=None, rules=None, allow_pickle: bool = False,
+         **config_overrides) -> Ernie45VLForConditionalGeneration:
+  """Build an `Ernie45VLForConditionalGeneration` from a VL checkpoint directory: HF (single or
+  sharded safetensors), Paddle `-Paddle` (`ernie.` prefix, fused / [in, out] tensors, bf16 as
+  BF16 or U16 bits) or Orbax (written by `ernie_jax.interop.convert`). format: "auto" (from the
+  files and tensor names), "hf", "paddle" or "orbax". mesh / rules: place each parameter straight
+  into its sharded layout. Default dtypes: float32."""
+  from ernie_jax.interop import convert, orbax_io
+  from ernie_jax.loading import _flat_state, _place
+
+  path = os.fspath(path)
+  fmt = convert.detect_format(path) if format == "auto" else format
+  if fmt not in convert.FORMATS:
+    raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} (supported: {convert.FORMATS})")
+  overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+  overrides.update(config_overrides)
+  if fmt == "orbax":
+    defaults = {} if config is not None else {"dtype": "float32", "param_dtype": "float32"}
+    return orbax_io.load_model(path, config=config, mesh=mesh, rules=rules, **{**defaults, **overrides})
+  cfg = config.replace(**overrides) if config is not None else convert.read_config(path, fmt, **overrides)
+  graphdef, abstract = abstract_model(cfg)
+  shardings = {}
   if mesh is not None:
     from ernie_jax.parallel import DEFAULT_RULES, state_shardings
 
-    shardings = _flat(state_shardings(abstract, mesh, rules or DEFAULT_RULES))
-  reader = SafetensorsReader(path)
+    shardings = {p: s.get_value() for p, s in _flat_state(state_shardings(abstract, mesh, rules or DEFAULT_RULES)).items()}
+  reader = convert.open_source(path, allow_pickle=allow_pickle)
   try:
-    arrays = {}
-    for p, host in iter_params(reader, cfg, _flat(abstract)):
-      sh = None if shardings is None else shardings[p].get_value()
-      arrays[p] = jnp.asarray(host) if sh is None else jax.make_array_from_callback(
-        host.shape, sh, lambda idx, h=host: h[idx])
+    layout = convert.layout_for(fmt, reader.keys(), cfg)
+    arrays = {p: _place(host, shardings.get(p))
+              for p, host in convert.iter_params(reader, layout, cfg, _flat_state(abstract))}
   finally:
     reader.close()
   flat = nnx.to_flat_state(abstract)
@@ -228,18 +314,9 @@ def load(path, *, dtype: str | None = None, param_dtype: str | None = None, conf
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-# --------------------------------------------------------------------------------------------------
 def state_to_hf(model: Ernie45VLForConditionalGeneration) -> dict[str, np.ndarray]:
-  """The model's parameters under their checkpoint names (inverse of `iter_params`), e.g. for
-  `safetensors.numpy.save_file`."""
-  from ernie_jax.interop.hf import from_param
-
-  flat = {p: np.asarray(v.get_value()) for p, v in _flat(nnx.state(model)).items()}
-  out: dict[str, np.ndarray] = {}
-  for name, slots in vl_name_map(model.config).items():
-    slot = slots[0]
-    if slot.kind.startswith("row:"):
-      out[name] = np.stack([flat[s.path][s.index] for s in sorted(slots, key=lambda s: s.kind)])
-    else:
-      out[name] = np.ascontiguousarray(from_param(slot.kind, flat[slot.path][slot.index]))
-  return out
+  """The model's parameters under their checkpoint names (inverse of loading), e.g. for
+  `safetensors.numpy.save_file`. (`ernie_jax.interop.convert.export_hf` streams them to disk.)"""
+  flat = {"/".join(str(k) for k in p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+  return {name: from_params(slots, [flat[s.path][s.index] for s in slots])
+          for name, slots in vl_name_map(model.config).items()}

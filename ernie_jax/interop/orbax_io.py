@@ -8,7 +8,8 @@ restores it with `state=StandardRestore(...)`, `model_config=JsonRestore()`):
                        (list indices as strings), e.g. state["groups"]["1"]["blocks"]["layers"]["0"]
                        ["mlp"]["experts"]["gate"] of shape [repeats, E, H, I]
   <dir>/model_config/  JSON: {"format": "ernie_jax", "version": 1, "model_config": ModelConfig.to_dict(),
-                       "source": {...where it came from...}}
+                       "source": {...where it came from...}}; an ERNIE 4.5 VL model adds
+                       "architecture": "ernie4_5_vl_moe" and stores VLConfig.to_dict()
 
 A CheckpointManager root whose step directories hold these two items is accepted too (the latest
 step is used).
@@ -39,11 +40,13 @@ from etils import epath
 
 from ernie_jax.config import ModelConfig
 from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.model.vl.config_vl import VLConfig
 
 FORMAT = "ernie_jax"
 VERSION = 1
 STATE_ITEM = "state"
 CONFIG_ITEM = "model_config"
+VL_ARCHITECTURE = "ernie4_5_vl_moe"  # info["architecture"] of VL checkpoints (absent: text model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,8 +217,25 @@ async def _prefetched(blocks: Iterator, prefetch: bool = True):
     worker.join()
 
 
-def _info(cfg: ModelConfig, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-  return {"format": FORMAT, "version": VERSION, "model_config": cfg.to_dict(), **(metadata or {})}
+def _info(cfg: ModelConfig | VLConfig, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+  info = {"format": FORMAT, "version": VERSION, "model_config": cfg.to_dict(), **(metadata or {})}
+  if isinstance(cfg, VLConfig):
+    info["architecture"] = VL_ARCHITECTURE
+  return info
+
+
+def is_vl_info(info: Mapping[str, Any]) -> bool:
+  """Whether a checkpoint's info (`read_info`) describes an ERNIE 4.5 VL model: the architecture
+  tag, or (checkpoints written without it, e.g. by a training loop) a VLConfig-shaped config."""
+  config = info.get("model_config") or {}
+  return info.get("architecture") == VL_ARCHITECTURE or ("vision" in config and "mrope_section" in config)
+
+
+def config_from_info(info: Mapping[str, Any]) -> ModelConfig | VLConfig:
+  """The model config recorded in a checkpoint's info (`read_info`)."""
+  if is_vl_info(info):
+    return VLConfig.from_dict(info["model_config"])
+  return ModelConfig.from_dict(info["model_config"])
 
 
 def save_state(path: str | os.PathLike, arrays: Mapping[str, Any], cfg: ModelConfig, *,
@@ -249,7 +269,8 @@ def save_state(path: str | os.PathLike, arrays: Mapping[str, Any], cfg: ModelCon
 
 def save_model(model, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
                overwrite: bool = False) -> None:
-  """Save an `ErnieForCausalLM` (possibly sharded, multi-host) with its config."""
+  """Save an `ErnieForCausalLM` or `Ernie45VLForConditionalGeneration` (possibly sharded,
+  multi-host) with its config."""
   from flax import nnx
 
   flat = {"/".join(str(k) for k in p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
@@ -299,8 +320,8 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
-def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
-  return ModelConfig.from_dict(read_info(path)["model_config"]).replace(**overrides)
+def load_config(path: str | os.PathLike, **overrides) -> ModelConfig | VLConfig:
+  return config_from_info(read_info(path)).replace(**overrides)
 
 
 def _saved_arrays(directory: str) -> dict[str, tuple[tuple[str, ...], Any]]:
@@ -340,6 +361,14 @@ def load_state(path: str | os.PathLike, abstract_state, shardings=None):
                    for p, v in nnx.to_flat_state(shardings)}
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   wanted = {"/".join(str(k) for k in p): v for p, v in flat}
+  from ernie_jax.model import fp8
+
+  # FP8 scaling state: kept when both sides have it, fresh when only the model has it, dropped
+  # when only the checkpoint has it (an FP8-trained checkpoint loaded without FP8)
+  fresh = {n: v for n, v in wanted.items() if fp8.is_fp8_path(n) and n not in saved}
+  dropped = any(fp8.is_fp8_path(n) and n not in wanted for n in saved)
+  saved = {n: v for n, v in saved.items() if not fp8.is_fp8_path(n) or n in wanted}
+  wanted = {n: v for n, v in wanted.items() if n not in fresh}
   missing = sorted(set(wanted) - set(saved))
   if missing:
     raise CheckpointError(f"{directory}: no array for parameter '{missing[0]}'"
@@ -358,10 +387,14 @@ def load_state(path: str | os.PathLike, abstract_state, shardings=None):
     for k in keys[:-1]:
       node = node.setdefault(k, {})
     node[keys[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_of.get(name, default))
+  if dropped:  # read only what the model has
+    item = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+  else:
+    item = ocp.args.StandardRestore(target)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
-    restored = checkpointer.restore(directory, ocp.args.Composite(
-      **{STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+    restored = checkpointer.restore(directory, ocp.args.Composite(**{STATE_ITEM: item}))[STATE_ITEM]
   finally:
     checkpointer.close()
   for name, var in wanted.items():
@@ -369,18 +402,22 @@ def load_state(path: str | os.PathLike, abstract_state, shardings=None):
     for k in saved[name][0]:
       node = node[k]
     var.set_value(node)
+  for name, var in fresh.items():
+    var.set_value(jax.device_put(fp8.initial_value(name, var.shape), sharding_of.get(name, default)))
   return nnx.from_flat_state(flat)
 
 
 def load_model(path: str | os.PathLike, *, config: ModelConfig | None = None, mesh=None, rules=None,
                **overrides):
-  """Build an `ErnieForCausalLM` from an Orbax checkpoint (see `ernie_jax.from_pretrained`)."""
+  """Build an `ErnieForCausalLM` (or, for a VL checkpoint, an `Ernie45VLForConditionalGeneration`)
+  from an Orbax checkpoint (see `ernie_jax.from_pretrained`)."""
   from flax import nnx
 
+  from ernie_jax.interop import hf_vl
   from ernie_jax.loading import abstract_model
 
   cfg = config.replace(**overrides) if config is not None else load_config(path, **overrides)
-  graphdef, abstract = abstract_model(cfg)
+  graphdef, abstract = (hf_vl.abstract_model if isinstance(cfg, VLConfig) else abstract_model)(cfg)
   shardings = None
   if mesh is not None:
     from ernie_jax.parallel import DEFAULT_RULES, state_shardings
@@ -396,7 +433,7 @@ class OrbaxReader:
   def __init__(self, path: str | os.PathLike):
     self.directory = resolve(path)
     self.info = read_info(self.directory)
-    self.config = ModelConfig.from_dict(self.info["model_config"])
+    self.config = config_from_info(self.info)
     self.arrays = _saved_arrays(self.directory)
     self._context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
     self._open: dict[str, Any] = {}

@@ -121,8 +121,22 @@ class Fp8Scales(nnx.Module):
   """Scale + amax history of one tensor role."""
 
   def __init__(self, history_len: int):
-    self.scale = Fp8Meta(jnp.ones((), jnp.float32))
-    self.history = Fp8Meta(jnp.zeros((history_len,), jnp.float32))
+    self.scale = Fp8Meta(initial_value("scale", ()))
+    self.history = Fp8Meta(initial_value("history", (history_len,)))
+
+
+def initial_value(path: str, shape) -> jax.Array:
+  """The fresh FP8 state at `path` (".../scale" = 1, ".../history" = 0), e.g. when a checkpoint
+  trained without FP8 is loaded into an FP8 model."""
+  name = path.rsplit("/", 1)[-1]
+  if name not in ("scale", "history"):
+    raise ValueError(f"{path!r} is not an FP8 scale or amax history")
+  return (jnp.ones if name == "scale" else jnp.zeros)(shape, jnp.float32)
+
+
+def is_fp8_path(path: str) -> bool:
+  """True for FP8 scaling state: every variable under an `fp8` submodule ("a/fp8/b/scale")."""
+  return "fp8" in path.split("/")
 
 
 class Fp8Dot(nnx.Module):

@@ -9,6 +9,12 @@ Tensors are read, transposed, stacked and written one block at a time (one layer
 one small parameter), so memory stays at about the largest tensor, not the model. The output is
 written next to --output and renamed into place only when complete (and verified, with --verify).
 
+ERNIE 4.5 VL checkpoints (e.g. baidu/ERNIE-4.5-VL-28B-A3B-PT; config.json model_type
+ernie4_5_vl_moe) are recognised from config.json and converted with the ViT, resampler and both
+expert sets; the vision tower may be stored as `model.vision_model.*` (transformers'
+save_pretrained) or `vision_model.*` (the -PT release). --verify then runs both models on two
+prompts with an image each.
+
 Exit status: 0 done; 1 bad input, existing output or other error (the message names the tensor or
 file; nothing is left behind); 3 --verify found a disagreement (nothing is left behind).
 """

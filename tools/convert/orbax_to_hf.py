@@ -9,7 +9,10 @@ a CheckpointManager directory holding such steps (the latest step is used). Tens
 at a time (a slice of the stacked parameter, through TensorStore), transposed to torch layout and
 streamed into shards; a checkpoint converted from HF and exported with --dtype auto reproduces the
 original tensors bit for bit. MTP tensors are written under their HF names (transformers ignores
-them on load).
+them on load). An ERNIE 4.5 VL Orbax checkpoint is written as a transformers
+`Ernie4_5_VLMoeForConditionalGeneration` checkpoint (`model.vision_model.*`,
+`model.resampler_model.*`, routers [H, E], experts 0..E-1 text / E..2E-1 vision); --verify then
+compares on prompts with an image.
 
 Exit status: 0 done; 1 bad input, existing output or other error; 3 --verify found a disagreement
 (nothing is left behind).

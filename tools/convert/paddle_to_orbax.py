@@ -12,9 +12,18 @@ bit patterns, which are bit-cast, never value-cast) and PaddleFormers' `save_to_
 layout: use hf_to_orbax.py for that (auto-detection tells them apart either way).
 `.pdparams` files are pickle: refused unless --allow-pickle (and then they need paddlepaddle).
 
+ERNIE 4.5 VL `-Paddle` checkpoints (config.json with a `vision_config`) are converted too: the
+LM as above (fused qkv / up_gate also for the text, vision and shared experts), routers
+`mlp.gate.weight` / `mlp.gate.weight_1` [H, E] fp32, correction bias [2, E], experts 0..E-1 text and
+E..2E-1 vision, the resampler under `ernie.resampler_model.*` and the ViT under `vision_model.*` or
+`ernie.vision_model.*`, all 2-D weights [in, out]. The Paddle VL config.json must state the fields
+whose Paddle default differs from transformers' (rope_theta, rms_norm_eps, tie_word_embeddings,
+freq_allocation, moe_k, moe_num_experts, moe_intermediate_size); a missing one is an error naming it.
+The PaddleFormers save_to_hf=False layout is supported for the text models only.
+
 --verify compares against transformers running the same weights converted by the official
-Paddle -> HF rule set (ERNIE tools/paddle2torch/tran_4_5t.py), which does not share code with the
-conversion tables.
+Paddle -> HF rule set (ERNIE tools/paddle2torch/tran_4_5t.py, tran_4_5t_vl.py for VL), which does
+not share code with the conversion tables.
 
 Exit status: 0 done; 1 bad input, existing output or other error (the message names the tensor or
 file; nothing is left behind); 3 --verify found a disagreement (nothing is left behind).

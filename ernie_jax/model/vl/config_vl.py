@@ -146,6 +146,27 @@ class VLConfig:
     return cls(**kw)
 
   @classmethod
+  def ernie45_vl_424b_a47b(cls, **kw) -> "VLConfig":
+    """ERNIE-4.5-VL-424B-A47B (spec §1.2). Only the layer / head counts and the expert counts are
+    published (model card); the rest is UNVERIFIED or INFERRED, taken from the 300B-A47B text
+    backbone it shares its shape with. With these values the model has ~424 B parameters
+    (tests/test_vl_paddle.py counts them: 423.5 B), matching the published total."""
+    moe_start = 3  # UNVERIFIED: moe_layer_start_index (300B: 3, i.e. layers 0-2 dense)
+    base = dict(
+      hidden_size=8192,  # INFERRED: 64 heads x 128 (model card gives layers / heads)
+      num_hidden_layers=54, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+      intermediate_size=28672,  # UNVERIFIED (likely 28672, the 300B dense FFN)
+      mlp_layer_types=("dense",) * moe_start + ("sparse",) * (54 - moe_start),  # UNVERIFIED dense layers
+      moe_num_experts=64,  # [64 text, 64 vision] (model card)
+      moe_k=8,  # per modality
+      moe_intermediate_size=(3584,  # text: UNVERIFIED (the 300B expert size)
+                             1536),  # vision: INFERRED from the 424B parameter count
+      moe_num_shared_experts=0,  # UNVERIFIED (300B has none)
+      tie_word_embeddings=False,  # UNVERIFIED (300B's head is untied)
+      vision=VisionConfig())  # UNVERIFIED that the ViT is VL-28B's (DFNRope, depth 32, 1280)
+    return cls(**{**base, **kw})
+
+  @classmethod
   def tiny(cls, **kw) -> "VLConfig":
     """A few-MB model for tests and demos."""
     base = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -160,81 +181,139 @@ class VLConfig:
   @classmethod
   def from_hf(cls, cfg, **overrides) -> "VLConfig":
     """From a transformers VL `config.json` (nested `text_config` / `vision_config`), or the
-    original flat VL config (`ernie4_5_moe_vl`: per-modality MoE lists), as dict or path."""
+    original flat VL config (`ernie4_5_moe_vl`: per-modality MoE lists), as dict or path.
+    Missing fields take the transformers defaults (= ERNIE-4.5-VL-28B-A3B)."""
     d = _read_json(cfg)
     model_type = d.get("model_type", "")
     if model_type not in VL_MODEL_TYPES:
       raise ConfigError("model_type", f"expected one of {VL_MODEL_TYPES}, got {model_type!r}")
-    t = d.get("text_config") or d  # the flat layout keeps the text fields at top level
+    return cls(**{**_parse(d, paddle=False), **overrides})
+
+  @classmethod
+  def from_paddle(cls, cfg, **overrides) -> "VLConfig":
+    """From the `config.json` of a Paddle `-Paddle` VL checkpoint (flat: per-modality lists
+    `moe_num_experts: [text, vision]`, `moe_intermediate_size: [text, vision]`,
+    `moe_layer_{start,end}_index`, `freq_allocation`, `im_patch_id`, nested `vision_config` with
+    `embed_dim` / `mlp_ratio`, `pixel_hidden_size`, `spatial_conv_size`, `temporal_conv_size`,
+    `moe_use_aux_free`). Paddle's defaults are not transformers' (spec §5.4: rope_theta, eps, tied
+    head), so the fields whose default would silently change the numerics are required: a
+    missing one raises ConfigError naming it. model_type is not required."""
+    return cls(**{**_parse(_read_json(cfg), paddle=True), **overrides})
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "VLConfig":
+    """Inverse of `to_dict` (e.g. the config stored in an Orbax checkpoint); an unknown field
+    (also inside `vision`) raises ConfigError naming it."""
+    vision = d.get("vision")
+    for klass, given, where in ((cls, d, ""), (VisionConfig, vision if isinstance(vision, dict) else {}, "vision.")):
+      unknown = sorted(set(given) - {f.name for f in dataclasses.fields(klass)})
+      if unknown:
+        raise ConfigError(where + unknown[0], f"unknown {klass.__name__} field")
+    return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fields whose default would silently change the numerics if a Paddle config.json left them out
+# (PaddleFormers' defaults differ from transformers': rope_theta 10000, rms_norm_eps 1e-6, untied).
+_PADDLE_REQUIRED = ("rope_theta", "rms_norm_eps", "tie_word_embeddings", "freq_allocation", "moe_k",
+                    "moe_num_experts", "moe_intermediate_size")
+
+
+def _parse(d: dict[str, Any], *, paddle: bool) -> dict[str, Any]:
+  """VLConfig keyword arguments from a transformers (nested or flat) or Paddle (flat) config."""
+  t = d if paddle else (d.get("text_config") or d)  # the flat layout keeps the text fields at top level
+  pre = "" if paddle or t is d else "text_config."
+  if paddle:
+    for key in _PADDLE_REQUIRED:
+      _req(d, key, "")
+    v = _req(d, "vision_config", "")
+    if not isinstance(v, dict):
+      raise ConfigError("vision_config", f"must be an object, got {type(v).__name__}")
+    for key in ("depth", "num_heads"):
+      _req(v, key, "vision_config.")
+    if v.get("hidden_size") is None and v.get("embed_dim") is None:
+      raise ConfigError("vision_config.embed_dim", "missing from config.json (nor vision_config.hidden_size)")
+    if float(d.get("compression_ratio", 1.0)) != 1.0:
+      raise ConfigError("compression_ratio", f"{d['compression_ratio']}: the VL model has no position compression")
+    if d.get("rope_3d") is False:
+      raise ConfigError("rope_3d", "false (1-D RoPE in a VL model) is not supported")
+  else:
     v = d.get("vision_config") or {}
-    if t.get("use_bias"):
-      raise ConfigError("text_config.use_bias", "ERNIE 4.5 VL has no LM biases; use_bias=true is not supported")
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-      raise ConfigError("text_config.rope_parameters.rope_type", f"only 'default' is supported, got {rope_type!r}")
-    hidden, heads = _req(t, "hidden_size"), _req(t, "num_attention_heads")
-    head_dim = t.get("head_dim") or hidden // heads
-    if "mrope_section" in rope:
-      mrope = tuple(rope["mrope_section"])
-    elif "freq_allocation" in t:  # flat layout: t gets the last `freq_allocation` slots
-      hw = head_dim // 2 - int(t["freq_allocation"])
-      mrope = (hw // 2, hw // 2, int(t["freq_allocation"]))
-    else:
-      mrope = (22, 22, 20)
-    layers = _req(t, "num_hidden_layers")
-    kinds = t.get("mlp_layer_types")
-    if kinds is None and "moe_layer_start_index" in t:
-      start = min(_as_list(t["moe_layer_start_index"]))
-      end = max(layers - 1 if e == -1 else e for e in _as_list(t.get("moe_layer_end_index", -1)))
-      interval = _as_list(t.get("moe_layer_interval", 1))[0]
-      kinds = ["sparse" if (i + 1) % interval == 0 and start <= i <= end else "dense" for i in range(layers)]
-    experts = _as_list(t.get("moe_num_experts", 64))
-    if len(set(experts)) != 1:
-      raise ConfigError("text_config.moe_num_experts",
-                        f"text and vision expert counts must be equal (reference layout), got {experts}")
-    ks = _as_list(t.get("moe_k", 6))
-    inter = _as_list(t.get("moe_intermediate_size") or [1536, 512])
-    if len(inter) == 1:
-      inter = inter * 2
-    shared = _as_list(t.get("moe_num_shared_experts", 2))[0]
+  if t.get("use_bias"):
+    raise ConfigError(pre + "use_bias", "ERNIE 4.5 VL has no LM biases; use_bias=true is not supported")
+  rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise ConfigError(pre + "rope_parameters.rope_type", f"only 'default' is supported, got {rope_type!r}")
+  hidden, heads = _req(t, "hidden_size", pre), _req(t, "num_attention_heads", pre)
+  head_dim = t.get("head_dim") or hidden // heads
+  if "mrope_section" in rope:
+    mrope = tuple(rope["mrope_section"])
+  elif "freq_allocation" in t:  # flat layout: t gets the last `freq_allocation` slots
+    hw = head_dim // 2 - int(t["freq_allocation"])
+    mrope = (hw // 2, hw // 2, int(t["freq_allocation"]))
+  else:
+    mrope = (22, 22, 20)
+  layers = _req(t, "num_hidden_layers", pre)
+  kinds = t.get("mlp_layer_types")
+  if kinds is None and "moe_layer_start_index" in t:
+    start = min(_as_list(t["moe_layer_start_index"]))
+    end = max(layers - 1 if e == -1 else e for e in _as_list(t.get("moe_layer_end_index", -1)))
+    interval = _as_list(t.get("moe_layer_interval", 1))[0]
+    kinds = ["sparse" if (i + 1) % interval == 0 and start <= i <= end else "dense" for i in range(layers)]
+  experts = _as_list(t.get("moe_num_experts", 64))
+  if len(set(experts)) != 1:
+    raise ConfigError(pre + "moe_num_experts",
+                      f"text and vision expert counts must be equal (reference layout), got {experts}")
+  ks = _as_list(t.get("moe_k", 6))
+  inter = _as_list(t.get("moe_intermediate_size") or [1536, 512])
+  if len(inter) == 1:
+    inter = inter * 2
+  shared = _as_list(t.get("moe_num_shared_experts", 0 if paddle else 2))[0]
 
-    def tok(key, default, alt=None):
-      for src in (d, t):
-        for k in (key, alt):
-          if k and src.get(k) is not None:
-            return int(src[k])
-      return default
+  def tok(key, default, alt=None):
+    for src in (d, t):
+      for k in (key, alt):
+        if k and src.get(k) is not None:
+          return int(src[k])
+    return default
 
-    vision_hidden = v.get("hidden_size", v.get("embed_dim", 1280))
-    vision = VisionConfig(
-      depth=int(v.get("depth", 32)), hidden_size=int(vision_hidden),
-      intermediate_size=int(v.get("intermediate_size") or int(vision_hidden * v.get("mlp_ratio", 4))),
-      num_heads=int(v.get("num_heads", 16)), in_channels=int(v.get("in_channels", 3)),
-      patch_size=int(v.get("patch_size", 14)), spatial_merge_size=int(v.get("spatial_merge_size", 2)),
-      temporal_merge_size=int(v.get("temporal_merge_size", d.get("temporal_conv_size", 2))),
-      rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-      layer_norm_eps=float(v.get("rms_norm_eps", 1e-6)), hidden_act=v.get("hidden_act", "quick_gelu"))
-    kw = dict(
-      vocab_size=_req(t, "vocab_size"), hidden_size=hidden, num_hidden_layers=layers,
-      num_attention_heads=heads, num_key_value_heads=t.get("num_key_value_heads") or heads,
-      head_dim=head_dim, intermediate_size=_req(t, "intermediate_size"),
-      rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 500000.0))), mrope_section=mrope,
-      rms_norm_eps=float(t.get("rms_norm_eps", 1e-5)),
-      tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", True))),
-      max_position_embeddings=int(t.get("max_position_embeddings", 131072)),
-      mlp_layer_types=tuple(kinds or ()), moe_num_experts=int(experts[0]), moe_k=int(ks[0]),
-      moe_intermediate_size=(int(inter[0]), int(inter[1])), moe_num_shared_experts=int(shared),
-      moe_norm_min=float(t.get("moe_norm_min", 1e-12)),
-      image_token_id=tok("image_token_id", 100295, alt="im_patch_id"),
-      image_start_token_id=tok("image_start_token_id", 101304),
-      image_end_token_id=tok("image_end_token_id", 101305),
-      video_token_id=tok("video_token_id", 103367),
-      video_start_token_id=tok("video_start_token_id", 101306),
-      video_end_token_id=tok("video_end_token_id", 101307),
-      pad_token_id=_tok(t.get("pad_token_id"), 0), bos_token_id=_tok(t.get("bos_token_id"), 1),
-      eos_token_id=_tok(t.get("eos_token_id"), 2), vision=vision)
-    return cls(**{**kw, **overrides})
+  vision_hidden = int(v.get("hidden_size") or v.get("embed_dim") or 1280)
+  if paddle and d.get("pixel_hidden_size") not in (None, vision_hidden):
+    raise ConfigError("pixel_hidden_size", f"{d['pixel_hidden_size']} != vision hidden size {vision_hidden}")
+  merge = int(v.get("spatial_merge_size", d.get("spatial_conv_size", 2)))
+  if paddle and d.get("spatial_conv_size") not in (None, merge):
+    raise ConfigError("spatial_conv_size", f"{d['spatial_conv_size']} != vision_config.spatial_merge_size {merge}")
+  vision = VisionConfig(
+    depth=int(v.get("depth", 32)), hidden_size=vision_hidden,
+    intermediate_size=int(v.get("intermediate_size") or int(vision_hidden * v.get("mlp_ratio", 4))),
+    num_heads=int(v.get("num_heads", 16)), in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+    patch_size=int(v.get("patch_size", 14)), spatial_merge_size=merge,
+    temporal_merge_size=int(v.get("temporal_merge_size", d.get("temporal_conv_size", 2))),
+    rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+    layer_norm_eps=float(v.get("rms_norm_eps", 1e-6)), hidden_act=v.get("hidden_act", "quick_gelu"))
+  kw = dict(
+    vocab_size=_req(t, "vocab_size", pre), hidden_size=hidden, num_hidden_layers=layers,
+    num_attention_heads=heads, num_key_value_heads=t.get("num_key_value_heads") or heads,
+    head_dim=head_dim, intermediate_size=_req(t, "intermediate_size", pre),
+    rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 500000.0))), mrope_section=mrope,
+    rms_norm_eps=float(t.get("rms_norm_eps", 1e-5)),
+    tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", True))),
+    max_position_embeddings=int(t.get("max_position_embeddings", t.get("max_sequence_length", 131072))),
+    mlp_layer_types=tuple(kinds or ()), moe_num_experts=int(experts[0]), moe_k=int(ks[0]),
+    moe_intermediate_size=(int(inter[0]), int(inter[1])), moe_num_shared_experts=int(shared),
+    moe_norm_min=float(t.get("moe_norm_min", 1e-12)),
+    image_token_id=tok("image_token_id", 100295, alt="im_patch_id"),
+    image_start_token_id=tok("image_start_token_id", 101304),
+    image_end_token_id=tok("image_end_token_id", 101305),
+    video_token_id=tok("video_token_id", 103367),
+    video_start_token_id=tok("video_start_token_id", 101306),
+    video_end_token_id=tok("video_end_token_id", 101307),
+    pad_token_id=_tok(t.get("pad_token_id"), 0), bos_token_id=_tok(t.get("bos_token_id"), 1),
+    eos_token_id=_tok(t.get("eos_token_id"), 2), vision=vision)
+  if paddle:
+    kw["moe_use_correction_bias"] = bool(d.get("moe_use_aux_free", True))
+  return kw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,9 +321,9 @@ def _as_list(v):
   return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _req(d, key):
+def _req(d, key, prefix="text_config."):
   if key not in d or d[key] is None:
-    raise ConfigError(f"text_config.{key}", "missing from config.json")
+    raise ConfigError(f"{prefix}{key}", "missing from config.json")
   return d[key]
 
 
