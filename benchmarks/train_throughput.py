@@ -50,7 +50,8 @@ def random_batch(rows: int, seq: int, vocab: int, seed: int = 0):
               positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)), loss_mask=np.ones((rows, seq), np.int32))
 
 
-def time_jax(cfg, model_cfg, batch, steps: int) -> list[float]:
+def time_jax(cfg, model_cfg, batch, steps: int, return_metrics: bool = False):
+  """Step times in seconds (and the last step's metrics with return_metrics=True)."""
   import jax
 
   from ernie_jax.parallel import MeshConfig, make_mesh
@@ -72,7 +73,7 @@ def time_jax(cfg, model_cfg, batch, steps: int) -> list[float]:
       state, m = step(state, b)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
-  return times
+  return (times, jax.device_get(m)) if return_metrics else times
 
 
 def hf_model(model_cfg):

@@ -1,6 +1,8 @@
-r"""Pretrain an ERNIE 4.5 model (dense or MoE, optional MTP) from scratch or from a checkpoint.
+r"""Pretrain an ERNIE 4.5 model (dense or MoE, optional MTP; or ERNIE 4.5 VL with
+model_family="vl") from scratch or from a checkpoint.
 
   python experiments/pretrain.py --config=experiments/configs/tiny.py
+  python experiments/pretrain.py --config=experiments/configs/tiny_vl.py
   python experiments/pretrain.py --config=experiments/configs/tiny.py --config.steps=50 \
       --config.workdir=/tmp/run2 --config.optim.lr=1e-3
 
@@ -28,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ernie_jax.config import ModelConfig  # noqa: E402
-from ernie_jax.data import DataError, DataPipeline, load_tokenizer_for, resolve_eos, unigram_entropy  # noqa: E402
+from ernie_jax.data import DataError, load_tokenizer_for, make_pipeline, resolve_eos, unigram_entropy  # noqa: E402
+from ernie_jax.data.pipeline import VL_FIELDS, VL_SOURCES  # noqa: E402
 from ernie_jax.data.sources import TokenWindows, expand_paths  # noqa: E402
 from ernie_jax.interop.safetensors_io import CheckpointError as ModelCheckpointError  # noqa: E402
 from ernie_jax.tokenizer import TokenizerError  # noqa: E402
@@ -38,12 +40,16 @@ from ernie_jax.train import flops as flops_lib  # noqa: E402
 from ernie_jax.train.checkpoint import CheckpointError, Checkpointer  # noqa: E402
 from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl  # noqa: E402
 from ernie_jax.train.optimizer import make_optimizer  # noqa: E402
+from ernie_jax.train.tasks import task_for  # noqa: E402
 from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,  # noqa: E402
                                   create_train_state, make_train_step, put_batch)
 
 # ModelConfig fields that may differ from the checkpoint being resumed / initialised from: they
 # change how the model computes, not which parameters it has.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "moe_transport", "moe_capacity_factor")
+# FP8 fields: taken from the config for `init_from` (the FP8 scaling state starts fresh, or from the
+# checkpoint's when it has one), but they must match a checkpoint being resumed (they add state).
+FP8_FIELDS = ("fp8_recipe", "fp8_history_len", "fp8_margin")
 
 
 class NonFiniteError(RuntimeError):
@@ -68,7 +74,7 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_vocab(data_cfg, tokenizer, model_cfg: ModelConfig, eos_id: int) -> None:
+def _check_vocab(data_cfg, tokenizer, model_cfg, eos_id: int) -> None:
   """Tokenizer / data ids must fit the model's embedding (before anything compiles)."""
   v = model_cfg.vocab_size
   if tokenizer is not None and tokenizer.vocab_size > v:
@@ -87,17 +93,24 @@ def _model_config(cfg: config_lib.TrainConfig, ckpt: Checkpointer, latest: int |
   `init_from`, else from the config; runtime fields always come from the config."""
   runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
   if latest is not None:
-    saved = ModelConfig.from_dict(ckpt.read_json(latest, "model_config")["model_config"])
+    saved_dict = ckpt.read_json(latest, "model_config")["model_config"]
+    if config_lib.family_of(saved_dict) != cfg.run.model_family:
+      raise CheckpointError(f"{ckpt.directory} holds a {config_lib.family_of(saved_dict)!r} model but the config "
+                            f"has model_family={cfg.run.model_family!r}; use a new workdir")
+    saved = config_lib.model_from_dict(saved_dict, cfg.run.model_family)
     if not cfg.run.init_from:
       arch = lambda c: {k: v for k, v in c.to_dict().items() if k not in RUNTIME_FIELDS}
       diff = {k: (v, arch(cfg.model)[k]) for k, v in arch(saved).items() if arch(cfg.model)[k] != v}
       if diff:
+        hint = (" (to change precision, start a new workdir with --config.init_from="
+                f"{ckpt.directory})") if set(diff) & set(FP8_FIELDS) else ""
         raise CheckpointError(f"{ckpt.directory} holds a model with other fields than config.model "
-                              f"(checkpoint vs config: {diff}); use a new workdir")
+                              f"(checkpoint vs config: {diff}); use a new workdir{hint}")
     return saved.replace(**runtime), None
   if cfg.run.init_from:
     from ernie_jax import from_pretrained
 
+    runtime.update({k: getattr(cfg.model, k) for k in FP8_FIELDS if hasattr(cfg.model, k)})  # VL: no FP8
     model = from_pretrained(cfg.run.init_from, mesh=mesh, **runtime)
     return model.config, model
   return cfg.model, None
@@ -141,8 +154,8 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
   peak, peak_source = flops_lib.peak_flops_per_device(run.peak_tflops_per_device)
   peak_total = peak * (1 if jax.default_backend() == "cpu" else jax.device_count())  # CPU devices share cores
   rows_per_process = run.global_batch_size // jax.process_count()
-  data = DataPipeline(cfg.data, tokenizer, batch_size=rows_per_process, eos_id=eos_id,
-                      process_index=jax.process_index(), process_count=jax.process_count())
+  data = make_pipeline(cfg.data, tokenizer, model_cfg, batch_size=rows_per_process, eos_id=eos_id,
+                       process_index=jax.process_index(), process_count=jax.process_count())
 
   # 3. Train state: restored from the latest checkpoint, or created in its sharded layout.
   tx, schedule = make_optimizer(cfg.optim, run.steps)
@@ -162,22 +175,29 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
     start_step = 0
   if is_main:
     truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
-  train_step = make_train_step(graphdef, shardings, cfg.loss, schedule, grad_accum=run.grad_accum_steps)
+  task = task_for(model_cfg, cfg.data)  # the objective: text LM, or VL (image grid from data.image_size)
+  train_step = make_train_step(graphdef, shardings, cfg.loss, schedule, grad_accum=run.grad_accum_steps,
+                               task=task)
   batch_sh = batch_sharding(mesh)
 
   # 4. What this run is; figures for throughput and MFU.
   seq = cfg.data.seq_len
   tokens_per_step = run.global_batch_size * seq
-  flops_per_step = flops_lib.train_flops_per_token(model_cfg, seq) * tokens_per_step
+  figures = flops_lib.figures(model_cfg, seq, run.global_batch_size, image_grid=getattr(task, "image_grid", None),
+                              images_per_row=cfg.data.images_per_row)
+  flops_per_step = figures.pop("flops_per_step")
   info = {
-    "model_params": flops_lib.total_params(model_cfg), "active_params": flops_lib.active_matmul_params(model_cfg),
-    "train_flops_per_token": flops_lib.train_flops_per_token(model_cfg, seq),
-    "tokens_per_step": tokens_per_step, "mesh": dict(mesh.shape), "devices": jax.device_count(),
+    **figures, "model_family": run.model_family, "tokens_per_step": tokens_per_step,
+    "mesh": dict(mesh.shape), "devices": jax.device_count(),
     "backend": jax.default_backend(), "peak_flops": peak_total, "peak_flops_source": peak_source,
     "documents": data.num_documents, "tokenizer": getattr(tokenizer, "path", "pre-tokenized"),
     "unigram_entropy": unigram_entropy(cfg.data, tokenizer, eos_id, model_cfg.vocab_size, 1_000_000),
     "resumed_from": latest, "init_from": run.init_from or None, "model_config": model_cfg.to_dict(),
   }
+  if cfg.data.source == "shapes":  # the best caption loss without looking at the images
+    from ernie_jax.data.vl import text_only_bound
+
+    info["text_only_bound"] = text_only_bound(tokenizer)
   writer = MetricWriter(workdir, total_steps=run.steps, start_step=start_step,
                         tensorboard=cfg.metrics.tensorboard, progress_bar=cfg.metrics.progress_bar,
                         enabled=is_main)
@@ -185,12 +205,13 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
       json.dump(info, f, indent=1)
   writer.print(f"model: {info['model_params'] / 1e6:.2f}M parameters ({info['active_params'] / 1e6:.2f}M "
-               f"active matmul), {model_cfg.num_hidden_layers} layers, "
-               f"{'MoE ' + str(model_cfg.moe_num_experts) + ' experts top-' + str(model_cfg.moe_k) if model_cfg.is_moe else 'dense'}"
-               f", {model_cfg.num_mtp_layers} MTP, dtype {model_cfg.dtype} (params {model_cfg.param_dtype}), remat {model_cfg.remat}")
+               f"active matmul), {_describe(model_cfg)}, dtype {model_cfg.dtype} "
+               f"(params {model_cfg.param_dtype}), remat {model_cfg.remat}")
   writer.print(f"data: {cfg.data.source} ({data.num_documents} documents on this process), tokenizer "
                f"{info['tokenizer']}, {tokens_per_step} tokens/step; unigram entropy "
-               f"{info['unigram_entropy']:.3f} nats/token")
+               f"{info['unigram_entropy']:.3f} nats/token"
+               + (f"; text-only bound {info['text_only_bound']:.3f} nats/caption token"
+                  if "text_only_bound" in info else ""))
   writer.print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices; workdir {workdir}; "
                + (f"resumed from step {latest}" if latest is not None else
                   f"initialised from {run.init_from}" if run.init_from else "fresh start"))
@@ -248,10 +269,10 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
                            step_time=(now - last_log_time) / n,
                            mfu=n * flops_per_step / (now - last_log_time) / peak_total)
           extra = {}
-          if usage is not None:
-            summary_usage = summarize_expert_usage(usage)
-            extra["expert_usage"] = summary_usage.pop("expert_usage")
-            scalars.update(summary_usage)
+          for key, u in usage.items():  # "expert_usage" (text), "expert_usage_text" / "_vision" (VL)
+            summary_usage = summarize_expert_usage(u)
+            extra[key] = summary_usage.pop("expert_usage")
+            scalars.update({k + key[len("expert_usage"):]: v for k, v in summary_usage.items()})
           writer.write(step, scalars, extra)
           interval, last_metrics = _Interval(), scalars
           last_log_time, last_log_step = time.perf_counter(), step
@@ -276,10 +297,22 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
   return summary
 
 
+def _describe(c) -> str:
+  """Layers, MoE and vision tower of a ModelConfig / VLConfig, for the start-up line."""
+  if hasattr(c, "vision"):
+    moe = (f"MoE {c.moe_num_experts} text + {c.moe_num_experts} vision experts top-{c.moe_k}" if c.is_moe
+           else "dense")
+    return (f"VL: {c.num_hidden_layers} layers, {moe}, ViT {c.vision.depth} x {c.vision.hidden_size} "
+            f"(patch {c.vision.patch_size})")
+  moe = f"MoE {c.moe_num_experts} experts top-{c.moe_k}" if c.is_moe else "dense"
+  return f"{c.num_hidden_layers} layers, {moe}, {c.num_mtp_layers} MTP"
+
+
 def _data_stream(cfg: config_lib.TrainConfig) -> dict[str, Any]:
   """The settings that define the sequence of batches (a saved data position is only valid for them)."""
   d = dataclasses.asdict(cfg.data)
-  for k in ("read_threads", "worker_processes", "bpe_train_documents"):
+  unused = () if d["source"] in VL_SOURCES else VL_FIELDS  # (text checkpoints predate the VL fields)
+  for k in ("read_threads", "worker_processes", "bpe_train_documents") + unused:
     d.pop(k)
   return {**d, "global_batch_size": cfg.run.global_batch_size, "processes": jax.process_count()}
 
@@ -289,7 +322,7 @@ class _Interval:
 
   def __init__(self):
     self.sums: dict[str, float] = {}
-    self.usage = None
+    self.usage: dict[str, np.ndarray] = {}  # expert usage arrays by metric name
     self.count = 0
 
   def add(self, host: dict[str, Any]) -> None:
@@ -298,8 +331,8 @@ class _Interval:
       if k in ("finite", "lr", "tokens"):
         continue
       v = np.asarray(v, np.float64)
-      if k == "expert_usage":
-        self.usage = v if self.usage is None else self.usage + v
+      if k.startswith("expert_usage"):
+        self.usage[k] = v if k not in self.usage else self.usage[k] + v
       elif k == "mtp_loss":
         self.sums["mtp_loss"] = self.sums.get("mtp_loss", 0.0) + float(v.mean())
         if v.size > 1:
@@ -308,7 +341,7 @@ class _Interval:
       else:
         self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
-  def mean(self) -> tuple[dict[str, float], np.ndarray | None]:
+  def mean(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     n = max(self.count, 1)
     return {k: v / n for k, v in self.sums.items()}, self.usage
 

@@ -20,14 +20,19 @@ from ernie_jax.data import packing, sources
 from ernie_jax.data.tokenizers import ByteTokenizer, encode, get_tokenizer
 from ernie_jax.tokenizer import Tokenizer
 
-SOURCES = ("stdlib", "text", "jsonl", "tokens")
+TEXT_SOURCES = ("stdlib", "text", "jsonl", "tokens")
+VL_SOURCES = ("shapes", "image_jsonl")  # image-caption sources (ernie_jax.data.vl), model_family="vl"
+SOURCES = TEXT_SOURCES + VL_SOURCES
+VL_FIELDS = ("image_size", "images_per_row", "jsonl_image_field")  # used by the VL sources only
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   # Where documents come from: "stdlib" (the Python standard library's *.py files; needs nothing),
   # "text" (raw text files), "jsonl" (one JSON object per line, text under `jsonl_field`) or
-  # "tokens" (pre-tokenized, memory-mapped .npy / .bin token files, documents separated by EOS).
+  # "tokens" (pre-tokenized, memory-mapped .npy / .bin token files, documents separated by EOS);
+  # for model_family="vl" (ernie_jax.data.vl): "shapes" (built-in drawn shapes with captions) or
+  # "image_jsonl" (JSONL lines {"image": "path.png", "text": "caption"}, paths relative to the file).
   source: str = "stdlib"
   paths: str = ""  # comma-separated files or glob patterns (** allowed) for text / jsonl / tokens
   text_mode: str = "file"  # source=text: one document per "file" or per non-empty "line"
@@ -47,9 +52,15 @@ class DataConfig:
   # from different documents (a long document fills many consecutive rows); 0 = off.
   shuffle_window: int = 1024
   seed: int = 0  # shuffle seed
-  max_documents: int = 0  # use only the first N documents (windows); 0 = all
+  max_documents: int = 0  # use only the first N documents (windows); 0 = all (shapes: 100,000 drawn)
   read_threads: int = 2  # grain threads that read and tokenize documents ahead of the trainer
   worker_processes: int = 0  # grain worker processes (mp_prefetch) for heavy tokenization; 0 = none
+  # VL sources: every image is resized to image_size x image_size (a multiple of 28 = patch 14 x
+  # merge 2, so all grids are the same static (1, s/14, s/14)); each row packs images_per_row
+  # (image, caption) examples; source=image_jsonl: the field holding the image path.
+  image_size: int = 56
+  images_per_row: int = 1
+  jsonl_image_field: str = "image"
 
 
 def build_source(cfg: DataConfig, eos_id: int):
@@ -70,6 +81,11 @@ def load_tokenizer_for(cfg: DataConfig, workdir: str | None) -> Tokenizer | None
     return None
 
   def training_texts():
+    if cfg.source in VL_SOURCES:  # the captions
+      from ernie_jax.data import vl
+
+      src = vl.build_source(cfg)
+      return (src.caption(i) for i in range(min(len(src), cfg.bpe_train_documents)))
     docs = build_source(cfg, -1)
     return (docs[i] for i in range(min(len(docs), cfg.bpe_train_documents)))
 
@@ -85,7 +101,26 @@ def resolve_eos(cfg: DataConfig, tokenizer: Tokenizer | None, model_eos: int) ->
   return model_eos
 
 
-class DataPipeline:
+class GrainIterator:
+  """A grain iterator `self._it` whose position is saved and restored as JSON."""
+
+  _it: Any
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict[str, Any]:
+    """The iterator position, JSON-serialisable."""
+    return json.loads(json.dumps(self._it.get_state(), default=_jsonable))
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(_from_json(state))
+
+
+class DataPipeline(GrainIterator):
   """Iterator over this process's rows of each global batch: dicts of int32 [rows, seq_len]."""
 
   def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None, *, batch_size: int, eos_id: int,
@@ -119,18 +154,16 @@ class DataPipeline:
     self.dataset = it
     self._it = iter(it)
 
-  def __iter__(self):
-    return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer | None, model_cfg=None, **kw) -> GrainIterator:
+  """The pipeline of `cfg.source`: `DataPipeline` (text), or `ernie_jax.data.vl.VLDataPipeline`
+  (image-caption sources; needs the VLConfig `model_cfg` for its special tokens and patch sizes).
+  kw: batch_size, eos_id, process_index, process_count."""
+  if cfg.source in VL_SOURCES:
+    from ernie_jax.data.vl import VLDataPipeline
 
-  def get_state(self) -> dict[str, Any]:
-    """The iterator position, JSON-serialisable."""
-    return json.loads(json.dumps(self._it.get_state(), default=_jsonable))
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._it.set_state(_from_json(state))
+    return VLDataPipeline(cfg, tokenizer, model_cfg, **kw)
+  return DataPipeline(cfg, tokenizer, **kw)
 
 
 def _jsonable(x):
@@ -153,7 +186,12 @@ def _from_json(x):
 def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer | None, eos_id: int, vocab_size: int,
                     max_tokens: int = 2_000_000) -> float:
   """Entropy (nats) of the unigram distribution of training targets, over up to `max_tokens`
-  targets from the start of the data: the loss of the best model that ignores context."""
+  targets from the start of the data: the loss of the best model that ignores context (VL sources:
+  the caption targets, see `ernie_jax.data.vl.caption_unigram_entropy`)."""
+  if cfg.source in VL_SOURCES:
+    from ernie_jax.data import vl
+
+    return vl.caption_unigram_entropy(cfg, tokenizer, eos_id, vocab_size)
   src = build_source(cfg, eos_id)
   n = min(len(src), cfg.max_documents or len(src))
   counts = np.zeros(vocab_size, np.int64)

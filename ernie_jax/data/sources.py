@@ -95,6 +95,10 @@ class TextDocuments:
   def __len__(self) -> int:
     return len(self._file)
 
+  def file_of(self, i: int) -> str:
+    """The file document i comes from."""
+    return self.files[self._file[int(i)]]
+
   def _read(self, i: int) -> bytes:
     with open(self.files[self._file[i]], "rb") as fh:
       fh.seek(self._start[i])

@@ -1,8 +1,13 @@
 """The pretraining config: one ml-collections tree whose sections mirror typed dataclasses.
 
-  (top level)  RunConfig        workdir, steps, batch size, accumulation, seed, init_from, NaN policy
+  (top level)  RunConfig        workdir, steps, batch size, accumulation, seed, init_from, NaN policy,
+                                model_family ("text" | "vl": what the `model` section describes)
   model        ModelConfig      every field of `ernie_jax.config.ModelConfig` (architecture, dtype
-                                policy `param_dtype` / `dtype`, `remat`, MoE, `num_mtp_layers`)
+                                policy `param_dtype` / `dtype`, `remat`, MoE, `num_mtp_layers`);
+               or VLConfig      with model_family="vl": every field of
+                                `ernie_jax.model.vl.config_vl.VLConfig`, the ViT in `model.vision`
+  train        PrecisionConfig  `precision`: fp32 / bf16 / fp8 in one switch (sets model.dtype and
+                                model.fp8_recipe)
   mesh         MeshConfig       device mesh axes (`ernie_jax.parallel.MeshConfig`)
   data         DataConfig       `ernie_jax.data.pipeline.DataConfig`
   optim        OptimConfig      `ernie_jax.train.optimizer.OptimConfig`
@@ -23,7 +28,7 @@ from typing import Any
 import ml_collections
 
 from ernie_jax.config import ConfigError, ModelConfig
-from ernie_jax.data.pipeline import SOURCES, DataConfig
+from ernie_jax.data.pipeline import SOURCES, TEXT_SOURCES, VL_SOURCES, DataConfig
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train.optimizer import SCHEDULES, OptimConfig
 from ernie_jax.train.step import LossConfig
@@ -46,6 +51,10 @@ class RunConfig:
   # checkpoint, dtype / remat / MoE implementation fields from `model`). Ignored when the workdir
   # already holds a training checkpoint (the run resumes from that instead).
   init_from: str = ""
+  # What the `model` section describes: "text" (ModelConfig: ERNIE 4.5 dense / MoE, text data) or
+  # "vl" (VLConfig: ERNIE 4.5 VL, vision tower + resampler + text/vision experts, image-caption data
+  # `data.source` "shapes" / "image_jsonl").
+  model_family: str = "text"
   nonfinite: str = "stop"  # non-finite loss / gradient / parameters: "stop" the run or "skip" the step
   max_skipped_steps: int = 10  # nonfinite="skip": stop after this many consecutive skipped steps
   peak_tflops_per_device: float = 0.0  # for MFU; 0 = from a table of accelerators (CPU: measured)
@@ -67,6 +76,21 @@ class MetricsConfig:
   progress_bar: bool = True  # tqdm progress bar with ETA (only on a terminal)
 
 
+PRECISIONS = ("", "fp32", "bf16", "fp8")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+  # One switch for the numerics of training (applied to the model config by `parse`):
+  #   ""     as model.dtype / model.fp8_recipe say;
+  #   "fp32" fp32 matmuls (model.dtype=float32, no FP8);
+  #   "bf16" bf16 matmuls, master weights in model.param_dtype (fp32 by default);
+  #   "fp8"  as bf16, plus FP8 matmuls (E4M3 operands, E5M2 gradients) in the attention projections,
+  #          MLPs and experts with model.fp8_recipe scaling ("delayed" when it is "none"); the scales
+  #          and amax histories are saved with the model and overwritten (not trained) each step.
+  precision: str = ""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   run: RunConfig
@@ -77,10 +101,11 @@ class TrainConfig:
   loss: LossConfig
   checkpoint: CheckpointConfig
   metrics: MetricsConfig
+  train: PrecisionConfig = PrecisionConfig()
 
 
-_SECTIONS = {"mesh": MeshConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig,
-             "checkpoint": CheckpointConfig, "metrics": MetricsConfig}
+_SECTIONS = {"train": PrecisionConfig, "mesh": MeshConfig, "data": DataConfig, "optim": OptimConfig,
+             "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig}
 
 
 def model_fields(cfg: ModelConfig) -> dict[str, Any]:
@@ -92,10 +117,49 @@ def model_fields(cfg: ModelConfig) -> dict[str, Any]:
   return d
 
 
-def default_config(model: ModelConfig | None = None) -> ml_collections.ConfigDict:
-  """Every field with its default; experiment configs start from this and change a few."""
+def vl_model_fields(cfg) -> dict[str, Any]:
+  """VLConfig -> plain dict for the config tree (mlp_layer_types back to () when it is the default
+  layout, layer 0 dense and the rest MoE, so overriding num_hidden_layers keeps working)."""
+  d = dataclasses.asdict(cfg)
+  if tuple(cfg.mlp_layer_types) == ("dense",) + ("sparse",) * (cfg.num_hidden_layers - 1):
+    d["mlp_layer_types"] = ()
+  return d
+
+
+MODEL_FAMILIES = ("text", "vl")
+
+
+def family_of(model_dict: dict[str, Any]) -> str:
+  """"vl" for a VLConfig dict (it has a `vision` section), else "text"."""
+  return "vl" if "vision" in model_dict else "text"
+
+
+def model_from_dict(d: dict[str, Any], family: str = "text"):
+  """The `model` section as a ModelConfig (family "text") or VLConfig ("vl"); a bad field raises
+  TrainConfigError naming it (`model.<field>`, `model.vision.<field>`)."""
+  _check(family in MODEL_FAMILIES, "model_family", f"must be one of {MODEL_FAMILIES}, got {family!r}")
+  try:
+    if family == "vl":
+      from ernie_jax.model.vl.config_vl import VLConfig
+
+      return VLConfig.from_dict(d)
+    return ModelConfig.from_dict(d)
+  except ConfigError as e:
+    field = e.field.replace("vision_config.", "vision.")
+    raise TrainConfigError(f"model.{field}", str(e).split(": ", 1)[-1]) from None
+  except TypeError as e:
+    raise TrainConfigError("model", str(e)) from None
+
+
+def default_config(model=None) -> ml_collections.ConfigDict:
+  """Every field with its default; experiment configs start from this and change a few.
+  model: a ModelConfig, or a VLConfig (sets model_family="vl")."""
   c = ml_collections.ConfigDict(dataclasses.asdict(RunConfig()))
-  c.model = model_fields(model or ModelConfig.tiny_dense())
+  if model is not None and not isinstance(model, ModelConfig):
+    c.model_family = "vl"
+    c.model = vl_model_fields(model)
+  else:
+    c.model = model_fields(model or ModelConfig.tiny_dense())
   for name, cls in _SECTIONS.items():
     setattr(c, name, dataclasses.asdict(cls()))
   return c
@@ -121,16 +185,32 @@ def parse(config: ml_collections.ConfigDict | dict) -> TrainConfig:
   d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   sections = {k: dict(d.pop(k, {}) or {}) for k in ("model",) + tuple(_SECTIONS)}
   run = _build(RunConfig, d, "")
-  try:
-    model = ModelConfig.from_dict(sections.pop("model"))
-  except ConfigError as e:
-    raise TrainConfigError(f"model.{e.field}", str(e).split(": ", 1)[-1]) from None
-  except TypeError as e:
-    raise TrainConfigError("model", str(e)) from None
+  model = model_from_dict(sections.pop("model"), run.model_family)
   parts = {name: _build(cls, sections[name], f"{name}.") for name, cls in _SECTIONS.items()}
+  if run.model_family == "vl":  # no FP8 in the VL model
+    precision = parts["train"].precision
+    _check(precision in ("", "fp32", "bf16"), "train.precision",
+           f"must be '', 'fp32' or 'bf16' for model_family='vl' (no FP8 VL model), got {precision!r}")
+    if precision:
+      model = model.replace(dtype="float32" if precision == "fp32" else "bfloat16")
+  else:
+    model = apply_precision(parts["train"].precision, model)
   cfg = TrainConfig(run=run, model=model, **parts)
   validate(cfg)
   return cfg
+
+
+def apply_precision(precision: str, model: ModelConfig) -> ModelConfig:
+  """The model config with `train.precision` applied (see PrecisionConfig)."""
+  _check(precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {precision!r}")
+  if not precision:
+    return model
+  if precision in ("fp32", "bf16"):
+    _check(model.fp8_recipe == "none", "train.precision",
+           f"{precision!r} conflicts with model.fp8_recipe={model.fp8_recipe!r} (use precision 'fp8', or "
+           "set model.fp8_recipe='none')")
+    return model.replace(dtype="float32" if precision == "fp32" else "bfloat16")
+  return model.replace(dtype="bfloat16", fp8_recipe="delayed" if model.fp8_recipe == "none" else model.fp8_recipe)
 
 
 def _check(ok: bool, field: str, message: str):
@@ -167,7 +247,14 @@ def validate(c: TrainConfig) -> None:
     _check(math.isfinite(v) and v >= 0, f"loss.{f.name}", f"must be a finite number >= 0, got {v}")
 
   _check(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
-  _check(d.source == "stdlib" or bool(d.paths), "data.paths", f"data.source={d.source!r} needs files")
+  if r.model_family == "vl":
+    _check(d.source in VL_SOURCES, "data.source", f"model_family='vl' trains on image-caption data: one of "
+           f"{VL_SOURCES}, got {d.source!r}")
+    validate_vl(c)
+  else:
+    _check(d.source in TEXT_SOURCES, "data.source", f"{d.source!r} is an image-caption source: it needs "
+           f"model_family='vl' (text sources: {TEXT_SOURCES})")
+  _check(d.source in ("stdlib", "shapes") or bool(d.paths), "data.paths", f"data.source={d.source!r} needs files")
   _check(d.source == "tokens" or bool(d.tokenizer), "data.tokenizer",
          "set a tokenizer: 'bytes', 'bpe', or the path of a tokenizer.model / tokenizer.json (e.g. the "
          "directory of an ERNIE 4.5 checkpoint)")
@@ -194,6 +281,28 @@ def validate(c: TrainConfig) -> None:
   for k, v in sizes.items():
     _check(v == -1 or v > 0, f"mesh.{k}", f"must be a positive size or -1 (all remaining devices), got {v}")
   _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
+
+
+def validate_vl(c: TrainConfig) -> None:
+  """The VL data layout against the VLConfig: static image grids that fit the rows; special token
+  ids that do not collide with the ids of a byte-level / trained BPE tokenizer."""
+  d, m = c.data, c.model
+  unit = m.vision.patch_size * m.vision.spatial_merge_size
+  _check(d.image_size > 0 and d.image_size % unit == 0, "data.image_size",
+         f"must be a positive multiple of {unit} (vision patch_size x spatial_merge_size), got {d.image_size}")
+  _check(d.images_per_row >= 1, "data.images_per_row", f"must be >= 1, got {d.images_per_row}")
+  tokens = (d.image_size // unit) ** 2 + 2  # placeholders + image start / end
+  need = d.images_per_row * (tokens + int(d.add_bos) + 2)  # + at least one caption token and </s>
+  _check(d.seq_len >= need, "data.seq_len", f"{d.seq_len} cannot hold {d.images_per_row} image(s) of "
+         f"{tokens} tokens with a caption each (data.image_size={d.image_size}); needs >= {need}")
+  text_ids = {"bytes": 259, "bpe": d.bpe_vocab_size}.get(d.tokenizer)
+  if text_ids is not None:
+    for name in ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
+                 "video_start_token_id", "video_end_token_id"):
+      v = getattr(m, name)
+      _check(v >= text_ids, f"model.{name}", f"{v} is a text token of data.tokenizer={d.tokenizer!r} (ids "
+             f"0..{text_ids - 1}); put the VL special tokens after them (e.g. {text_ids}..{text_ids + 5}) "
+             f"and model.vocab_size above")
 
 
 def check_batch_layout(c: TrainConfig, mesh, process_count: int) -> None:

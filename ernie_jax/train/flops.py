@@ -114,3 +114,69 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
       _MEASURED["cpu"] = measure_matmul_flops()
     return _MEASURED["cpu"], "measured fp32 matmul (CPU)"
   return float("nan"), f"unknown device {kind!r}; set peak_tflops_per_device"
+
+
+# --------------------------------------------------------------------------------------------------
+# ERNIE 4.5 VL. Per step (static data layout: every row holds `images_per_row` images of one grid):
+#   LM: each token as in the text formula, text tokens (and padding) with the text experts, vision
+#       tokens (placeholders + image start / end) with the vision experts (k routed each, shared
+#       experts on all tokens);
+#   vision tower per image of P patches (frame-local, non-causal attention):
+#       2 * P * (C*p*p * D + depth * (4 D^2 + 2 D I)) + 2 * 2 * depth * D * P^2,
+#   resampler per image of P/4 merged tokens: 2 * P/4 * (2 (4D)^2 + 8D * 4D + (4D)^2 + 4D * H).
+# Training = 3 x forward, as for text.
+def _vl_layer_params(cfg, kind: str, modality: int) -> int:
+  h = cfg.hidden_size
+  attn = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+  if kind == "moe":
+    shared = 3 * h * cfg.moe_intermediate_size[0] * cfg.moe_num_shared_experts
+    return attn + h * cfg.moe_num_experts + 3 * h * cfg.moe_intermediate_size[modality] * cfg.moe_k + shared
+  return attn + 3 * h * cfg.intermediate_size
+
+
+def vl_active_matmul_params(cfg, modality: int = 0) -> int:
+  """Matmul weights of the language model used per token of a modality (0 text, 1 vision)."""
+  return sum(_vl_layer_params(cfg, k, modality) for k in cfg.layer_kinds) + cfg.hidden_size * cfg.vocab_size
+
+
+def vl_vision_flops_per_image(cfg, grid) -> float:
+  """Forward FLOPs of the vision tower + resampler for one image / video of patch grid (t, h, w)."""
+  v = cfg.vision
+  t, gh, gw = grid
+  frame = gh * gw
+  patches = t * frame
+  d, merged = v.hidden_size, patches // v.spatial_merge_size ** 2
+  vit = 2 * patches * (v.patch_dim * d + v.depth * (4 * d * d + 2 * d * v.intermediate_size))
+  vit += 2 * 2 * v.depth * d * frame * patches
+  wide = d * v.spatial_merge_size ** 2
+  resampler = 2 * merged * (2 * wide * wide + 2 * wide * wide + wide * wide + wide * cfg.hidden_size)
+  return float(vit + resampler)
+
+
+def vl_total_params(cfg) -> int:
+  """All parameters of the VL model (counted from its abstract state)."""
+  from flax import nnx
+
+  from ernie_jax.model.vl import Ernie45VLForConditionalGeneration
+
+  model = nnx.eval_shape(lambda: Ernie45VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
+  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def figures(cfg, seq_len: int, rows: int, *, image_grid=None, images_per_row: int = 0) -> dict[str, float]:
+  """model_params, active_params, train_flops_per_token and flops_per_step of a step over `rows`
+  rows of `seq_len` tokens (ModelConfig, or VLConfig with its data layout)."""
+  tokens = rows * seq_len
+  if not hasattr(cfg, "vision"):
+    per_token = train_flops_per_token(cfg, seq_len)
+    return {"model_params": total_params(cfg), "active_params": active_matmul_params(cfg),
+            "train_flops_per_token": per_token, "flops_per_step": per_token * tokens}
+  merge = cfg.vision.spatial_merge_size
+  vision_per_row = images_per_row * (image_grid[0] * (image_grid[1] // merge) * (image_grid[2] // merge) + 2)
+  text_per_row = seq_len - vision_per_row
+  attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+  lm = rows * (text_per_row * (2.0 * vl_active_matmul_params(cfg, 0) + attn)
+               + vision_per_row * (2.0 * vl_active_matmul_params(cfg, 1) + attn))
+  per_step = 3.0 * (lm + rows * images_per_row * vl_vision_flops_per_image(cfg, image_grid))
+  return {"model_params": vl_total_params(cfg), "active_params": vl_active_matmul_params(cfg, 0),
+          "train_flops_per_token": per_step / tokens, "flops_per_step": per_step}

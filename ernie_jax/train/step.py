@@ -1,12 +1,15 @@
 """The train state, its sharded creation, batch placement and the jitted training step.
 
-One step (`make_train_step`):
-  1. split the batch [A, b, S] into A micro-batches and, with `lax.scan`, accumulate the gradients
-     of   LM + mtp_weight * mean_d(MTP_d) + aux_coef * L_aux + z_coef * L_z + orth_coef * L_orth
-     (LM / MTP normalised by the token counts of the whole batch, so A micro-batches equal one
-     A-times larger batch; the MoE losses are per-micro-batch means averaged over micro-batches);
+The model (ErnieForCausalLM for a ModelConfig, the VL model for a VLConfig: `tasks.model_class`) and
+the objective (a task, `ernie_jax.train.tasks`: `TextLM` by default, `VisionLanguage` for VL) are
+pluggable; everything else is shared. One step (`make_train_step`):
+  1. split the batch [A, b, S, ...] into A micro-batches and, with `lax.scan`, accumulate the
+     gradients of the task's objective; text: LM + mtp_weight * mean_d(MTP_d) + aux_coef * L_aux +
+     z_coef * L_z + orth_coef * L_orth (LM / MTP normalised by the token counts of the whole batch,
+     so A micro-batches equal one A-times larger batch; the MoE losses are per-micro-batch means
+     averaged over micro-batches); VL: token-balanced LM loss + per-modality router losses;
   2. clip (global norm) and apply AdamW to the Params;
-  3. update the MoE correction bias from the expert usage of the whole batch (spec §3.4);
+  3. update the MoE correction bias (VL: both rows) from the expert usage of the whole batch (spec §3.4);
   4. if the loss, the gradient norm or the new parameters are not finite, return the old state
      unchanged (the host then stops or skips, see `experiments/pretrain.py`).
 Everything runs under `jax.set_mesh(mesh)`: the state keeps the shardings given by the logical-axis
@@ -27,13 +30,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.model import ErnieForCausalLM
 from ernie_jax.parallel import DEFAULT_RULES, MeshConfig, batch_spec, logical_to_spec, make_mesh
-from ernie_jax.train import moe_losses
-from ernie_jax.train.losses import lm_loss_sum, mtp_loss_sums, mtp_targets
+from ernie_jax.train import tasks
 from ernie_jax.train.optimizer import global_norm
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")  # text; VL: data.vl.ROW_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class TrainState(nnx.Module):
   """What a step changes: the model (Params + Buffers), the optimizer (moments, step count) and an
   RNG key (reserved for stochastic layers; ERNIE 4.5 pretraining uses none)."""
 
-  def __init__(self, model: ErnieForCausalLM, tx: optax.GradientTransformation, seed: int):
+  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int):
     if uses_fp8(model.config):
       from ernie_jax.train.fp8_optim import with_fp8_overwrite
 
@@ -103,17 +104,19 @@ def train_state_shardings(abs_state, mesh, rules=DEFAULT_RULES):
   return jax.tree_util.tree_map_with_path(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def abstract_train_state(model_cfg: ModelConfig, tx, seed: int, mesh, rules=DEFAULT_RULES):
-  """(graphdef, abstract state with shardings as values, ShapeDtypeStruct state for restoring)."""
-  abstract = nnx.eval_shape(lambda: TrainState(ErnieForCausalLM(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))
+def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES):
+  """(graphdef, abstract state with shardings as values, ShapeDtypeStruct state for restoring).
+  model_cfg: a ModelConfig (text) or a VLConfig (VL)."""
+  model_class = tasks.model_class(model_cfg)
+  abstract = nnx.eval_shape(lambda: TrainState(model_class(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))
   graphdef, abs_state = nnx.split(abstract)
   shardings = train_state_shardings(abs_state, mesh, rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
   return graphdef, shardings, target
 
 
-def create_train_state(model_cfg: ModelConfig, tx, *, seed: int, mesh, rules=DEFAULT_RULES,
-                       pretrained: ErnieForCausalLM | None = None):
+def create_train_state(model_cfg, tx, *, seed: int, mesh, rules=DEFAULT_RULES,
+                       pretrained: nnx.Module | None = None):
   """(graphdef, state) created directly in the sharded layout inside one jitted function.
 
   `pretrained`: a model whose parameters replace the random initialisation (`init_from`).
@@ -133,7 +136,8 @@ def create_train_state(model_cfg: ModelConfig, tx, *, seed: int, mesh, rules=DEF
 def _jitted_init(model_cfg: ModelConfig, tx, seed: int, mesh, rules):
   """(graphdef, jitted fresh-state builder), cached so building the same state twice compiles once."""
   graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules)
-  make = lambda: nnx.split(TrainState(ErnieForCausalLM(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))[1]
+  model_class = tasks.model_class(model_cfg)
+  make = lambda: nnx.split(TrainState(model_class(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))[1]
   return graphdef, jax.jit(make, out_shardings=shardings)
 
 
@@ -143,52 +147,24 @@ def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
 
 
 def put_batch(batch: dict[str, np.ndarray], grad_accum: int, sharding: NamedSharding) -> dict[str, jax.Array]:
-  """This process's rows [b, S] -> global arrays [A, B / A, S] sharded by `sharding`."""
+  """This process's rows [b, S, ...] -> global arrays [A, B / A, S, ...] sharded by `sharding`
+  (rows split, trailing axes whole). Every key of the batch is placed (text: `BATCH_KEYS`)."""
   out = {}
-  for k in BATCH_KEYS:
+  for k in batch:
     v = np.asarray(batch[k])
-    local = v.reshape(grad_accum, v.shape[0] // grad_accum, v.shape[1])
-    shape = (grad_accum, local.shape[1] * jax.process_count(), local.shape[2])
+    local = v.reshape((grad_accum, v.shape[0] // grad_accum) + v.shape[1:])
+    shape = (grad_accum, local.shape[1] * jax.process_count()) + local.shape[2:]
     out[k] = jax.make_array_from_process_local_data(sharding, local, shape)
   return out
 
 
 # ------------------------------------------------------------------------------------------------
 # The step.
-def _loss_fn(gdef, rest, loss_cfg: LossConfig, grad_accum: int, lm_count, mtp_counts):
-  def loss_fn(params, micro):
-    # fresh Variable objects for the buffers at this trace level (inside lax.scan / grad)
-    model = nnx.merge(gdef, params, jax.tree.map(lambda x: x, rest))
-    out = model(micro["inputs"], micro["positions"], micro["segment_ids"])
-    lm_sum, _ = lm_loss_sum(out.logits, micro["targets"], micro["loss_mask"])
-    lm = lm_sum / lm_count
-    total, aux = lm, {"lm_loss": lm}
-    if model.config.num_mtp_layers:
-      mtp_logits = model.mtp_logits(micro["inputs"], out.hidden, micro["positions"], micro["segment_ids"])
-      sums, _ = mtp_loss_sums(mtp_logits, micro["targets"], micro["segment_ids"], micro["loss_mask"])
-      mtp = sums / mtp_counts
-      total = total + loss_cfg.mtp_weight * jnp.mean(mtp)
-      aux["mtp_loss"] = mtp
-    if out.router is not None:
-      tokens = (micro["segment_ids"] > 0).reshape(-1)
-      lb = moe_losses.load_balance_loss(out.router, tokens) / grad_accum
-      z = moe_losses.z_loss(out.router, tokens) / grad_accum
-      total = total + loss_cfg.moe_aux_coef * lb + loss_cfg.moe_z_coef * z
-      aux.update(moe_aux_loss=lb, moe_z_loss=z, expert_usage=moe_losses.expert_usage(out.router, tokens),
-                 moe_dropped=jnp.sum(out.router.dropped).astype(jnp.float32))
-      if loss_cfg.moe_orth_coef:
-        orth = moe_losses.orthogonal_loss(moe_losses.router_kernels(model)) / grad_accum
-        total = total + loss_cfg.moe_orth_coef * orth
-        aux["moe_orth_loss"] = orth
-    aux["loss"] = total
-    return total, aux
-
-  return loss_fn
-
-
 def make_train_step(graphdef, shardings, loss_cfg: LossConfig, schedule: Callable, *,
-                    grad_accum: int = 1, donate: bool = True):
-  """jitted (state, batch [A, b, S] dict) -> (state, metrics dict of device scalars / arrays)."""
+                    grad_accum: int = 1, donate: bool = True, task=None):
+  """jitted (state, batch [A, b, S, ...] dict) -> (state, metrics dict of device scalars / arrays).
+  task: the objective (`ernie_jax.train.tasks`; default `tasks.TEXT`)."""
+  task = task or tasks.TEXT
 
   def step(state, batch):
     old_leaves, treedef = jax.tree.flatten(state)
@@ -201,11 +177,8 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig, schedule: Callabl
 
     # normalisers over the whole batch (all micro-batches)
     rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
-    lm_count = jnp.maximum(jnp.sum(rows["loss_mask"]).astype(jnp.float32), 1.0)
-    mtp_counts = jnp.stack([
-      jnp.maximum(jnp.sum(mtp_targets(rows["targets"], rows["segment_ids"], rows["loss_mask"], d)[1]), 1)
-      for d in range(cfg.num_mtp_layers)]).astype(jnp.float32) if cfg.num_mtp_layers else None
-    grad_fn = jax.value_and_grad(_loss_fn(gdef, rest, loss_cfg, grad_accum, lm_count, mtp_counts), has_aux=True)
+    norms = task.normalisers(rows, cfg)
+    grad_fn = jax.value_and_grad(task.loss_fn(gdef, rest, loss_cfg, grad_accum, norms), has_aux=True)
 
     combine = lambda a, g: jax.tree.map(jnp.add, a, g)
     if uses_fp8(cfg):  # FP8 "gradients" are new scales / amax histories: combined by maximum
@@ -232,8 +205,8 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig, schedule: Callabl
       from ernie_jax.model.fp8 import Fp8Meta
 
       nnx.update(model, nnx.filter_state(grads, Fp8Meta))
-    if "expert_usage" in aux and loss_cfg.bias_update_lr and cfg.moe_use_correction_bias:
-      moe_losses.update_correction_bias(model, aux["expert_usage"], loss_cfg.bias_update_lr)
+    if loss_cfg.bias_update_lr and cfg.moe_use_correction_bias:
+      task.update_bias(model, aux, loss_cfg.bias_update_lr)
     new_params = jax.tree.leaves(nnx.state(model, nnx.Param))
     param_norm = global_norm(new_params)
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in new_params]))

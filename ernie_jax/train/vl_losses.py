@@ -27,6 +27,12 @@ def modality_masks(vision_mask, mask=None):
   return (1.0 - v) * m, v * m
 
 
+def by_modality(router: VLRouterOutput, vision_mask, mask=None):
+  """(("text", text RouterOutput, text token mask [T]), ("vision", ..., vision token mask [T]))."""
+  text, vision = modality_masks(vision_mask, mask)
+  return (("text", router.text, text), ("vision", router.vision, vision))
+
+
 def load_balance_loss(router: VLRouterOutput, vision_mask, mask=None) -> jax.Array:
   text, vision = modality_masks(vision_mask, mask)
   return moe_losses.load_balance_loss(router.text, text) + moe_losses.load_balance_loss(router.vision, vision)
@@ -67,13 +73,15 @@ def text_target_mask(targets, config) -> jax.Array:
   return ~jnp.isin(targets, jnp.asarray(config.vision_token_ids, targets.dtype))
 
 
-def token_balanced_lm_loss(logits, targets, loss_mask, token_balance_seqlen: float) -> jax.Array:
-  """Value: masked mean NLL. Gradient: that of sum(NLL * mask) / token_balance_seqlen."""
+def token_balanced_lm_loss(logits, targets, loss_mask, token_balance_seqlen: float, count=None) -> jax.Array:
+  """Value: masked mean NLL. Gradient: that of sum(NLL * mask) / token_balance_seqlen.
+  count: the value's denominator (default: this mask's sum; under gradient accumulation, the
+  whole batch's count, so that the micro-batches' values add up to the batch mean)."""
   m = loss_mask.astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   total = jnp.sum(nll * m)
   balanced = total / token_balance_seqlen
-  mean = total / jnp.maximum(m.sum(), 1.0)
+  mean = total / (jnp.maximum(m.sum(), 1.0) if count is None else count)
   return balanced - jax.lax.stop_gradient(balanced) + jax.lax.stop_gradient(mean)
 
 

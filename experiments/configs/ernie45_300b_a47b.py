@@ -8,7 +8,7 @@ Layout: tensor=8 (the 64 query / 8 kv heads and the MLP columns split within a G
 torus dimension), expert=8 (8 experts per device group, ragged all-to-all), fsdp over the rest
 (parameters and optimizer state ZeRO-3 sharded). With multiple slices set mesh.dcn_fsdp to the
 number of slices. 2048 rows x 4096 tokens = 8.4M tokens per step. bf16 matmuls with fp32 master
-weights and full rematerialisation; set --config.model.fp8_recipe=delayed on H100 / v6e-class
+weights and full rematerialisation; set --config.train.precision=fp8 on H100 / v6e-class
 hardware for FP8 matmuls.
 """
 
