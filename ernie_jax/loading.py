@@ -1,4 +1,4 @@
-"""`from_pretrained`: build an ErnieForCausalLM from a checkpoint directory.
+"""`from_pretrained`: build an ErnieForCausalLM (or the VL model) from a checkpoint directory.
 
 Formats (auto-detected, or `format=`): Hugging Face safetensors directories (single file or sharded
 with an index, bf16 or fp32), Paddle `-Paddle` directories (`ernie.` prefix, fused / transposed
@@ -21,13 +21,13 @@ from flax import nnx
 from ernie_jax.config import ModelConfig
 from ernie_jax.interop import convert, hf, orbax_io
 from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
-from ernie_jax.model import ErnieForCausalLM, fp8
+from ernie_jax.model import fp8, model_class
 
 
-def abstract_model(cfg: ModelConfig):
-  """(graphdef, abstract state) without allocating parameters."""
-  model = nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)))
-  return nnx.split(model)
+def abstract_model(cfg):
+  """(graphdef, abstract state) of the model of `cfg` (ModelConfig or VLConfig), without
+  allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
 
 
 def _flat_state(state) -> dict[str, Any]:
@@ -70,8 +70,9 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
                     param_dtype: str | None = None, format: str = "auto",
                     config: ModelConfig | None = None, mesh=None, rules=None,
-                    allow_pickle: bool = False, **config_overrides) -> ErnieForCausalLM:
-  """Load an ERNIE 4.5 text model.
+                    allow_pickle: bool = False, **config_overrides):
+  """Load an ERNIE 4.5 model: an ErnieForCausalLM, or an Ernie45VLForConditionalGeneration for a
+  VL checkpoint (a VL config.json or Orbax model config).
 
   path: a checkpoint directory: Hugging Face (config.json + *.safetensors [+ index]), Paddle
     (config.json + `ernie.`-prefixed safetensors), or an Orbax checkpoint written by ernie_jax.
@@ -88,11 +89,6 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
     checkpoints load without FP8 unless fp8_recipe is given.
   """
   path = os.fspath(path)
-  from ernie_jax.interop import hf_vl  # ERNIE 4.5 VL checkpoints (HF / Paddle config.json, Orbax info)
-
-  if hf_vl.is_vl_checkpoint(path):
-    return hf_vl.load(path, format=format, dtype=dtype, param_dtype=param_dtype, config=config, mesh=mesh,
-                      rules=rules, allow_pickle=allow_pickle, **config_overrides)
   fmt = detect_format(path) if format == "auto" else format
   if fmt not in convert.FORMATS:
     raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} (supported: {convert.FORMATS})")
@@ -105,7 +101,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
     if config is None:  # the stored config records the storage dtype; load as float32 by default
       overrides.setdefault("dtype", "float32")
       overrides.setdefault("param_dtype", "float32")
-      overrides.setdefault("fp8_recipe", "none")  # an FP8-trained checkpoint loads without FP8 unless asked
+      if not orbax_io.is_vl_info(orbax_io.read_info(path)):  # (the VL model has no FP8)
+        overrides.setdefault("fp8_recipe", "none")  # an FP8-trained checkpoint loads without FP8 unless asked
     return orbax_io.load_model(path, config=config, mesh=mesh, rules=rules, **overrides)
   cfg = config.replace(**overrides) if config is not None else convert.read_config(path, fmt, **overrides)
   graphdef, abstract = abstract_model(cfg)
@@ -119,7 +116,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
   params = {p: v for p, v in flat_abstract.items() if p not in fp8_state}
   reader = convert.open_source(path, allow_pickle=allow_pickle)
   try:
-    layout = convert.layout_for(fmt, reader.keys())
+    layout = convert.layout_for(fmt, reader.keys(), cfg)
     arrays = {p: _place(host, shardings and shardings[p].get_value())
               for p, host in convert.iter_params(reader, layout, cfg, params)}
   finally:

@@ -63,8 +63,7 @@ class ShapeCaptions:
     return rng, colour, shape, vertical, horizontal
 
   def caption(self, i: int) -> str:
-    _, colour, shape, vertical, horizontal = self._attributes(i)
-    return f"{colour} {shape}, {vertical} {horizontal}"
+    return _caption(*self._attributes(i)[1:])
 
   def __getitem__(self, i: int):
     from PIL import Image, ImageDraw
@@ -95,7 +94,11 @@ class ShapeCaptions:
   @staticmethod
   def captions() -> list[str]:
     """Every caption, each equally likely."""
-    return [f"{c} {s}, {v} {h}" for c in COLOURS for s in SHAPES for v, h in QUADRANTS]
+    return [_caption(c, s, v, h) for c in COLOURS for s in SHAPES for v, h in QUADRANTS]
+
+
+def _caption(colour: str, shape: str, vertical: str, horizontal: str) -> str:
+  return f"{colour} {shape}, {vertical} {horizontal}"
 
 
 def text_only_bound(tokenizer) -> float:

@@ -501,7 +501,7 @@ def iter_params(reader, layout, cfg: ModelConfig, flat) -> Iterator[tuple[str, n
 def _abstract_params(cfg: ModelConfig | VLConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   from ernie_jax.loading import _flat_state, abstract_model
 
-  _, abstract = (hf_vl.abstract_model if isinstance(cfg, VLConfig) else abstract_model)(cfg)
+  _, abstract = abstract_model(cfg)
   return {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in _flat_state(abstract).items()}
 
 

@@ -1,5 +1,5 @@
-"""Hugging Face ERNIE 4.5 VL (`-PT`) checkpoints <-> ernie_jax VL parameters, as a data table; and
-the loader behind `ernie_jax.from_pretrained` for every VL format (HF, Paddle, Orbax).
+"""Hugging Face ERNIE 4.5 VL (`-PT`) checkpoints <-> ernie_jax VL parameters, as a data table (read
+by `ernie_jax.from_pretrained` and the converters through `ernie_jax.interop.convert`).
 
 On-disk names (spec §5.3; what transformers' `save_pretrained` writes after reversing its in-memory
 renames): `model.layers.*` (LM), `model.vision_model.*` (ViT; the original `-PT` release and
@@ -267,51 +267,6 @@ def is_vl_checkpoint(path) -> bool:
   except (OSError, json.JSONDecodeError):
     return False
   return isinstance(d, dict) and is_vl_config(d)
-
-
-def abstract_model(cfg: VLConfig):
-  """(graphdef, abstract state) of the VL model, without allocating parameters."""
-  return nnx.split(nnx.eval_shape(lambda: Ernie45VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))))
-
-
-def load(path, *, format: str = "auto", dtype: str | None = None, param_dtype: str | None = None,
-         config: VLConfig | None = None, mesh=None, rules=None, allow_pickle: bool = False,
-         **config_overrides) -> Ernie45VLForConditionalGeneration:
-  """Build an `Ernie45VLForConditionalGeneration` from a VL checkpoint directory: HF (single or
-  sharded safetensors), Paddle `-Paddle` (`ernie.` prefix, fused / [in, out] tensors, bf16 as
-  BF16 or U16 bits) or Orbax (written by `ernie_jax.interop.convert`). format: "auto" (from the
-  files and tensor names), "hf", "paddle" or "orbax". mesh / rules: place each parameter straight
-  into its sharded layout. Default dtypes: float32."""
-  from ernie_jax.interop import convert, orbax_io
-  from ernie_jax.loading import _flat_state, _place
-
-  path = os.fspath(path)
-  fmt = convert.detect_format(path) if format == "auto" else format
-  if fmt not in convert.FORMATS:
-    raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r} (supported: {convert.FORMATS})")
-  overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-  overrides.update(config_overrides)
-  if fmt == "orbax":
-    defaults = {} if config is not None else {"dtype": "float32", "param_dtype": "float32"}
-    return orbax_io.load_model(path, config=config, mesh=mesh, rules=rules, **{**defaults, **overrides})
-  cfg = config.replace(**overrides) if config is not None else convert.read_config(path, fmt, **overrides)
-  graphdef, abstract = abstract_model(cfg)
-  shardings = {}
-  if mesh is not None:
-    from ernie_jax.parallel import DEFAULT_RULES, state_shardings
-
-    shardings = {p: s.get_value() for p, s in _flat_state(state_shardings(abstract, mesh, rules or DEFAULT_RULES)).items()}
-  reader = convert.open_source(path, allow_pickle=allow_pickle)
-  try:
-    layout = convert.layout_for(fmt, reader.keys(), cfg)
-    arrays = {p: _place(host, shardings.get(p))
-              for p, host in convert.iter_params(reader, layout, cfg, _flat_state(abstract))}
-  finally:
-    reader.close()
-  flat = nnx.to_flat_state(abstract)
-  for key, var in flat:
-    var.set_value(arrays["/".join(str(k) for k in key)])
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def state_to_hf(model: Ernie45VLForConditionalGeneration) -> dict[str, np.ndarray]:

@@ -413,11 +413,10 @@ def load_model(path: str | os.PathLike, *, config: ModelConfig | None = None, me
   from an Orbax checkpoint (see `ernie_jax.from_pretrained`)."""
   from flax import nnx
 
-  from ernie_jax.interop import hf_vl
   from ernie_jax.loading import abstract_model
 
   cfg = config.replace(**overrides) if config is not None else load_config(path, **overrides)
-  graphdef, abstract = (hf_vl.abstract_model if isinstance(cfg, VLConfig) else abstract_model)(cfg)
+  graphdef, abstract = abstract_model(cfg)
   shardings = None
   if mesh is not None:
     from ernie_jax.parallel import DEFAULT_RULES, state_shardings

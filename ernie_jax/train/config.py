@@ -187,28 +187,27 @@ def parse(config: ml_collections.ConfigDict | dict) -> TrainConfig:
   run = _build(RunConfig, d, "")
   model = model_from_dict(sections.pop("model"), run.model_family)
   parts = {name: _build(cls, sections[name], f"{name}.") for name, cls in _SECTIONS.items()}
-  if run.model_family == "vl":  # no FP8 in the VL model
-    precision = parts["train"].precision
-    _check(precision in ("", "fp32", "bf16"), "train.precision",
-           f"must be '', 'fp32' or 'bf16' for model_family='vl' (no FP8 VL model), got {precision!r}")
-    if precision:
-      model = model.replace(dtype="float32" if precision == "fp32" else "bfloat16")
-  else:
-    model = apply_precision(parts["train"].precision, model)
+  model = apply_precision(parts["train"].precision, model)
   cfg = TrainConfig(run=run, model=model, **parts)
   validate(cfg)
   return cfg
 
 
-def apply_precision(precision: str, model: ModelConfig) -> ModelConfig:
-  """The model config with `train.precision` applied (see PrecisionConfig)."""
-  _check(precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {precision!r}")
+def apply_precision(precision: str, model):
+  """The model config (ModelConfig, or VLConfig: no FP8) with `train.precision` applied (see
+  PrecisionConfig)."""
+  has_fp8 = hasattr(model, "fp8_recipe")  # the VL model has no FP8 matmuls
+  if has_fp8:
+    _check(precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {precision!r}")
+  else:
+    _check(precision in ("", "fp32", "bf16"), "train.precision",
+           f"must be '', 'fp32' or 'bf16' for model_family='vl' (no FP8 VL model), got {precision!r}")
   if not precision:
     return model
   if precision in ("fp32", "bf16"):
-    _check(model.fp8_recipe == "none", "train.precision",
-           f"{precision!r} conflicts with model.fp8_recipe={model.fp8_recipe!r} (use precision 'fp8', or "
-           "set model.fp8_recipe='none')")
+    _check(not has_fp8 or model.fp8_recipe == "none", "train.precision",
+           f"{precision!r} conflicts with model.fp8_recipe={getattr(model, 'fp8_recipe', None)!r} (use "
+           "precision 'fp8', or set model.fp8_recipe='none')")
     return model.replace(dtype="float32" if precision == "fp32" else "bfloat16")
   return model.replace(dtype="bfloat16", fp8_recipe="delayed" if model.fp8_recipe == "none" else model.fp8_recipe)
 

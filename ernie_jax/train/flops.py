@@ -33,9 +33,19 @@ import jax.numpy as jnp
 from ernie_jax.config import ModelConfig
 
 
+def _attn_params(cfg) -> int:
+  """Attention projection weights of one decoder layer (q, k, v, o)."""
+  return cfg.hidden_size * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+
+
+def _attn_flops_per_token(cfg, layers: int, seq_len: int) -> float:
+  """QK^T and PV of one token against on average seq_len / 2 earlier keys, over `layers` layers."""
+  return 2 * 2 * layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+
+
 def _layer_params(cfg: ModelConfig, kind: str) -> int:
   h = cfg.hidden_size
-  attn = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+  attn = _attn_params(cfg)
   if kind == "moe":
     ffn = h * cfg.moe_num_experts + 3 * h * cfg.moe_intermediate_size * (cfg.moe_k + cfg.moe_num_shared_experts)
   else:
@@ -58,7 +68,7 @@ def total_params(cfg: ModelConfig) -> int:
   n = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h
 
   def layer(kind):
-    attn = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 2 * h
+    attn = _attn_params(cfg) + 2 * h
     if kind == "moe":
       return attn + h * cfg.moe_num_experts + 3 * h * cfg.moe_intermediate_size * (
         cfg.moe_num_experts + cfg.moe_num_shared_experts)
@@ -72,8 +82,7 @@ def total_params(cfg: ModelConfig) -> int:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Model FLOPs to train on one token (forward + backward), see the module docstring."""
-  layers = cfg.num_hidden_layers + cfg.num_mtp_layers
-  attn = 2 * 2 * layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+  attn = _attn_flops_per_token(cfg, cfg.num_hidden_layers + cfg.num_mtp_layers, seq_len)
   return 3.0 * (2.0 * active_matmul_params(cfg) + attn)
 
 
@@ -127,7 +136,7 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
 # Training = 3 x forward, as for text.
 def _vl_layer_params(cfg, kind: str, modality: int) -> int:
   h = cfg.hidden_size
-  attn = h * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+  attn = _attn_params(cfg)
   if kind == "moe":
     shared = 3 * h * cfg.moe_intermediate_size[0] * cfg.moe_num_shared_experts
     return attn + h * cfg.moe_num_experts + 3 * h * cfg.moe_intermediate_size[modality] * cfg.moe_k + shared
@@ -174,7 +183,7 @@ def figures(cfg, seq_len: int, rows: int, *, image_grid=None, images_per_row: in
   merge = cfg.vision.spatial_merge_size
   vision_per_row = images_per_row * (image_grid[0] * (image_grid[1] // merge) * (image_grid[2] // merge) + 2)
   text_per_row = seq_len - vision_per_row
-  attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+  attn = _attn_flops_per_token(cfg, cfg.num_hidden_layers, seq_len)
   lm = rows * (text_per_row * (2.0 * vl_active_matmul_params(cfg, 0) + attn)
                + vision_per_row * (2.0 * vl_active_matmul_params(cfg, 1) + attn))
   per_step = 3.0 * (lm + rows * images_per_row * vl_vision_flops_per_image(cfg, image_grid))

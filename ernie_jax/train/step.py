@@ -1,8 +1,8 @@
 """The train state, its sharded creation, batch placement and the jitted training step.
 
-The model (ErnieForCausalLM for a ModelConfig, the VL model for a VLConfig: `tasks.model_class`) and
-the objective (a task, `ernie_jax.train.tasks`: `TextLM` by default, `VisionLanguage` for VL) are
-pluggable; everything else is shared. One step (`make_train_step`):
+The model (ErnieForCausalLM for a ModelConfig, the VL model for a VLConfig:
+`ernie_jax.model.model_class`) and the objective (a task, `ernie_jax.train.tasks`: `TextLM` by
+default, `VisionLanguage` for VL) are pluggable; everything else is shared. One step (`make_train_step`):
   1. split the batch [A, b, S, ...] into A micro-batches and, with `lax.scan`, accumulate the
      gradients of the task's objective; text: LM + mtp_weight * mean_d(MTP_d) + aux_coef * L_aux +
      z_coef * L_z + orth_coef * L_orth (LM / MTP normalised by the token counts of the whole batch,
@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ernie_jax import model as model_lib
 from ernie_jax.config import ModelConfig
 from ernie_jax.parallel import DEFAULT_RULES, MeshConfig, batch_spec, logical_to_spec, make_mesh
 from ernie_jax.train import tasks
@@ -107,7 +108,7 @@ def train_state_shardings(abs_state, mesh, rules=DEFAULT_RULES):
 def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES):
   """(graphdef, abstract state with shardings as values, ShapeDtypeStruct state for restoring).
   model_cfg: a ModelConfig (text) or a VLConfig (VL)."""
-  model_class = tasks.model_class(model_cfg)
+  model_class = model_lib.model_class(model_cfg)
   abstract = nnx.eval_shape(lambda: TrainState(model_class(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))
   graphdef, abs_state = nnx.split(abstract)
   shardings = train_state_shardings(abs_state, mesh, rules)
@@ -136,7 +137,7 @@ def create_train_state(model_cfg, tx, *, seed: int, mesh, rules=DEFAULT_RULES,
 def _jitted_init(model_cfg: ModelConfig, tx, seed: int, mesh, rules):
   """(graphdef, jitted fresh-state builder), cached so building the same state twice compiles once."""
   graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules)
-  model_class = tasks.model_class(model_cfg)
+  model_class = model_lib.model_class(model_cfg)
   make = lambda: nnx.split(TrainState(model_class(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))[1]
   return graphdef, jax.jit(make, out_shardings=shardings)
 

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ernie_jax.model import ErnieForCausalLM
 from ernie_jax.train import moe_losses
 from ernie_jax.train.losses import lm_loss_sum, mtp_loss_sums, mtp_targets
 
@@ -156,15 +155,6 @@ def is_vl(model_cfg) -> bool:
   from ernie_jax.model.vl import VLConfig
 
   return isinstance(model_cfg, VLConfig)
-
-
-def model_class(model_cfg):
-  """The model class of a config: ErnieForCausalLM (ModelConfig) or the VL model (VLConfig)."""
-  if is_vl(model_cfg):
-    from ernie_jax.model.vl import Ernie45VLForConditionalGeneration
-
-    return Ernie45VLForConditionalGeneration
-  return ErnieForCausalLM
 
 
 def task_for(model_cfg, data_cfg=None):
