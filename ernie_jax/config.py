@@ -96,6 +96,11 @@ class ModelConfig:
     return self.moe_num_experts > 0
 
   @property
+  def is_vl(self) -> bool:
+    """True for the VL config (vision encoder + second expert set)."""
+    return False
+
+  @property
   def num_groups(self) -> int:
     """Query heads per kv head (GQA group size)."""
     return self.num_attention_heads // self.num_key_value_heads

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ernie_jax.model.grouped import experts_loop, experts_sorted
-from ernie_jax.model.router import route
+from ernie_jax.model.moe.dispatch import experts_loop, experts_sorted
+from ernie_jax.model.moe.router import route
 
 
 def _problem(seed=0, tokens=40, hidden=16, inter=12, experts=6, k=3, skew=True):

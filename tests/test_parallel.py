@@ -12,11 +12,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from ernie_jax import ErnieForCausalLM, ModelConfig
-from ernie_jax.model.grouped import experts_loop
-from ernie_jax.model.router import route
+from ernie_jax.model.moe.dispatch import experts_loop
+from ernie_jax.model.moe.router import route
 from ernie_jax.parallel import (DEFAULT_RULES, MeshConfig, ShardingError, batch_spec, logical_to_spec,
                                 make_mesh, shard_model, state_shardings)
-from ernie_jax.parallel.transports.all_to_all import capacity, dispatch_ranks
+from ernie_jax.model.moe.transports.all_to_all import capacity, dispatch_ranks
 from ernie_jax.train import moe_losses as ml
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

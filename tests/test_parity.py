@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ernie_jax
-from ernie_jax.model.rope import apply_rope, rope_angles
+from ernie_jax.model.layers import apply_rope, rope_angles
 from tests import hf_reference as ref
 
 TOL = 1e-5  # max |Δ| <= TOL * max |reference| in fp32

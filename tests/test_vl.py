@@ -104,7 +104,7 @@ def test_3d_rope_slot_assignment():
   assert (axes[44:] == rope3d.T_AXIS).all()
   pos = jnp.asarray([[[3, 3, 3]]])
   cos3, _ = rope3d.mrope_angles(pos, 16, 10000.0, (3, 3, 2))
-  from ernie_jax.model.rope import rope_angles
+  from ernie_jax.model.layers import rope_angles
 
   cos1, _ = rope_angles(jnp.asarray([[3]]), 16, 10000.0)
   np.testing.assert_allclose(cos3, cos1, rtol=1e-6)  # text tokens: plain 1-D RoPE

@@ -13,14 +13,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ernie_jax.model.vl import Ernie45VLForConditionalGeneration, VLConfig
-from ernie_jax.model.vl.moe_vl import VLMoE
+from ernie_jax.model.moe import MoE, vl_expert_sets
 from ernie_jax.train import vl_losses as vll
 
 CFG = VLConfig.tiny(initializer_range=0.3)
 
 
 def _moe(impl="auto", **kw):
-  moe = VLMoE(CFG.replace(moe_impl=impl, **kw), rngs=nnx.Rngs(0))
+  cfg = CFG.replace(moe_impl=impl, **kw)
+  moe = MoE(cfg, vl_expert_sets(cfg), rngs=nnx.Rngs(0))
   for r in (moe.text_router, moe.vision_router):
     r.correction_bias[...] = jax.random.normal(jax.random.key(7), r.correction_bias.shape) * 0.05
   return moe

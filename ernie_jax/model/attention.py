@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.model import fp8
-from ernie_jax.model.common import make_param, normal
-from ernie_jax.model.rope import apply_rope
+from ernie_jax.model.layers import make_param, normal
+from ernie_jax.model.layers import apply_rope
 from ernie_jax.parallel.sharding import constrain
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -85,21 +85,20 @@ def causal_attend(q, k, v, segment_ids: jax.Array | None, chunk: int | None = No
 
 
 class _AttnFp8(nnx.Module):
-  def __init__(self, cfg):
-    self.q, self.k, self.v, self.o = (fp8.make_dot(cfg) for _ in range(4))
+  def __init__(self, recipe: fp8.Fp8Recipe):
+    self.q, self.k, self.v, self.o = (fp8.make_dot(recipe) for _ in range(4))
 
 
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               param_dtype, dtype, init_std: float, rngs: nnx.Rngs, fp8_cfg=None):
+               param_dtype, dtype, init_std: float, rngs: nnx.Rngs, fp8_recipe: fp8.Fp8Recipe | None = None):
     init = normal(init_std)
     self.q = make_param(rngs, init, (hidden, num_heads, head_dim), param_dtype, ("embed", "heads", "head_dim"))
     self.k = make_param(rngs, init, (hidden, num_kv_heads, head_dim), param_dtype, ("embed", "kv_heads", "head_dim"))
     self.v = make_param(rngs, init, (hidden, num_kv_heads, head_dim), param_dtype, ("embed", "kv_heads", "head_dim"))
     self.o = make_param(rngs, init, (num_heads, head_dim, hidden), param_dtype, ("heads", "head_dim", "embed"))
     self.dtype = dtype
-    use_fp8 = fp8_cfg is not None and fp8_cfg.fp8_recipe != "none"
-    self.fp8 = _AttnFp8(fp8_cfg) if use_fp8 else None
+    self.fp8 = None if fp8_recipe is None else _AttnFp8(fp8_recipe)
 
   def _proj(self, name, eq, x, w):
     return fp8.einsum(None if self.fp8 is None else getattr(self.fp8, name), eq, x, w)

@@ -1,26 +1,30 @@
-"""Decoder layers and the scanned layer stack.
+"""Decoder layers and the scanned layer stack, shared by the text and the VL model.
 
 The layer list (dense / MoE per the config's layer rule) is compressed into groups of a repeated
 unit, e.g. 21B: [dense] x1, [moe] x27; interval 2: [dense, moe] x n. Each group's parameters are
 stacked along a leading "layers" axis and applied with `nnx.scan`, so compile time does not grow
 with depth.
+
+The FFN of a layer is given by an `FFN` spec: a dense SwiGLU MLP, or the MoE block with the spec's
+expert sets (text: one set; VL: text and vision). Extra FFN inputs (the VL vision mask) travel as
+`**ffn_inputs` through the blocks and the scan.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ernie_jax.model import fp8
 from ernie_jax.model.attention import Attention, KVCache
-from ernie_jax.model.mlp import MLP
-from ernie_jax.model.moe import MoE
-from ernie_jax.model.norms import RMSNorm
+from ernie_jax.model.layers import MLP, RMSNorm
+from ernie_jax.model.moe.block import ExpertSet, MoE, text_expert_sets
 from ernie_jax.parallel.sharding import constrain
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {
   "full": None,
   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   # ERNIE-style fine-grained recomputation: keep the named matmul outputs, recompute the rest
@@ -32,32 +36,45 @@ _REMAT_POLICIES = {
 }
 
 
+class FFN(NamedTuple):
+  """How a model builds its layers' FFNs: the MoE expert sets and the FP8 recipe (None: no FP8)."""
+
+  expert_sets: tuple[ExpertSet, ...]
+  fp8: fp8.Fp8Recipe | None = None
+
+
+def text_ffn(cfg) -> FFN:
+  return FFN(text_expert_sets(cfg), fp8.Fp8Recipe.of(cfg))
+
+
 class DecoderLayer(nnx.Module):
   """x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x)) with FFN a SwiGLU MLP or the MoE block."""
 
-  def __init__(self, cfg, kind: str, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, kind: str, *, rngs: nnx.Rngs, ffn: FFN | None = None):
+    ffn = text_ffn(cfg) if ffn is None else ffn
     pd, d = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                           cfg.head_dim, param_dtype=pd, dtype=d, init_std=cfg.initializer_range,
-                          rngs=rngs, fp8_cfg=cfg)
+                          rngs=rngs, fp8_recipe=ffn.fp8)
     self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     if kind == "moe":
-      self.mlp = MoE(cfg, rngs=rngs)
+      self.mlp = MoE(cfg, ffn.expert_sets, fp8_recipe=ffn.fp8, rngs=rngs)
     else:
       self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd, dtype=d,
-                     init_std=cfg.initializer_range, rngs=rngs, fp8_cfg=cfg)
+                     init_std=cfg.initializer_range, rngs=rngs, fp8_recipe=ffn.fp8)
     self.kind = kind
 
   def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache: KVCache | None = None,
-               cache_index=None):
+               cache_index=None, **ffn_inputs):
+    """ffn_inputs: extra MoE inputs (the VL model's `vision` mask)."""
     h, cache = self.attn(self.input_norm(x), cos, sin, positions=positions,
                          segment_ids=segment_ids, cache=cache, cache_index=cache_index)
     x = x + h.astype(x.dtype)
     h = self.post_norm(x)
     router = None
     if self.kind == "moe":
-      h, router = self.mlp(h)
+      h, router = self.mlp(h, **ffn_inputs)
     else:
       h = self.mlp(h)
     return constrain(x + h.astype(x.dtype), ("batch", "length", "act_embed")), cache, router
@@ -93,14 +110,14 @@ def layer_locations(kinds: Sequence[str]) -> list[tuple[int, int, int]]:
 class Block(nnx.Module):
   """One repetition of a group's unit: a few consecutive decoder layers."""
 
-  def __init__(self, cfg, unit: tuple[str, ...], *, rngs: nnx.Rngs):
-    self.layers = nnx.List([DecoderLayer(cfg, kind, rngs=rngs) for kind in unit])
+  def __init__(self, cfg, unit: tuple[str, ...], *, rngs: nnx.Rngs, ffn: FFN | None = None):
+    self.layers = nnx.List([DecoderLayer(cfg, kind, rngs=rngs, ffn=ffn) for kind in unit])
 
-  def __call__(self, x, cos, sin, positions, segment_ids, caches, index=None):
+  def __call__(self, x, cos, sin, positions, segment_ids, caches, index=None, **ffn_inputs):
     new_caches, routers = [], []
     for j, layer in enumerate(self.layers):
       x, c, r = layer(x, cos, sin, positions=positions, segment_ids=segment_ids,
-                      cache=None if caches is None else caches[j], cache_index=index)
+                      cache=None if caches is None else caches[j], cache_index=index, **ffn_inputs)
       new_caches.append(c)
       if r is not None:
         routers.append(r)
@@ -110,29 +127,30 @@ class Block(nnx.Module):
 class LayerGroup(nnx.Module):
   """`repeats` stacked copies of a Block, applied with nnx.scan."""
 
-  def __init__(self, cfg, unit: tuple[str, ...], repeats: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, unit: tuple[str, ...], repeats: int, *, rngs: nnx.Rngs, ffn: FFN | None = None):
     @nnx.split_rngs(splits=repeats)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
-      return Block(cfg, unit, rngs=rngs)
+      return Block(cfg, unit, rngs=rngs, ffn=ffn)
 
     self.blocks = make(rngs)
     self.unit = unit
     self.repeats = repeats
     self.remat = cfg.remat
 
-  def __call__(self, x, cos, sin, positions, segment_ids=None, caches=None):
+  def __call__(self, x, cos, sin, positions, segment_ids=None, caches=None, **ffn_inputs):
     """caches: per unit position, a KVCache stacked over the repeats ([R, B, T, K, D]). It travels
     in the scan carry and each layer scatters into its own slice, so decoding updates the cache in
-    place instead of copying it every step."""
+    place instead of copying it every step. ffn_inputs (e.g. the VL vision mask) are the same for
+    every layer."""
 
     def body(block, carry, index):
       x, caches = carry
-      x, caches, routers = block(x, cos, sin, positions, segment_ids, caches, index)
+      x, caches, routers = block(x, cos, sin, positions, segment_ids, caches, index, **ffn_inputs)
       return (x, caches), routers
 
     if self.remat != "none":
-      body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat])
+      body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])
 
     @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
               transform_metadata={nnx.PARTITION_NAME: "layers"})

@@ -18,6 +18,7 @@ program runs emulated (numerically identical, slow).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -162,11 +163,25 @@ class Fp8Dot(nnx.Module):
     return self.output(y)
 
 
-def make_dot(cfg) -> Fp8Dot | None:
-  """An Fp8Dot for a matmul site when the config enables FP8, else None."""
-  if cfg.fp8_recipe == "none":
-    return None
-  return Fp8Dot(cfg.fp8_recipe, cfg.fp8_history_len, cfg.fp8_margin)
+@dataclasses.dataclass(frozen=True)
+class Fp8Recipe:
+  """What the FP8 matmul sites need from the config: the scaling recipe ("delayed" / "current"),
+  the amax history length and the margin. Layers get one of these, or None (no FP8)."""
+
+  recipe: str
+  history_len: int
+  margin: float
+
+  @classmethod
+  def of(cls, cfg) -> "Fp8Recipe | None":
+    """The recipe of a model config, None when it has FP8 off."""
+    if cfg.fp8_recipe == "none":
+      return None
+    return cls(cfg.fp8_recipe, cfg.fp8_history_len, cfg.fp8_margin)
+
+
+def make_dot(recipe: Fp8Recipe) -> Fp8Dot:
+  return Fp8Dot(recipe.recipe, recipe.history_len, recipe.margin)
 
 
 def einsum(fp8: Fp8Dot | None, eq: str, x, w):

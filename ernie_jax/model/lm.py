@@ -1,4 +1,11 @@
-"""ERNIE 4.5 causal language model (dense or MoE) with optional multi-token-prediction modules."""
+"""ERNIE 4.5 causal language models.
+
+`DecoderLM` is the part the text and the VL model share: token embedding, the scanned decoder layer
+groups (`decoder.py`, FFNs per an `FFN` spec), final RMSNorm and LM head (tied to the embedding by
+default; logits in fp32), the KV cache layout, `layer(i)` and the router outputs in layer order.
+`ErnieForCausalLM` is the text model (dense or MoE, 1-D RoPE) with optional multi-token-prediction
+modules; the VL model (`ernie_jax.model.vl.lm_vl`) adds the vision encoder and a second expert set.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,9 @@ from flax import nnx, struct
 
 from ernie_jax.config import ModelConfig
 from ernie_jax.model.attention import KVCache
-from ernie_jax.model.common import make_param, normal
-from ernie_jax.model.decoder import DecoderLayer, LayerGroup, layer_groups, layer_locations
-from ernie_jax.model.router import RouterOutput
-from ernie_jax.model.norms import RMSNorm
-from ernie_jax.model.rope import rope_angles
+from ernie_jax.model.decoder import FFN, DecoderLayer, LayerGroup, layer_groups, layer_locations, text_ffn
+from ernie_jax.model.layers import RMSNorm, make_param, normal, rope_angles
+from ernie_jax.model.moe.router import RouterOutput
 from ernie_jax.parallel.sharding import constrain
 
 
@@ -40,27 +45,62 @@ class MTPLayer(nnx.Module):
     self.block = DecoderLayer(cfg, kind, rngs=rngs)
 
 
-class ErnieForCausalLM(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+class DecoderLM(nnx.Module):
+  """Embedding, decoder layer groups, final norm and LM head (subclasses call `_build` first)."""
+
+  def _build(self, cfg, ffn: FFN, rngs: nnx.Rngs):
     self.config = cfg
     pd = jnp.dtype(cfg.param_dtype)
-    self.embed = make_param(rngs, normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
-                            pd, ("vocab", "embed"))
-    self.groups = nnx.List([LayerGroup(cfg, unit, reps, rngs=rngs)
+    std = cfg.initializer_range
+    self.embed = make_param(rngs, normal(std), (cfg.vocab_size, cfg.hidden_size), pd, ("vocab", "embed"))
+    self.groups = nnx.List([LayerGroup(cfg, unit, reps, rngs=rngs, ffn=ffn)
                             for unit, reps in layer_groups(cfg.layer_kinds)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.lm_head = (None if cfg.tie_word_embeddings else
-                    make_param(rngs, normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
-                               pd, ("embed", "vocab")))
-    self.mtp = (nnx.List([MTPLayer(cfg, d, rngs=rngs) for d in range(cfg.num_mtp_layers)])
-                if cfg.num_mtp_layers else None)
+                    make_param(rngs, normal(std), (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab")))
 
-  # ------------------------------------------------------------------------------------------------
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
 
   def head(self, h: jax.Array) -> jax.Array:
     return lm_logits(self, h)
+
+  def decode_layers(self, x, cos, sin, positions, segment_ids=None, cache=None, **ffn_inputs):
+    """x [B, S, H] through every layer group -> (x, routers stacked in layer order or None,
+    updated cache or None). positions: each token's cache slot."""
+    routers, new_cache = [], []
+    for g, group in enumerate(self.groups):
+      x, c, r = group(x, cos, sin, positions, segment_ids, None if cache is None else cache[g], **ffn_inputs)
+      new_cache.append(c)
+      routers.extend(_layer_major(r))
+    router = None
+    if routers:
+      router = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *routers)
+    return x, router, None if cache is None else tuple(new_cache)
+
+  def layer(self, i: int) -> DecoderLayer:
+    """A standalone copy of decoder layer i (sliced out of its scanned group), for inspection."""
+    g, r, j = layer_locations(self.config.layer_kinds)[i]
+    graphdef, state = nnx.split(self.groups[g].blocks)
+    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
+    return block.layers[j]
+
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    """Zeroed KV cache for `batch` rows of up to `max_len` positions (matches the layer groups)."""
+    c = self.config
+    dtype = jnp.dtype(dtype or c.dtype)
+    shape = lambda reps: (reps, batch, max_len, c.num_key_value_heads, c.head_dim)
+    return tuple(
+      tuple(KVCache(jnp.zeros(shape(g.repeats), dtype), jnp.zeros(shape(g.repeats), dtype))
+            for _ in g.unit)
+      for g in self.groups)
+
+
+class ErnieForCausalLM(DecoderLM):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self._build(cfg, text_ffn(cfg), rngs)
+    self.mtp = (nnx.List([MTPLayer(cfg, d, rngs=rngs) for d in range(cfg.num_mtp_layers)])
+                if cfg.num_mtp_layers else None)
 
   def _rope(self, positions):
     c = self.config
@@ -84,15 +124,8 @@ class ErnieForCausalLM(nnx.Module):
       raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
     cos, sin = self._rope(positions)
     x = constrain(self.embed_tokens(tokens), ("batch", "length", "act_embed"))
-    routers, new_cache = [], []
-    for g, group in enumerate(self.groups):
-      x, c, r = group(x, cos, sin, positions, segment_ids, None if cache is None else cache[g])
-      new_cache.append(c)
-      routers.extend(_layer_major(r))
-    router = None
-    if routers:
-      router = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *routers)
-    return CausalLMOutput(self.head(x), x, router, None if cache is None else tuple(new_cache))
+    x, router, cache = self.decode_layers(x, cos, sin, positions, segment_ids, cache)
+    return CausalLMOutput(self.head(x), x, router, cache)
 
   def mtp_logits(self, tokens: jax.Array, hidden: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> list[jax.Array]:
@@ -117,23 +150,6 @@ class ErnieForCausalLM(nnx.Module):
       h, _, _ = m.block(z, cos, sin, positions=positions, segment_ids=segment_ids)
       out.append(self.head(h))
     return out
-
-  def layer(self, i: int) -> DecoderLayer:
-    """A standalone copy of decoder layer i (sliced out of its scanned group), for inspection."""
-    g, r, j = layer_locations(self.config.layer_kinds)[i]
-    graphdef, state = nnx.split(self.groups[g].blocks)
-    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
-    return block.layers[j]
-
-  def init_cache(self, batch: int, max_len: int, dtype=None):
-    """Zeroed KV cache for `batch` rows of up to `max_len` positions (matches the layer groups)."""
-    c = self.config
-    dtype = jnp.dtype(dtype or c.dtype)
-    shape = lambda reps: (reps, batch, max_len, c.num_key_value_heads, c.head_dim)
-    return tuple(
-      tuple(KVCache(jnp.zeros(shape(g.repeats), dtype), jnp.zeros(shape(g.repeats), dtype))
-            for _ in g.unit)
-      for g in self.groups)
 
 
 def lm_logits(model, h: jax.Array) -> jax.Array:

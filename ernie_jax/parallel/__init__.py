@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis sharding rules and expert parallelism."""
+"""Device meshes and logical-axis sharding rules (expert parallelism lives with the MoE block)."""
 
 from ernie_jax.parallel.mesh import MESH_AXES, MeshConfig, make_mesh
 from ernie_jax.parallel.sharding import (DEFAULT_RULES, ShardingError, batch_spec, logical_to_spec,

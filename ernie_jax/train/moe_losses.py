@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.model.decoder import layer_groups
-from ernie_jax.model.router import RouterOutput
+from ernie_jax.model.moe.router import RouterOutput
 
 
 def _mask(router: RouterOutput, mask):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ernie_jax.model.vl.moe_vl import VLRouterOutput
+from ernie_jax.model.moe.router import VLRouterOutput
 from ernie_jax.train import moe_losses
 
 

@@ -129,6 +129,10 @@ class VLConfig:
     return "moe" in self.layer_kinds
 
   @property
+  def is_vl(self) -> bool:
+    return True
+
+  @property
   def vision_token_ids(self) -> tuple[int, ...]:
     """Tokens routed to the vision experts: placeholders and the image/video start/end tokens."""
     return (self.image_token_id, self.video_token_id, self.image_start_token_id,

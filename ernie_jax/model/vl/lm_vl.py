@@ -1,9 +1,9 @@
 """ERNIE 4.5 VL conditional-generation model: vision tower + resampler + 3-D-RoPE MoE language model.
 
 Forward: token embeddings, with the resampler's outputs written over the image (video) placeholder
-positions in order of appearance; decoder layers (GQA attention with 3-D RoPE angles, then a dense
-SwiGLU MLP or the modality-isolated MoE) stacked per layer group and applied with nnx.scan; final
-RMSNorm; LM head (tied to the embedding by default); logits in fp32.
+positions in order of appearance; then the text model's decoder stack (`DecoderLM`: GQA attention,
+here with 3-D RoPE angles, then a dense SwiGLU MLP or the MoE, here with two expert sets, text and
+vision, selected per token by the vision mask), final RMSNorm and LM head; logits in fp32.
 
 Host-side helpers (`prepare_inputs`) build the (t, h, w) positions and MoE token types from the
 token ids and the static image / video grids; `forward` is a jitted entry point with the grids as
@@ -20,16 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ernie_jax.model.attention import Attention, KVCache
-from ernie_jax.model.common import make_param, normal
-from ernie_jax.model.lm import lm_logits
-from ernie_jax.model.decoder import _REMAT_POLICIES, layer_groups, layer_locations
-from ernie_jax.model.mlp import MLP
-from ernie_jax.model.norms import RMSNorm
+from ernie_jax.model.decoder import FFN
+from ernie_jax.model.lm import DecoderLM
+from ernie_jax.model.moe import VLRouterOutput, vl_expert_sets
 from ernie_jax.model.vl import rope3d
 from ernie_jax.model.vl.config_vl import VLConfig
-from ernie_jax.model.vl.moe_vl import VLMoE, VLRouterOutput
-from ernie_jax.model.vl.resampler import Resampler, output_tokens
+from ernie_jax.model.vl.resampler import Resampler
 from ernie_jax.model.vl.vision import VisionTransformer
 from ernie_jax.parallel.sharding import constrain
 
@@ -45,80 +41,6 @@ class VLOutput:
   cache: Any = None
 
 
-class VLDecoderLayer(nnx.Module):
-  def __init__(self, cfg: VLConfig, kind: str, *, rngs: nnx.Rngs):
-    pd, d = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-    self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                          cfg.head_dim, param_dtype=pd, dtype=d, init_std=cfg.initializer_range, rngs=rngs)
-    self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-    if kind == "moe":
-      self.mlp = VLMoE(cfg, rngs=rngs)
-    else:
-      self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd, dtype=d,
-                     init_std=cfg.initializer_range, rngs=rngs)
-    self.kind = kind
-
-  def __call__(self, x, cos, sin, *, positions, vision, segment_ids=None, cache=None, cache_index=None):
-    h, cache = self.attn(self.input_norm(x), cos, sin, positions=positions, segment_ids=segment_ids,
-                         cache=cache, cache_index=cache_index)
-    x = x + h.astype(x.dtype)
-    h = self.post_norm(x)
-    router = None
-    if self.kind == "moe":
-      h, router = self.mlp(h, vision)
-    else:
-      h = self.mlp(h)
-    return constrain(x + h.astype(x.dtype), ("batch", "length", "act_embed")), cache, router
-
-
-class VLBlock(nnx.Module):
-  def __init__(self, cfg: VLConfig, unit: tuple[str, ...], *, rngs: nnx.Rngs):
-    self.layers = nnx.List([VLDecoderLayer(cfg, kind, rngs=rngs) for kind in unit])
-
-  def __call__(self, x, cos, sin, positions, vision, segment_ids, caches, index=None):
-    new_caches, routers = [], []
-    for j, layer in enumerate(self.layers):
-      x, c, r = layer(x, cos, sin, positions=positions, vision=vision, segment_ids=segment_ids,
-                      cache=None if caches is None else caches[j], cache_index=index)
-      new_caches.append(c)
-      if r is not None:
-        routers.append(r)
-    return x, (None if caches is None else tuple(new_caches)), tuple(routers)
-
-
-class VLLayerGroup(nnx.Module):
-  """`repeats` stacked copies of a VLBlock applied with nnx.scan (the text model's pattern)."""
-
-  def __init__(self, cfg: VLConfig, unit: tuple[str, ...], repeats: int, *, rngs: nnx.Rngs):
-    @nnx.split_rngs(splits=repeats)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(rngs):
-      return VLBlock(cfg, unit, rngs=rngs)
-
-    self.blocks = make(rngs)
-    self.unit = unit
-    self.repeats = repeats
-    self.remat = cfg.remat
-
-  def __call__(self, x, cos, sin, positions, vision, segment_ids=None, caches=None):
-    def body(block, carry, index):
-      x, caches = carry
-      x, caches, routers = block(x, cos, sin, positions, vision, segment_ids, caches, index)
-      return (x, caches), routers
-
-    if self.remat != "none":
-      body = nnx.remat(body, policy=_REMAT_POLICIES[self.remat])
-
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def scan_fn(block, carry, index):
-      return body(block, carry, index)
-
-    (x, caches), routers = scan_fn(self.blocks, (x, caches), jnp.arange(self.repeats))
-    return x, caches, routers
-
-
 def merge_embeddings(x: jax.Array, tokens: jax.Array, features: jax.Array, token_id: int) -> jax.Array:
   """Replace x[b, s] where tokens[b, s] == token_id by the next row of `features` (row-major order
   over the batch, like the reference's masked_scatter)."""
@@ -128,31 +50,21 @@ def merge_embeddings(x: jax.Array, tokens: jax.Array, features: jax.Array, token
   return jnp.where(mask[..., None], rows.reshape(x.shape), x)
 
 
-class Ernie45VLForConditionalGeneration(nnx.Module):
+class Ernie45VLForConditionalGeneration(DecoderLM):
+  """The text model's decoder (`DecoderLM`) with the VL expert sets (text, vision) in its MoE
+  layers and 3-D RoPE, plus the vision transformer and the resampler."""
+
   def __init__(self, cfg: VLConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
+    self._build(cfg, FFN(vl_expert_sets(cfg), None), rngs)
     pd = jnp.dtype(cfg.param_dtype)
-    std = cfg.initializer_range
-    self.embed = make_param(rngs, normal(std), (cfg.vocab_size, cfg.hidden_size), pd, ("vocab", "embed"))
-    self.groups = nnx.List([VLLayerGroup(cfg, unit, reps, rngs=rngs)
-                            for unit, reps in layer_groups(cfg.layer_kinds)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-    self.lm_head = (None if cfg.tie_word_embeddings else
-                    make_param(rngs, normal(std), (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab")))
     self.vision_model = VisionTransformer(cfg.vision, param_dtype=pd, dtype=jnp.dtype(cfg.dtype),
-                                          init_std=std, remat=cfg.remat, rngs=rngs)
+                                          init_std=cfg.initializer_range, remat=cfg.remat, rngs=rngs)
     self.resampler = Resampler(cfg, rngs=rngs)
 
   # ------------------------------------------------------------------------------------------------
-  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
-
   def encode_vision(self, pixel_values: jax.Array, grid_thw: Grid) -> jax.Array:
     """Patches [N, C*p*p] of images / videos with static grids -> LM embeddings [M, hidden]."""
     return self.resampler(self.vision_model(pixel_values, grid_thw), grid_thw)
-
-  def head(self, h: jax.Array) -> jax.Array:
-    return lm_logits(self, h)
 
   def vision_mask(self, tokens: jax.Array) -> jax.Array:
     """Tokens the MoE routes to the vision experts: placeholders and image/video start/end tokens."""
@@ -202,33 +114,8 @@ class Ernie45VLForConditionalGeneration(nnx.Module):
       raise ValueError("cache_positions (the cache slot of every token) are required with a cache")
     slots = cache_positions if cache is not None else jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin = rope3d.mrope_angles(positions, c.head_dim, c.rope_theta, c.mrope_section)
-    routers, new_cache = [], []
-    for g, group in enumerate(self.groups):
-      x, cg, r = group(x, cos, sin, slots, vision, segment_ids, None if cache is None else cache[g])
-      new_cache.append(cg)
-      routers.extend(_layer_major(r))
-    router = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *routers) if routers else None
-    return VLOutput(self.head(x), x, router, vision, None if cache is None else tuple(new_cache))
-
-  def layer(self, i: int) -> VLDecoderLayer:
-    """A standalone copy of decoder layer i (sliced out of its scanned group), for inspection."""
-    g, r, j = layer_locations(self.config.layer_kinds)[i]
-    graphdef, state = nnx.split(self.groups[g].blocks)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state)).layers[j]
-
-  def init_cache(self, batch: int, max_len: int, dtype=None):
-    c = self.config
-    dtype = jnp.dtype(dtype or c.dtype)
-    shape = lambda reps: (reps, batch, max_len, c.num_key_value_heads, c.head_dim)
-    return tuple(tuple(KVCache(jnp.zeros(shape(g.repeats), dtype), jnp.zeros(shape(g.repeats), dtype))
-                       for _ in g.unit) for g in self.groups)
-
-
-def _layer_major(routers):
-  if not routers:
-    return []
-  stacked = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *routers)  # [R, P, ...]
-  return [jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stacked)]
+    x, router, cache = self.decode_layers(x, cos, sin, slots, segment_ids, cache, vision=vision)
+    return VLOutput(self.head(x), x, router, vision, cache)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +182,3 @@ def forward(model: Ernie45VLForConditionalGeneration, input_ids, *, pixel_values
                       graphdef=graphdef, image_grid=_grid(image_grid_thw), video_grid=_grid(video_grid_thw),
                       text_only=False)
 
-
-def image_token_count(cfg: VLConfig, grid: Sequence[int]) -> int:
-  """Placeholders of one image / video grid (what the resampler emits for it)."""
-  return output_tokens(grid, cfg.vision.spatial_merge_size)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie_jax.model.norms import RMSNorm
+from ernie_jax.model.layers import RMSNorm
 from ernie_jax.model.vl.config_vl import VLConfig
 from ernie_jax.model.vl.vision import LayerNorm, Linear
 

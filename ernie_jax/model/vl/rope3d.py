@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ernie_jax.model.rope import inv_frequencies
+from ernie_jax.model.layers import inv_frequencies
 
 T_AXIS, H_AXIS, W_AXIS = 0, 1, 2
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ernie_jax.model.grouped import _combine, _sort_by_expert, grouped_swiglu
+from ernie_jax.model.moe.dispatch import combine, sort_by_expert, grouped_swiglu
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -52,7 +52,7 @@ def ragged_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
   n = jax.lax.axis_size(axis)
   me = jax.lax.axis_index(axis)
   e_local = gate.shape[0]
-  order, token_of, group_sizes = _sort_by_expert(idx, n * e_local)
+  order, token_of, group_sizes = sort_by_expert(idx, n * e_local)
   xs = x[token_of]  # [N, H] grouped by destination device, then local expert
   counts = group_sizes.reshape(n, e_local)  # [dest, local expert]
   send_sizes = counts.sum(-1)
@@ -76,4 +76,4 @@ def ragged_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
   all_inputs = jax.lax.all_gather(input_offsets, axis)  # [source, dest]
   back = a2a(ys, jnp.zeros_like(xs), recv_offsets, recv_sizes, all_inputs[:, me], send_sizes,
              axis_name=axis)
-  return _combine(back, order, weights).astype(x.dtype), jnp.zeros((), jnp.int32)
+  return combine(back, order, weights).astype(x.dtype), jnp.zeros((), jnp.int32)

@@ -6,9 +6,9 @@
 `idx` holds global expert ids; device d of the `axis` group owns experts [d*E_local, (d+1)*E_local).
 """
 
-from ernie_jax.parallel.transports.all_to_all import all_to_all_transport
-from ernie_jax.parallel.transports.allgather import allgather_transport
-from ernie_jax.parallel.transports.ragged import ragged_transport
+from ernie_jax.model.moe.transports.all_to_all import all_to_all_transport
+from ernie_jax.model.moe.transports.allgather import allgather_transport
+from ernie_jax.model.moe.transports.ragged import ragged_transport
 
 TRANSPORTS = {
   "all_to_all": all_to_all_transport,

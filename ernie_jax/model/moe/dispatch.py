@@ -7,6 +7,11 @@ Three implementations of the same function `y[t] = sum_j w[t,j] * Expert_{idx[t,
   multiplies each block by its expert's weights (efficient on CPU; waste <= E blocks);
 * `loop`: every expert applied to every token, masked by the routing weights (the test oracle).
 All are dropless and differentiable.
+
+`sort_by_expert`, `grouped_swiglu`, `combine` and `silu_gate` are the building blocks the
+expert-parallel transports (`ernie_jax.model.moe.transports`) share. `mask_assignments` restricts an
+expert set to some tokens (the VL modalities): the others get an out-of-range expert id, so the sort
+puts them after the last group and the grouped matmul never computes them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _silu_gate(a: jax.Array, b: jax.Array, act=None) -> jax.Array:
+def silu_gate(a: jax.Array, b: jax.Array, act=None) -> jax.Array:
   """The SwiGLU intermediate silu(a) * b; `act` (e.g. an FP8 quantiser) is applied to it before the
   down projection."""
   h = jax.nn.silu(a) * b
@@ -28,7 +33,7 @@ def experts_loop(x, gate, up, down, idx, weights, act=None):
   `act` sees the whole intermediate at once (rows of unrouted tokens are zero)."""
   num_experts = gate.shape[0]
   routed = jnp.stack([jnp.any(idx == e, axis=-1) for e in range(num_experts)])  # [E, T]
-  h = jnp.stack([_silu_gate(x @ gate[e], x @ up[e]) for e in range(num_experts)])  # [E, T, I]
+  h = jnp.stack([silu_gate(x @ gate[e], x @ up[e]) for e in range(num_experts)])  # [E, T, I]
   h = jnp.where(routed[..., None], h, 0)
   if act is not None:
     h = act(h)
@@ -39,7 +44,7 @@ def experts_loop(x, gate, up, down, idx, weights, act=None):
   return y.astype(x.dtype)
 
 
-def _sort_by_expert(idx: jax.Array, num_experts: int):
+def sort_by_expert(idx: jax.Array, num_experts: int):
   """Flatten the (token, slot) assignments and order them by expert (stable)."""
   flat = idx.reshape(-1)
   order = jnp.argsort(flat, stable=True)
@@ -48,7 +53,7 @@ def _sort_by_expert(idx: jax.Array, num_experts: int):
   return order, token_of, group_sizes
 
 
-def _combine(out_sorted, order, weights):
+def combine(out_sorted, order, weights):
   """Undo the sort and sum each token's k expert outputs with its routing weights."""
   t, k = weights.shape
   inverse = jnp.argsort(order)
@@ -87,7 +92,7 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None):
   sum(group_sizes) give zeros. xs [N, H]; gate/up [G, H, I]; down [G, I, H]; group_sizes [G]."""
   if impl == "ragged_dot":
     rd = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-    return rd(_silu_gate(rd(xs, gate), rd(xs, up), act), down)
+    return rd(silu_gate(rd(xs, gate), rd(xs, up), act), down)
   if impl != "blocked":
     raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
   rows = xs.shape[0]
@@ -95,7 +100,7 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None):
   dest, block_group, num_blocks = _blocked_layout(group_sizes, rows, block)
   buf = jnp.zeros((num_blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
   buf = buf.reshape(num_blocks, block, -1)
-  h = jax.lax.map(lambda a: _silu_gate(a[0] @ gate[a[1]], a[0] @ up[a[1]]), (buf, block_group))
+  h = jax.lax.map(lambda a: silu_gate(a[0] @ gate[a[1]], a[0] @ up[a[1]]), (buf, block_group))
   if act is not None:  # on the whole intermediate (padding rows are zero)
     h = act(h)
   out = jax.lax.map(lambda a: a[0] @ down[a[1]], (h, block_group))
@@ -104,9 +109,9 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None):
 
 def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot", act=None):
   """Dropless sorted dispatch. Same signature and result as `experts_loop`."""
-  order, token_of, group_sizes = _sort_by_expert(idx, gate.shape[0])
+  order, token_of, group_sizes = sort_by_expert(idx, gate.shape[0])
   out = grouped_swiglu(x[token_of], group_sizes, gate, up, down, impl, act)
-  return _combine(out, order, weights).astype(x.dtype)
+  return combine(out, order, weights).astype(x.dtype)
 
 
 def resolve_impl(impl: str) -> str:
@@ -121,3 +126,12 @@ def routed_experts(x, gate, up, down, idx, weights, impl: str = "auto", act=None
   if impl == "loop":
     return experts_loop(x, gate, up, down, idx, weights, act)
   return experts_sorted(x, gate, up, down, idx, weights, impl, act)
+
+
+def mask_assignments(idx, weights, member, num_experts: int, dtype):
+  """(idx, weights) with the assignments of tokens outside `member` [T] sent to the out-of-range
+  expert `num_experts` with weight 0; weights cast to `dtype`. member None: every token."""
+  if member is None:
+    return idx, weights.astype(dtype)
+  return (jnp.where(member[:, None], idx, num_experts),
+          jnp.where(member[:, None], weights, 0).astype(dtype))

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ernie_jax.model.grouped import _silu_gate
+from ernie_jax.model.moe.dispatch import silu_gate
 
 
 def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
@@ -53,7 +53,7 @@ def all_to_all_transport(x, idx, weights, gate, up, down, *, axis: str, impl: st
   recv = jax.lax.all_to_all(send.reshape(n, e_local * c, h), axis, 0, 0)
   xe = recv.reshape(n, e_local, c, h).transpose(1, 0, 2, 3).reshape(e_local, n * c, h)
   d = x.dtype
-  he = _silu_gate(jnp.einsum("ech,ehi->eci", xe, gate.astype(d)), jnp.einsum("ech,ehi->eci", xe, up.astype(d)), act)
+  he = silu_gate(jnp.einsum("ech,ehi->eci", xe, gate.astype(d)), jnp.einsum("ech,ehi->eci", xe, up.astype(d)), act)
   ye = jnp.einsum("eci,eih->ech", he, down.astype(d))
   back = ye.reshape(e_local, n, c, h).transpose(1, 0, 2, 3).reshape(n, e_local * c, h)
   out = jax.lax.all_to_all(back, axis, 0, 0).reshape(num_experts * c, h)

@@ -1,0 +1,130 @@
+"""Expert-parallel MoE: route locally, exchange tokens so each device computes only its own
+experts, send results back, combine with the router weights — all inside one `jax.shard_map` over
+the mesh's `expert` axis, with tokens also split over the data-like axes.
+
+One wrapper serves one or more expert sets (the text MoE has one, the VL MoE two: text and vision).
+A set may be restricted to some tokens (`member`); the other tokens' assignments go nowhere. The
+transport (how tokens travel) is chosen by name (`ModelConfig.moe_transport`), see
+`ernie_jax.model.moe.transports`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ernie_jax.model.moe.router import RouterOutput, route
+from ernie_jax.model.moe.transports import TRANSPORTS
+from ernie_jax.model.moe.transports.all_to_all import capacity, dispatch_ranks
+
+EXPERT_AXIS = "expert"
+TOKEN_AXES = ("data", "fsdp", "expert")  # tokens of one shard_map block: split over all of these
+
+
+class ExpertSetInputs(NamedTuple):
+  """One expert set's arrays: router kernel [H, E] and correction bias [E] (or None), stacked
+  expert weights gate/up [E, H, I], down [E, I, H], and the tokens it serves (member [T] bool,
+  None = all)."""
+
+  kernel: jax.Array
+  bias: jax.Array | None
+  gate: jax.Array
+  up: jax.Array
+  down: jax.Array
+  member: jax.Array | None = None
+
+
+def active_mesh():
+  """The mesh set with `jax.set_mesh`, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or EXPERT_AXIS not in mesh.shape:
+    return None
+  return mesh
+
+
+def _masked_transport(fn, name, x, member, idx, weights, gate, up, down, *, axis, impl, capacity_factor,
+                      norm_min, act):
+  """One expert set restricted to the tokens of `member`, inside shard_map (local tokens)."""
+  n = jax.lax.axis_size(axis)
+  num_experts = n * gate.shape[0]
+  weights = jnp.where(member[:, None], weights, 0).astype(x.dtype)
+  if name == "all_to_all":
+    # Capacity slots are taken in token-major order: put this set's tokens first so the other
+    # tokens (weight 0) only fill slots no real assignment wanted.
+    perm = jnp.argsort(~member, stable=True)
+    y, _ = fn(x[perm], idx[perm], weights[perm], gate, up, down, axis=axis, impl=impl,
+              capacity_factor=capacity_factor, norm_min=norm_min, act=act)
+    y = jnp.zeros_like(y).at[perm].set(y)
+    c = capacity(x.shape[0], idx.shape[1], num_experts, capacity_factor)
+    kept = (dispatch_ranks(idx[perm], num_experts) < c).reshape(idx.shape)
+    return y, jnp.sum(~kept & member[perm][:, None]).astype(jnp.int32)
+  idx = jnp.where(member[:, None], idx, num_experts)  # routed nowhere
+  return fn(x, idx, weights, gate, up, down, axis=axis, impl=impl, capacity_factor=capacity_factor,
+            norm_min=norm_min, act=act)
+
+
+def expert_parallel_moe(x, sets, *, k: int, norm_min: float, transport: str, impl: str,
+                        capacity_factor: float, act=None, router_input=None):
+  """x [T, H] (tokens), sets: ExpertSetInputs -> (y [T, H], [RouterOutput per set], with `dropped`
+  summed over the token shards).
+
+  router_input: what the routers see (default x; with FP8, x is the quantised expert input and
+  the router gets the full-precision tokens).
+
+  act(h, reduce_axes): optional transform of the SwiGLU intermediate (the FP8 quantiser; it
+  reduces its amax over `reduce_axes`, the mesh axes the tokens are split over).
+
+  The outputs of sets restricted by `member` are summed onto zeros; a single unrestricted set's
+  output is returned as is."""
+  mesh = active_mesh()
+  fn = TRANSPORTS[transport]
+  token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1 or a == EXPERT_AXIS)
+  n_shards = 1
+  for a in token_axes:
+    n_shards *= mesh.shape[a]
+  if x.shape[0] % n_shards:
+    raise ValueError(f"expert parallelism: {x.shape[0]} tokens are not divisible by the "
+                     f"{n_shards} token shards of mesh axes {token_axes}")
+  for s in sets:
+    if s.gate.shape[0] % mesh.shape[EXPERT_AXIS]:
+      raise ValueError(f"expert parallelism: {s.gate.shape[0]} experts are not divisible by the "
+                       f"mesh's expert axis ({mesh.shape[EXPERT_AXIS]})")
+  tok, row, ex = P(token_axes or None, None), P(token_axes or None), P(EXPERT_AXIS)
+  router_input = x if router_input is None else router_input
+  local_act = None if act is None else (lambda h: act(h, token_axes))
+  args, specs = [x, router_input], [tok, tok]
+  for s in sets:
+    bias = jnp.zeros((s.kernel.shape[-1],), jnp.float32) if s.bias is None else s.bias
+    args += [s.kernel, bias, s.gate, s.up, s.down]
+    specs += [P(), P(), ex, ex, ex]
+    if s.member is not None:
+      args.append(s.member)
+      specs.append(row)
+
+  def local(x, xr, *rest):
+    y, routers, i = None, [], 0
+    for s in sets:
+      kernel, bias, gate, up, down = rest[i:i + 5]
+      i += 5
+      r = route(xr, kernel, None if s.bias is None else bias, k, norm_min)
+      if s.member is None:
+        yi, dropped = fn(x, r.indices, r.weights.astype(x.dtype), gate, up, down, axis=EXPERT_AXIS,
+                         impl=impl, capacity_factor=capacity_factor, norm_min=norm_min, act=local_act)
+      else:
+        member = rest[i]
+        i += 1
+        y = jnp.zeros_like(x) if y is None else y
+        yi, dropped = _masked_transport(fn, transport, x, member, r.indices, r.weights, gate, up, down,
+                                        axis=EXPERT_AXIS, impl=impl, capacity_factor=capacity_factor,
+                                        norm_min=norm_min, act=local_act)
+      y = yi if y is None else y + yi
+      routers.append(r.replace(dropped=dropped.reshape(1)))
+    return y, routers
+
+  router_spec = RouterOutput(tok, tok, tok, tok, row)
+  y, routers = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs),
+                             out_specs=(tok, [router_spec] * len(sets)))(*args)
+  return y, [r.replace(dropped=jnp.sum(r.dropped)) for r in routers]
