@@ -22,6 +22,7 @@ from ernie_jax.config import ModelConfig
 from ernie_jax.interop import convert, hf, orbax_io
 from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
 from ernie_jax.model import fp8, model_class
+from ernie_jax.parallel.sharding import with_rules
 
 
 def abstract_model(cfg):
@@ -126,4 +127,4 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
   flat = nnx.to_flat_state(abstract)
   for key, var in flat:
     var.set_value(arrays["/".join(str(k) for k in key)])
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return with_rules(nnx.merge(graphdef, nnx.from_flat_state(flat)), rules)

@@ -201,3 +201,35 @@ def test_from_pretrained_loads_straight_into_sharded_layout(tmp_path):
   assert _rel(logits, expected) <= 1e-5
   # activations carry logical names too: logits are [batch, length, act_vocab]
   assert logits.sharding.spec == jax.sharding.PartitionSpec(("data", "expert"), None, "tensor")
+
+
+def _logits_spec(model, mesh, tokens):
+  with jax.set_mesh(mesh):
+    logits = nnx.jit(lambda m, t: m(t).logits)(model, jax.device_put(tokens, NamedSharding(mesh, batch_spec(mesh))))
+  spec = tuple(logits.sharding.spec)
+  return spec + (None,) * (logits.ndim - len(spec))
+
+
+@pytest.mark.parametrize("load", ["shard_model", "from_pretrained"])
+def test_custom_rules_reach_the_activations(tmp_path, load):
+  """Rules given to shard_model / from_pretrained shard the activations too (not only the params):
+  with 'act_vocab' replicated instead of on 'tensor', the constrained logits are replicated there."""
+  import ernie_jax
+  from tests import hf_reference as ref
+
+  mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+  rules = tuple((k, None) if k == "act_vocab" else (k, v) for k, v in DEFAULT_RULES)
+  if load == "shard_model":
+    cfg = ModelConfig.tiny_dense(num_key_value_heads=2)
+    make = lambda rules: shard_model(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    vocab = cfg.vocab_size
+  else:
+    torch_model = ref.build("dense", seed=5, num_key_value_heads=2)
+    path = ref.save(torch_model, tmp_path / "hf")
+    make = lambda rules: ernie_jax.from_pretrained(path, mesh=mesh, rules=rules)
+    vocab = torch_model.config.vocab_size
+  tokens = ref.random_tokens(vocab, (4, 8))
+  assert _logits_spec(make(DEFAULT_RULES), mesh, tokens)[2] == "tensor"
+  custom = make(rules)
+  assert custom.sharding_rules == rules
+  assert _logits_spec(custom, mesh, tokens) == (("data", "expert"), None, None)

@@ -41,6 +41,7 @@ from etils import epath
 from ernie_jax.config import ModelConfig
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.model.vl.config_vl import VLConfig
+from ernie_jax.parallel.sharding import with_rules
 
 FORMAT = "ernie_jax"
 VERSION = 1
@@ -422,7 +423,7 @@ def load_model(path: str | os.PathLike, *, config: ModelConfig | None = None, me
     from ernie_jax.parallel import DEFAULT_RULES, state_shardings
 
     shardings = state_shardings(abstract, mesh, rules or DEFAULT_RULES)
-  return nnx.merge(graphdef, load_state(path, abstract, shardings))
+  return with_rules(nnx.merge(graphdef, load_state(path, abstract, shardings)), rules)
 
 
 class OrbaxReader:

@@ -105,7 +105,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, positions: jax.Array,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-               cache_index=None):
+               cache_index=None, rules=None):
     """cache: one layer's KVCache [B, T, K, D], or, with `cache_index`, a stack [R, B, T, K, D] of
     which slice `cache_index` is this layer's (updated in place)."""
     d = self.dtype
@@ -115,7 +115,7 @@ class Attention(nnx.Module):
     v = self._proj("v", "bsh,hnd->bsnd", x, self.v[...].astype(d))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     heads = ("batch", "length", "act_heads", None)
-    q, k, v = (checkpoint_name(constrain(t, heads), "qkv") for t in (q, k, v))
+    q, k, v = (checkpoint_name(constrain(t, heads, rules), "qkv") for t in (q, k, v))
     b, s = x.shape[:2]
     if cache is None:
       out = causal_attend(q, k, v, segment_ids)

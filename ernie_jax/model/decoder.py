@@ -66,10 +66,11 @@ class DecoderLayer(nnx.Module):
     self.kind = kind
 
   def __call__(self, x, cos, sin, *, positions, segment_ids=None, cache: KVCache | None = None,
-               cache_index=None, **ffn_inputs):
-    """ffn_inputs: extra MoE inputs (the VL model's `vision` mask)."""
+               cache_index=None, rules=None, **ffn_inputs):
+    """ffn_inputs: extra MoE inputs (the VL model's `vision` mask). rules: sharding rules of the
+    activation constraints (None: DEFAULT_RULES)."""
     h, cache = self.attn(self.input_norm(x), cos, sin, positions=positions,
-                         segment_ids=segment_ids, cache=cache, cache_index=cache_index)
+                         segment_ids=segment_ids, cache=cache, cache_index=cache_index, rules=rules)
     x = x + h.astype(x.dtype)
     h = self.post_norm(x)
     router = None
@@ -77,7 +78,7 @@ class DecoderLayer(nnx.Module):
       h, router = self.mlp(h, **ffn_inputs)
     else:
       h = self.mlp(h)
-    return constrain(x + h.astype(x.dtype), ("batch", "length", "act_embed")), cache, router
+    return constrain(x + h.astype(x.dtype), ("batch", "length", "act_embed"), rules), cache, router
 
 
 def layer_groups(kinds: Sequence[str], max_unit: int = 4) -> list[tuple[tuple[str, ...], int]]:
@@ -113,11 +114,11 @@ class Block(nnx.Module):
   def __init__(self, cfg, unit: tuple[str, ...], *, rngs: nnx.Rngs, ffn: FFN | None = None):
     self.layers = nnx.List([DecoderLayer(cfg, kind, rngs=rngs, ffn=ffn) for kind in unit])
 
-  def __call__(self, x, cos, sin, positions, segment_ids, caches, index=None, **ffn_inputs):
+  def __call__(self, x, cos, sin, positions, segment_ids, caches, index=None, rules=None, **ffn_inputs):
     new_caches, routers = [], []
     for j, layer in enumerate(self.layers):
       x, c, r = layer(x, cos, sin, positions=positions, segment_ids=segment_ids,
-                      cache=None if caches is None else caches[j], cache_index=index, **ffn_inputs)
+                      cache=None if caches is None else caches[j], cache_index=index, rules=rules, **ffn_inputs)
       new_caches.append(c)
       if r is not None:
         routers.append(r)
@@ -138,7 +139,7 @@ class LayerGroup(nnx.Module):
     self.repeats = repeats
     self.remat = cfg.remat
 
-  def __call__(self, x, cos, sin, positions, segment_ids=None, caches=None, **ffn_inputs):
+  def __call__(self, x, cos, sin, positions, segment_ids=None, caches=None, rules=None, **ffn_inputs):
     """caches: per unit position, a KVCache stacked over the repeats ([R, B, T, K, D]). It travels
     in the scan carry and each layer scatters into its own slice, so decoding updates the cache in
     place instead of copying it every step. ffn_inputs (e.g. the VL vision mask) are the same for
@@ -146,7 +147,7 @@ class LayerGroup(nnx.Module):
 
     def body(block, carry, index):
       x, caches = carry
-      x, caches, routers = block(x, cos, sin, positions, segment_ids, caches, index, **ffn_inputs)
+      x, caches, routers = block(x, cos, sin, positions, segment_ids, caches, index, rules, **ffn_inputs)
       return (x, caches), routers
 
     if self.remat != "none":

@@ -46,7 +46,12 @@ class MTPLayer(nnx.Module):
 
 
 class DecoderLM(nnx.Module):
-  """Embedding, decoder layer groups, final norm and LM head (subclasses call `_build` first)."""
+  """Embedding, decoder layer groups, final norm and LM head (subclasses call `_build` first).
+
+  `sharding_rules`: the logical-axis rules of the activation constraints (None: DEFAULT_RULES; set
+  with `ernie_jax.parallel.sharding.with_rules`)."""
+
+  sharding_rules = None
 
   def _build(self, cfg, ffn: FFN, rngs: nnx.Rngs):
     self.config = cfg
@@ -70,7 +75,8 @@ class DecoderLM(nnx.Module):
     updated cache or None). positions: each token's cache slot."""
     routers, new_cache = [], []
     for g, group in enumerate(self.groups):
-      x, c, r = group(x, cos, sin, positions, segment_ids, None if cache is None else cache[g], **ffn_inputs)
+      x, c, r = group(x, cos, sin, positions, segment_ids, None if cache is None else cache[g],
+                      self.sharding_rules, **ffn_inputs)
       new_cache.append(c)
       routers.extend(_layer_major(r))
     router = None
@@ -123,7 +129,7 @@ class ErnieForCausalLM(DecoderLM):
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
     cos, sin = self._rope(positions)
-    x = constrain(self.embed_tokens(tokens), ("batch", "length", "act_embed"))
+    x = constrain(self.embed_tokens(tokens), ("batch", "length", "act_embed"), self.sharding_rules)
     x, router, cache = self.decode_layers(x, cos, sin, positions, segment_ids, cache)
     return CausalLMOutput(self.head(x), x, router, cache)
 
@@ -147,7 +153,7 @@ class ErnieForCausalLM(DecoderLM):
       e = m.emb_norm(self.embed_tokens(shifted))
       z = jnp.concatenate([e, m.hidden_norm(h.astype(e.dtype))], axis=-1)
       z = z @ m.proj[...].astype(z.dtype)
-      h, _, _ = m.block(z, cos, sin, positions=positions, segment_ids=segment_ids)
+      h, _, _ = m.block(z, cos, sin, positions=positions, segment_ids=segment_ids, rules=self.sharding_rules)
       out.append(self.head(h))
     return out
 
@@ -160,7 +166,7 @@ def lm_logits(model, h: jax.Array) -> jax.Array:
     logits = jnp.einsum("bsh,vh->bsv", y, model.embed[...].astype(d), preferred_element_type=jnp.float32)
   else:
     logits = jnp.einsum("bsh,hv->bsv", y, model.lm_head[...].astype(d), preferred_element_type=jnp.float32)
-  return constrain(logits, ("batch", "length", "act_vocab"))
+  return constrain(logits, ("batch", "length", "act_vocab"), model.sharding_rules)
 
 
 def _layer_major(routers: tuple[RouterOutput, ...]) -> list[RouterOutput]:

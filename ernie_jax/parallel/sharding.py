@@ -5,11 +5,14 @@ Every parameter carries logical axis names (metadata `out_sharding`, e.g. ('laye
 or None (replicated). `state_shardings` turns a model state into NamedShardings; `shard_model` builds
 a model directly in that layout (parameters are created inside a jitted function with those
 output shardings, so the full model never sits on one device).
+
+Activations are constrained with `constrain(x, axes, rules)`; the models pass their
+`sharding_rules` (set by `with_rules`, e.g. by `shard_model` / `from_pretrained` given custom
+rules; None means DEFAULT_RULES) explicitly down to every constraint.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import jax
@@ -43,27 +46,23 @@ class ShardingError(ValueError):
   pass
 
 
-_ACTIVE_RULES: list[Rules] = [DEFAULT_RULES]
-
-
-@contextlib.contextmanager
-def use_rules(rules: Rules):
-  """Rules used for activation sharding constraints inside the model (default DEFAULT_RULES)."""
-  _ACTIVE_RULES.append(tuple(rules))
-  try:
-    yield
-  finally:
-    _ACTIVE_RULES.pop()
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint from logical activation axes when a mesh is set (`jax.set_mesh`);
-  a no-op otherwise."""
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+  """Sharding constraint from logical activation axes (mapped by `rules`, default DEFAULT_RULES)
+  when a mesh is set (`jax.set_mesh`); a no-op otherwise."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
-  spec = logical_to_spec(axes, x.shape, _ACTIVE_RULES[-1], mesh, what=f"activation {tuple(axes)}")
+  spec = logical_to_spec(axes, x.shape, DEFAULT_RULES if rules is None else rules, mesh,
+                         what=f"activation {tuple(axes)}")
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def with_rules(model: nnx.Module, rules: Rules | None) -> nnx.Module:
+  """Record custom rules on a model (its `sharding_rules`), so its forward constrains the
+  activations with the same rules its parameters were sharded with. None / DEFAULT_RULES: no-op."""
+  if rules is not None and tuple(rules) != tuple(DEFAULT_RULES):
+    model.sharding_rules = tuple(tuple(r) if isinstance(r, list) else r for r in rules)
+  return model
 
 
 def _lookup(rules: Rules, name: str | None):
@@ -129,7 +128,7 @@ def shard_model(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAU
   shardings = state_shardings(abs_state, mesh, rules)
   with jax.set_mesh(mesh):
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+  return with_rules(nnx.merge(graphdef, state), rules)
 
 
 def batch_spec(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> P:

@@ -103,7 +103,7 @@ class Ernie45VLForConditionalGeneration(DecoderLM):
       video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw)
     if video_embeds is not None:
       x = merge_embeddings(x, tokens, video_embeds, c.video_token_id)
-    x = constrain(x, ("batch", "length", "act_embed"))
+    x = constrain(x, ("batch", "length", "act_embed"), self.sharding_rules)
     if text_only:
       vision = None
     elif token_types is None:
