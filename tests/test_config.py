@@ -8,6 +8,7 @@ import pytest
 
 from ernie_jax import ConfigError, ModelConfig
 from ernie_jax.model.decoder import layer_groups, layer_locations
+from ernie_jax.interop import hf_config, paddle_config
 
 
 def test_presets_match_spec():
@@ -44,9 +45,9 @@ def _hf_moe(**kw):
 
 def test_from_hf(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(_hf_moe()))
-  c = ModelConfig.from_hf(tmp_path)
+  c = hf_config.read_text(tmp_path)
   assert c.moe_layer_end_index == 3 and c.head_dim == 16 and c.rope_theta == 500000.0
-  dense = ModelConfig.from_hf(dict(model_type="ernie4_5", vocab_size=100, hidden_size=64,
+  dense = hf_config.read_text(dict(model_type="ernie4_5", vocab_size=100, hidden_size=64,
                                    intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=1))
   assert dense.head_dim == 128 and not dense.is_moe  # the HF dense default
@@ -58,7 +59,7 @@ def test_from_paddle_list_fields_and_defaults():
            moe_intermediate_size=[32, 16], moe_num_shared_experts=1, moe_layer_start_index=[1, 1],
            moe_layer_end_index=[3, 3], moe_use_aux_free=True, num_nextn_predict_layers=1,
            tie_word_embeddings=True)
-  c = ModelConfig.from_paddle(d)
+  c = paddle_config.read_text(d)
   assert (c.moe_num_experts, c.moe_intermediate_size, c.moe_layer_start_index) == (8, 32, 1)
   assert c.rope_theta == 10000.0 and c.rms_norm_eps == 1e-6  # PaddleFormers defaults
   assert c.num_mtp_layers == 1
@@ -87,15 +88,15 @@ def test_contradictions_name_the_field(changes, field):
 
 def test_reader_errors_name_the_field():
   with pytest.raises(ConfigError, match="model_type"):
-    ModelConfig.from_hf(_hf_moe(model_type="llama"))
+    hf_config.read_text(_hf_moe(model_type="llama"))
   with pytest.raises(ConfigError, match="hidden_size"):
     d = _hf_moe()
     del d["hidden_size"]
-    ModelConfig.from_hf(d)
+    hf_config.read_text(d)
   with pytest.raises(ConfigError, match="rope_type"):
-    ModelConfig.from_hf(_hf_moe(rope_parameters={"rope_type": "yarn", "factor": 4.0}))
+    hf_config.read_text(_hf_moe(rope_parameters={"rope_type": "yarn", "factor": 4.0}))
   with pytest.raises(ConfigError, match="moe_k"):
-    ModelConfig.from_hf(_hf_moe(moe_k=20))
+    hf_config.read_text(_hf_moe(moe_k=20))
   with pytest.raises(ConfigError, match="unknown field"):
     ModelConfig.from_dict({**ModelConfig.tiny_dense().to_dict(), "hiden_size": 3})
 

@@ -23,7 +23,7 @@ import pytest
 from flax import nnx
 
 import ernie_jax
-from ernie_jax.interop import convert, orbax_io
+from ernie_jax.interop import convert, hf_config, orbax_io
 from ernie_jax.interop import safetensors_writer as stw
 from ernie_jax.interop.safetensors_io import SafetensorsReader
 from tests import hf_reference as ref
@@ -177,7 +177,7 @@ def test_hf_to_orbax_logits_match_transformers(ckpts, reference, tmp_path, kind)
 def test_streaming_blocks_are_bounded(ckpts, reference, tmp_path):
   """With a tiny block budget every expert / layer slice is its own block and storage chunk."""
   reader = SafetensorsReader(ckpts["moe"])
-  cfg = ernie_jax.ModelConfig.from_hf(ckpts["moe"])
+  cfg = hf_config.read_text(ckpts["moe"])
   params = convert._abstract_params(cfg)
   reads = convert.check_source(reader, convert.HFLayout(), cfg, {p: s for p, (s, _) in params.items()})
   conv = convert.Conversion(reader, convert.HFLayout(), reads, params, block_bytes=1)
@@ -235,7 +235,7 @@ def test_round_trip_is_bit_exact(ckpts, tmp_path, name):
     assert a[n].tobytes() == b[n].tobytes(), n
   cfg = json.load(open(tmp_path / "hf" / "config.json"))
   assert cfg["dtype"] == ("bfloat16" if "bf16" in name else "float32")
-  assert ernie_jax.ModelConfig.from_hf(tmp_path / "hf") == ernie_jax.ModelConfig.from_hf(ckpts[name])
+  assert hf_config.read_text(tmp_path / "hf") == hf_config.read_text(ckpts[name])
 
 
 def test_export_loads_in_transformers_sharded(ckpts, tmp_path):

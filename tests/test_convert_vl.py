@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import ernie_jax
-from ernie_jax.interop import convert, orbax_io
+from ernie_jax.interop import convert, hf_config, orbax_io
 from ernie_jax.model.vl import Ernie45VLForConditionalGeneration, VLConfig, forward
 from tests import vl_paddle_writer as writer
 from tests import vl_reference as ref
@@ -64,7 +64,7 @@ def test_hf_vl_to_orbax_to_hf(ckpts, tmp_path):
   assert report.format == "hf/vl" and report.storage_dtype == "float32" and not report.lossy
   assert isinstance(report.config, VLConfig) and convert.detect_format(out) == "orbax"
   assert orbax_io.read_info(out)["architecture"] == orbax_io.VL_ARCHITECTURE
-  assert orbax_io.load_config(out) == VLConfig.from_hf(ckpts["hf"])
+  assert orbax_io.load_config(out) == hf_config.read_vl(ckpts["hf"])
   model = ernie_jax.from_pretrained(out)
   assert isinstance(model, Ernie45VLForConditionalGeneration)
   assert _image_logits(ckpts["torch"], model) <= 1e-5
@@ -79,7 +79,7 @@ def test_hf_vl_to_orbax_to_hf(ckpts, tmp_path):
   # Orbax -> HF reproduces the source files bit for bit, and transformers runs them
   convert.export_hf(out, tmp_path / "hf")
   _assert_same_files(ckpts["hf"], tmp_path / "hf")
-  assert VLConfig.from_hf(tmp_path / "hf") == VLConfig.from_hf(ckpts["hf"])
+  assert hf_config.read_vl(tmp_path / "hf") == hf_config.read_vl(ckpts["hf"])
   assert json.load(open(tmp_path / "hf" / "config.json"))["dtype"] == "float32"
   result = convert.verify(out, tmp_path / "hf")
   assert result.ok and result.rel <= 1e-5 and result.top1 == 1.0, result

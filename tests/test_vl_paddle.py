@@ -22,6 +22,7 @@ import ernie_jax
 from ernie_jax.config import ConfigError
 from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
 from ernie_jax.model.vl import Ernie45VLForConditionalGeneration, VLConfig, forward
+from ernie_jax.interop import hf_config
 from tests import vl_paddle_writer as writer
 from tests import vl_reference as ref
 
@@ -73,7 +74,7 @@ def test_paddle_vl_logits_match_transformers(ckpts, name):
   model = ernie_jax.from_pretrained(paddle_dir)
   assert isinstance(model, Ernie45VLForConditionalGeneration)
   c = model.config
-  assert c == VLConfig.from_hf(hf_dir)  # the Paddle config.json reads as the HF one
+  assert c == hf_config.read_vl(hf_dir)  # the Paddle config.json reads as the HF one
   assert c.layer_kinds == ("dense", "moe", "moe") and c.moe_intermediate_size == (32, 16)
   assert (model.lm_head is None) == (name == "u16")
   got, want = _prompt_logits(torch_model, model)

@@ -12,6 +12,7 @@ from ernie_jax import vl_preprocess as vp
 from ernie_jax.config import ConfigError
 from ernie_jax.model.vl import VLConfig
 from ernie_jax.model.vl.lm_vl import prepare_inputs
+from ernie_jax.interop import hf_config
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -81,12 +82,12 @@ def test_video_frames_and_prompt_builder():
 def test_config_from_hf_layouts_and_errors(tmp_path):
   from tests import vl_reference as ref
 
-  cfg = VLConfig.from_hf({"model_type": "ernie4_5_vl_moe", "text_config": ref.TEXT, "vision_config": ref.VISION,
+  cfg = hf_config.read_vl({"model_type": "ernie4_5_vl_moe", "text_config": ref.TEXT, "vision_config": ref.VISION,
                           **ref.TOKENS})
   assert cfg.mlp_layer_types == ("dense", "sparse", "sparse") and cfg.head_dim == 16
   assert cfg.vision.head_dim == 16 and cfg.video_token_id == ref.VIDEO
   # flat (original Paddle-style) layout: per-modality lists, freq_allocation, moe layer range
-  flat = VLConfig.from_hf({
+  flat = hf_config.read_vl({
     "model_type": "ernie4_5_moe_vl", "vocab_size": 103424, "hidden_size": 2560, "num_hidden_layers": 28,
     "num_attention_heads": 20, "num_key_value_heads": 4, "intermediate_size": 12288, "rope_theta": 500000,
     "freq_allocation": 20, "moe_num_experts": [64, 64], "moe_k": 6, "moe_intermediate_size": [1536, 512],
@@ -104,4 +105,4 @@ def test_config_from_hf_layouts_and_errors(tmp_path):
   with pytest.raises(ConfigError, match="vision_config.num_heads"):
     VLConfig.tiny(vision={"depth": 1, "hidden_size": 30, "num_heads": 4})
   with pytest.raises(ConfigError, match="text_config.moe_num_experts"):
-    VLConfig.from_hf({"model_type": "ernie4_5_vl_moe", "text_config": {**ref.TEXT, "moe_num_experts": [4, 8]}})
+    hf_config.read_vl({"model_type": "ernie4_5_vl_moe", "text_config": {**ref.TEXT, "moe_num_experts": [4, 8]}})

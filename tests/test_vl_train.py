@@ -389,7 +389,7 @@ def test_pretrain_tiny_vl_checkpoint_resume(tmp_path, xla_cache):
 
 
 def _hf_config(c: VLConfig) -> dict:
-  """A transformers-style VL config.json for `c` (what VLConfig.from_hf reads)."""
+  """A transformers-style VL config.json for `c` (what hf_config.read_vl reads)."""
   v = c.vision
   return {
     "model_type": "ernie4_5_vl_moe", "tie_word_embeddings": c.tie_word_embeddings,

@@ -39,11 +39,11 @@ import ml_dtypes
 import numpy as np
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.interop import hf, hf_vl, orbax_io, paddle, paddle_vl
+from ernie_jax.interop import hf, hf_config, hf_vl, orbax_io, paddle, paddle_config, paddle_vl
 from ernie_jax.interop.hf import Slot
 from ernie_jax.interop.safetensors_io import DTYPES, CheckpointError, SafetensorsReader, TensorInfo
 from ernie_jax.interop import safetensors_writer as stw
-from ernie_jax.model.vl.config_vl import VLConfig
+from ernie_jax.config import VLConfig
 
 FORMATS = ("orbax", "hf", "paddle")
 STORAGE_DTYPES = ("auto", "bfloat16", "float32", "float16")
@@ -172,11 +172,11 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def read_config(path: str, fmt: str, **overrides) -> ModelConfig | VLConfig:
   if fmt in ("hf", "paddle") and hf_vl.is_vl_checkpoint(path):  # ERNIE 4.5 VL (config.json)
-    return (VLConfig.from_hf if fmt == "hf" else VLConfig.from_paddle)(path, **overrides)
+    return (hf_config.read_vl if fmt == "hf" else paddle_config.read_vl)(path, **overrides)
   if fmt == "hf":
-    return ModelConfig.from_hf(path, **overrides)
+    return hf_config.read_text(path, **overrides)
   if fmt == "paddle":
-    return ModelConfig.from_paddle(path, **overrides)
+    return paddle_config.read_text(path, **overrides)
   if fmt == "orbax":
     return orbax_io.load_config(path, **overrides)
   raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {FORMATS}")
@@ -225,7 +225,7 @@ class HFLayout:
             for i, kind in enumerate(cfg.layer_kinds) if kind == "moe"]
 
   def hf_config(self, cfg, dtype: str) -> dict:
-    return hf.hf_config(cfg, dtype)
+    return hf_config.write_text(cfg, dtype)
 
 
 class HFVLLayout(HFLayout):
@@ -258,7 +258,7 @@ class HFVLLayout(HFLayout):
     return hf_vl.absent_bias(cfg)
 
   def hf_config(self, cfg, dtype: str) -> dict:
-    return hf_vl.hf_config(cfg, dtype)
+    return hf_config.write_vl(cfg, dtype)
 
 
 class PaddleLayout:
@@ -808,7 +808,7 @@ def paddle_reference(src: str, cfg: ModelConfig, *, allow_pickle: bool = False, 
     stw.write_checkpoint(work, specs, tensors.__getitem__, DEFAULT_SHARD_BYTES)
     tensors.clear()
     with open(os.path.join(work, "config.json"), "w") as f:
-      json.dump((hf_vl if vl else hf).hf_config(cfg, "float32"), f)
+      json.dump(hf_config.write(cfg, "float32"), f)
     yield work
   finally:
     reader.close()

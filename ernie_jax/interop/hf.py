@@ -177,34 +177,3 @@ def describe_unexpected(cfg: ModelConfig, name: str) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Export: a transformers config.json for a ModelConfig.
-def hf_config(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
-  """`config.json` contents that transformers' Ernie4_5 / Ernie4_5_Moe classes load as `cfg`."""
-  from ernie_jax.config import ConfigError
-
-  if cfg.rope_compression_ratio != 1.0:
-    raise ConfigError("rope_compression_ratio", f"{cfg.rope_compression_ratio} cannot be expressed in "
-                      "a transformers ERNIE 4.5 config (positions are never compressed there)")
-  d = {
-    "architectures": ["Ernie4_5_MoeForCausalLM" if cfg.is_moe else "Ernie4_5ForCausalLM"],
-    "model_type": "ernie4_5_moe" if cfg.is_moe else "ernie4_5",
-    "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-    "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-    "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-    "head_dim": cfg.head_dim, "hidden_act": "silu",
-    "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-    "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-    "tie_word_embeddings": cfg.tie_word_embeddings, "use_bias": False, "use_cache": True,
-    "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
-    "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "dtype": dtype,
-  }
-  if cfg.is_moe:
-    d.update(moe_num_experts=cfg.moe_num_experts, moe_k=cfg.moe_k,
-             moe_intermediate_size=cfg.moe_intermediate_size,
-             moe_num_shared_experts=cfg.moe_num_shared_experts,
-             moe_layer_start_index=cfg.moe_layer_start_index,
-             moe_layer_end_index=cfg.moe_layer_end_index,
-             moe_layer_interval=cfg.moe_layer_interval, moe_norm_min=cfg.moe_norm_min,
-             output_router_logits=False)
-  if cfg.num_mtp_layers:
-    d["num_nextn_predict_layers"] = cfg.num_mtp_layers
-  return d

@@ -31,7 +31,7 @@ from ernie_jax.interop.hf import (DENSE_MLP_TABLE, LAYER_TABLE, SHARED_TABLE, TO
                                   from_param, hf_shape, to_param)
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.model.decoder import layer_locations
-from ernie_jax.model.vl.config_vl import VL_MODEL_TYPES, VLConfig
+from ernie_jax.config import VL_MODEL_TYPES, VLConfig
 from ernie_jax.model.vl.lm_vl import Ernie45VLForConditionalGeneration
 
 # Decoder-layer rows shared with the text model (LAYER_TABLE, DENSE_MLP_TABLE, SHARED_TABLE: hf.py).
@@ -168,38 +168,6 @@ def describe_unexpected(cfg: VLConfig, name: str, vision_prefix: str | None = No
 
 # --------------------------------------------------------------------------------------------------
 # Export: a transformers config.json for a VLConfig.
-def hf_config(cfg: VLConfig, dtype: str = "bfloat16") -> dict:
-  """`config.json` contents that transformers' `Ernie4_5_VLMoeForConditionalGeneration` loads as `cfg`."""
-  v = cfg.vision
-  text = {
-    "model_type": "ernie4_5_vl_moe_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-    "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-    "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-    "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
-    "rms_norm_eps": cfg.rms_norm_eps, "initializer_range": cfg.initializer_range, "use_bias": False,
-    "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
-                        "mrope_section": list(cfg.mrope_section)},
-    "mlp_layer_types": list(cfg.mlp_layer_types), "moe_num_experts": cfg.moe_num_experts,
-    "moe_k": cfg.moe_k, "moe_intermediate_size": list(cfg.moe_intermediate_size),
-    "moe_num_shared_experts": cfg.moe_num_shared_experts, "moe_norm_min": cfg.moe_norm_min,
-    "output_router_logits": False, "tie_word_embeddings": cfg.tie_word_embeddings, "use_cache": True,
-    "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-  }
-  vision = {
-    "model_type": "ernie4_5_vl_moe_vision", "depth": v.depth, "hidden_size": v.hidden_size,
-    "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
-    "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
-    "temporal_merge_size": v.temporal_merge_size, "hidden_act": v.hidden_act,
-    "rms_norm_eps": v.layer_norm_eps, "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-  }
-  return {"architectures": ["Ernie4_5_VLMoeForConditionalGeneration"], "model_type": "ernie4_5_vl_moe",
-          "dtype": dtype, "tie_word_embeddings": cfg.tie_word_embeddings,
-          "image_token_id": cfg.image_token_id, "image_start_token_id": cfg.image_start_token_id,
-          "image_end_token_id": cfg.image_end_token_id, "video_token_id": cfg.video_token_id,
-          "video_start_token_id": cfg.video_start_token_id, "video_end_token_id": cfg.video_end_token_id,
-          "text_config": text, "vision_config": vision}
-
-
 def absent_bias(cfg: VLConfig) -> list[tuple[str, tuple[int, ...]]]:
   """Correction-bias tensors transformers always has but a model without the bias lacks (export
   writes zeros)."""

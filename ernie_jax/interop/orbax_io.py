@@ -40,7 +40,7 @@ from etils import epath
 
 from ernie_jax.config import ModelConfig
 from ernie_jax.interop.safetensors_io import CheckpointError
-from ernie_jax.model.vl.config_vl import VLConfig
+from ernie_jax.config import VLConfig
 from ernie_jax.parallel.sharding import with_rules
 
 FORMAT = "ernie_jax"

@@ -31,7 +31,7 @@ from ernie_jax.interop.hf import Slot
 from ernie_jax.interop.paddle import (DENSE_MLP_TABLE, LAYER_TABLE, SHARED_TABLE, TOP_TABLE, UNTIED_HEAD_TABLE,
                                       PaddleTensor)
 from ernie_jax.model.decoder import layer_locations
-from ernie_jax.model.vl.config_vl import VLConfig
+from ernie_jax.config import VLConfig
 
 PREFIX = paddle.PREFIX["native"]  # "ernie."
 VISION_PREFIXES = ("vision_model.", PREFIX + "vision_model.")

@@ -5,7 +5,7 @@
   model        ModelConfig      every field of `ernie_jax.config.ModelConfig` (architecture, dtype
                                 policy `param_dtype` / `dtype`, `remat`, MoE, `num_mtp_layers`);
                or VLConfig      with model_family="vl": every field of
-                                `ernie_jax.model.vl.config_vl.VLConfig`, the ViT in `model.vision`
+                                `ernie_jax.config.VLConfig`, the ViT in `model.vision`
   train        PrecisionConfig  `precision`: fp32 / bf16 / fp8 in one switch (sets model.dtype and
                                 model.fp8_recipe)
   mesh         MeshConfig       device mesh axes (`ernie_jax.parallel.MeshConfig`)
@@ -140,7 +140,7 @@ def model_from_dict(d: dict[str, Any], family: str = "text"):
   _check(family in MODEL_FAMILIES, "model_family", f"must be one of {MODEL_FAMILIES}, got {family!r}")
   try:
     if family == "vl":
-      from ernie_jax.model.vl.config_vl import VLConfig
+      from ernie_jax.config import VLConfig
 
       return VLConfig.from_dict(d)
     return ModelConfig.from_dict(d)

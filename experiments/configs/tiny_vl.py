@@ -10,7 +10,7 @@ quadrant ("red circle, top left"), so the caption loss can only fall below the t
 Fields not set here keep the defaults documented in ernie_jax/train/config.py.
 """
 
-from ernie_jax.model.vl.config_vl import VisionConfig, VLConfig
+from ernie_jax.config import VisionConfig, VLConfig
 from ernie_jax.train.config import default_config
 
 

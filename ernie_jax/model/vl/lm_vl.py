@@ -24,7 +24,7 @@ from ernie_jax.model.decoder import FFN
 from ernie_jax.model.lm import DecoderLM
 from ernie_jax.model.moe import VLRouterOutput, vl_expert_sets
 from ernie_jax.model.vl import rope3d
-from ernie_jax.model.vl.config_vl import VLConfig
+from ernie_jax.config import VLConfig
 from ernie_jax.model.vl.resampler import Resampler
 from ernie_jax.model.vl.vision import VisionTransformer
 from ernie_jax.parallel.sharding import constrain
@@ -137,7 +137,7 @@ def prepare_inputs(cfg: VLConfig, input_ids, *, image_grid_thw=None, video_grid_
                                     (cfg.video_token_id, _grid(video_grid_thw), "video", True)):
     have = int(((ids == token) & mask).sum())
     want = 0 if grids is None else sum(
-      rope3d.vision_tokens(g, video, v.spatial_merge_size, v.temporal_merge_size) for g in grids)
+      rope3d.tokens_per_grid(g, video, v) for g in grids)
     if have != want:
       raise ValueError(f"{have} {name} placeholder tokens (id {token}) but the {name} grids "
                        f"{list(grids or [])} need {want}")

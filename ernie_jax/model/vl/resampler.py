@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.model.layers import RMSNorm
-from ernie_jax.model.vl.config_vl import VLConfig
+from ernie_jax.config import VLConfig
 from ernie_jax.model.vl.vision import LayerNorm, Linear
 
 
@@ -34,13 +34,6 @@ def temporal_pair_index(grid_thw: Sequence[Sequence[int]], merge: int) -> tuple[
       second.append(offset + to * s + np.arange(s))
     offset += t * s
   return np.concatenate(first).astype(np.int32), np.concatenate(second).astype(np.int32)
-
-
-def output_tokens(grid: Sequence[int], merge: int) -> int:
-  """Embeddings the resampler emits for one image / video."""
-  t, h, w = grid
-  pairs = 1 if t == 1 else t // 2
-  return pairs * (h // merge) * (w // merge)
 
 
 class ResamplerMLP(nnx.Module):
@@ -67,7 +60,7 @@ class Resampler(nnx.Module):
     self.merge = v.spatial_merge_size
 
   def __call__(self, x: jax.Array, grid_thw: Sequence[Sequence[int]]) -> jax.Array:
-    """x [N, D] ViT output -> [M, hidden], M = sum of `output_tokens` over the grids."""
+    """x [N, D] ViT output -> [M, hidden], M = sum of `rope3d.tokens_per_grid` over the grids."""
     m2 = self.merge ** 2
     x = self.spatial_linear(x.reshape(x.shape[0] // m2, x.shape[1] * m2))
     first, second = temporal_pair_index(grid_thw, self.merge)

@@ -76,9 +76,13 @@ def apply_rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------------
 # Position ids of the language model.
-def vision_tokens(grid: Sequence[int], is_video: bool, spatial_merge: int, temporal_merge: int) -> int:
+def tokens_per_grid(grid: Sequence[int], video: bool, vision_cfg) -> int:
+  """LM tokens (placeholders, resampler outputs) of one image / video grid (t, h, w) in patches:
+  merged spatially by `spatial_merge_size` per side and, for a video, `temporal_merge_size` frames
+  into one."""
   t, h, w = grid
-  return (t // temporal_merge if is_video else t) * (h // spatial_merge) * (w // spatial_merge)
+  m = vision_cfg.spatial_merge_size
+  return (t // vision_cfg.temporal_merge_size if video else t) * (h // m) * (w // m)
 
 
 def rope_index(input_ids, *, image_token_id: int, video_token_id: int,

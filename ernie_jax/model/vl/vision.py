@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.model.layers import make_param, normal
-from ernie_jax.model.vl.config_vl import VisionConfig
+from ernie_jax.config import VisionConfig
 from ernie_jax.model.vl.rope3d import apply_rope_half, vision_position_ids, vision_rope
 
 Grid = Sequence[Sequence[int]]
