@@ -79,7 +79,10 @@ class MoEFp8(nnx.Module):
 
 class MoE(nnx.Module):
   """Routers, then experts, of each set (creation order fixes the parameter init), then shared
-  experts and the FP8 state (one set only)."""
+  experts and the FP8 state.
+
+  sets: the expert sets (default: the text model's one set). fp8_recipe: FP8 routed and shared
+  experts (one set only), None for none."""
 
   def __init__(self, cfg, sets: tuple[ExpertSet, ...] | None = None, *, fp8_recipe: fp8.Fp8Recipe | None = None,
                rngs: nnx.Rngs):
