@@ -37,9 +37,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
+from flax import nnx
 
 from ernie_jax.config import ModelConfig
 from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.model import fp8
+from ernie_jax.model.state import flat_state, fresh_fp8_values, path_str
 from ernie_jax.model.vl.config_vl import VLConfig
 
 FORMAT = "ernie_jax"
@@ -271,9 +274,7 @@ def save_model(model, path: str | os.PathLike, *, metadata: Mapping[str, Any] | 
                overwrite: bool = False) -> None:
   """Save an `ErnieForCausalLM` or `Ernie45VLForConditionalGeneration` (possibly sharded,
   multi-host) with its config."""
-  from flax import nnx
-
-  flat = {"/".join(str(k) for k in p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+  flat = {p: v.get_value() for p, v in flat_state(nnx.state(model)).items()}
   save_state(path, flat, model.config, metadata=metadata, overwrite=overwrite)
 
 
@@ -336,7 +337,7 @@ def _saved_arrays(directory: str) -> dict[str, tuple[tuple[str, ...], Any]]:
   tree = meta.tree if hasattr(meta, "tree") else meta
   out = {}
   for keypath, m in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    keys = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+    keys = tuple(path_str((k,)) for k in keypath)
     norm = keys[:-1] if keys and keys[-1] == "value" else keys
     out["/".join(norm)] = (keys, m)
   return out
@@ -350,19 +351,14 @@ def load_state(path: str | os.PathLike, abstract_state, shardings=None):
   `ernie_jax.parallel.state_shardings`); default: the first local device. Arrays are cast to the
   abstract dtypes. Names and shapes are checked first; a mismatch names the parameter.
   """
-  from flax import nnx
-
   directory = resolve(path)
   saved = _saved_arrays(directory)
   flat = nnx.to_flat_state(abstract_state)
   sharding_of = {}
   if shardings is not None:
-    sharding_of = {"/".join(str(k) for k in p): v.get_value() if isinstance(v, nnx.Variable) else v
-                   for p, v in nnx.to_flat_state(shardings)}
+    sharding_of = {p: v.get_value() if isinstance(v, nnx.Variable) else v for p, v in flat_state(shardings).items()}
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  wanted = {"/".join(str(k) for k in p): v for p, v in flat}
-  from ernie_jax.model import fp8
-
+  wanted = {path_str(p): v for p, v in flat}
   # FP8 scaling state: kept when both sides have it, fresh when only the model has it, dropped
   # when only the checkpoint has it (an FP8-trained checkpoint loaded without FP8)
   fresh = {n: v for n, v in wanted.items() if fp8.is_fp8_path(n) and n not in saved}
@@ -402,27 +398,9 @@ def load_state(path: str | os.PathLike, abstract_state, shardings=None):
     for k in saved[name][0]:
       node = node[k]
     var.set_value(node)
-  for name, var in fresh.items():
-    var.set_value(jax.device_put(fp8.initial_value(name, var.shape), sharding_of.get(name, default)))
+  for name, value in fresh_fp8_values(fresh).items():
+    fresh[name].set_value(jax.device_put(value, sharding_of.get(name, default)))
   return nnx.from_flat_state(flat)
-
-
-def load_model(path: str | os.PathLike, *, config: ModelConfig | None = None, mesh=None, rules=None,
-               **overrides):
-  """Build an `ErnieForCausalLM` (or, for a VL checkpoint, an `Ernie45VLForConditionalGeneration`)
-  from an Orbax checkpoint (see `ernie_jax.from_pretrained`)."""
-  from flax import nnx
-
-  from ernie_jax.loading import abstract_model
-
-  cfg = config.replace(**overrides) if config is not None else load_config(path, **overrides)
-  graphdef, abstract = abstract_model(cfg)
-  shardings = None
-  if mesh is not None:
-    from ernie_jax.parallel import DEFAULT_RULES, state_shardings
-
-    shardings = state_shardings(abstract, mesh, rules or DEFAULT_RULES)
-  return nnx.merge(graphdef, load_state(path, abstract, shardings))
 
 
 class OrbaxReader:
