@@ -339,7 +339,7 @@ def _saved_arrays(directory: str) -> dict[str, tuple[tuple[str, ...], Any]]:
   for keypath, m in jax.tree_util.tree_flatten_with_path(tree)[0]:
     keys = tuple(path_str((k,)) for k in keypath)
     norm = keys[:-1] if keys and keys[-1] == "value" else keys
-    out["/".join(norm)] = (keys, m)
+    out[path_str(norm)] = (keys, m)
   return out
 
 
