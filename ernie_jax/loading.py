@@ -8,6 +8,10 @@ is looked at once (`interop.sources.open_checkpoint`: format, reader, layout, co
 shapes and the config are checked against each other from the file headers before any tensor data
 is read; every mismatch names the tensor.
 
+Paths may be relative (made absolute here, as Orbax requires). An Orbax checkpoint's files are
+checked against its recorded checksums before loading. A parameter holding NaN / Inf is reported
+with one `RuntimeWarning` naming it (checked per parameter as it is loaded).
+
 Imports run loading -> interop -> model: the interop layer knows the checkpoint formats, this
 module assembles models from them.
 """
@@ -15,6 +19,7 @@ module assembles models from them.
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -38,17 +43,48 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+class _NonFinite:
+  """Collects parameters holding NaN / Inf; `report` warns once, naming the first."""
+
+  def __init__(self, path: str):
+    self.path, self.names = path, []
+
+  def check(self, name: str, x) -> None:
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      finite = np.isfinite(x).all() if isinstance(x, np.ndarray) else jnp.isfinite(x).all()
+      if not bool(finite):
+        self.names.append(name)
+
+  def report(self) -> None:
+    if self.names:
+      more = f" (and {len(self.names) - 1} more)" if len(self.names) > 1 else ""
+      warnings.warn(f"{self.path}: parameter '{self.names[0]}'{more} holds non-finite values (NaN or Inf); the "
+                    "model's outputs will be NaN / Inf: check how the checkpoint was made", RuntimeWarning, stacklevel=3)
+
+
 def load_model(path: str | os.PathLike, *, config: ModelConfig | None = None, mesh=None, rules=None,
                source: Source | None = None, **overrides):
   """Build an `ErnieForCausalLM` (or, for a VL checkpoint, an `Ernie45VLForConditionalGeneration`)
-  from an Orbax checkpoint (see `from_pretrained`); `source`: the checkpoint already opened."""
-  if config is not None:
-    cfg = config.replace(**overrides)
-  else:
-    cfg = (source or open_checkpoint(path, format="orbax")).read_config(**overrides)
+  from an Orbax checkpoint (see `from_pretrained`); `source`: the checkpoint already opened (else
+  it is opened here, which checks its checksums)."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  opened = source is None
+  if opened:
+    source = open_checkpoint(path, format="orbax")
+  try:
+    cfg = config.replace(**overrides) if config is not None else source.read_config(**overrides)
+  finally:
+    if opened:
+      source.close()
   graphdef, abstract = abstract_model(cfg)
   shardings = state_shardings(abstract, mesh, rules or DEFAULT_RULES) if mesh is not None else None
-  return nnx.merge(graphdef, orbax_io.load_state(path, abstract, shardings))
+  state = orbax_io.load_state(path, abstract, shardings)
+  bad = _NonFinite(path)
+  for name, var in flat_state(state).items():
+    if not fp8.is_fp8_path(name):
+      bad.check(name, var.get_value())
+  bad.report()
+  return nnx.merge(graphdef, state)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
@@ -72,7 +108,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
     history), except from an Orbax checkpoint that holds them (an FP8-trained one). Orbax
     checkpoints load without FP8 unless fp8_recipe is given.
   """
-  path = os.fspath(path)
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if format not in ("auto", *FORMATS):
     raise CheckpointError(f"{path}: unknown checkpoint format {format!r} (supported: {FORMATS})")
   overrides = dict(config_overrides)
@@ -95,8 +131,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
       shardings = {p: s.get_value() for p, s in flat_state(state_shardings(abstract, mesh, rules or DEFAULT_RULES)).items()}
     flat_abstract = flat_state(abstract)
     params = {p: v for p, v in flat_abstract.items() if not fp8.is_fp8_path(p)}  # FP8 state: not in checkpoints
-    arrays = {p: _place(host, shardings and shardings[p])
-              for p, host in iter_params(source.reader, source.layout(cfg), cfg, params)}
+    bad = _NonFinite(path)
+    arrays = {}
+    for p, host in iter_params(source.reader, source.layout(cfg), cfg, params):
+      bad.check(p, host)  # on the host, before placement
+      arrays[p] = _place(host, shardings and shardings[p])
+    bad.report()
   for p, host in fresh_fp8_values(flat_abstract).items():  # fresh FP8 scales / histories
     arrays[p] = _place(host, shardings and shardings[p])
   flat = nnx.to_flat_state(abstract)

@@ -24,7 +24,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -82,12 +85,71 @@ def _lossy(storage: str, reader, reads) -> bool:
 
 # ==================================================================================================
 # Atomic output directories
+STALE_SECONDS = 3600  # an old-style temporary directory (no owner pid) older than this is stale
+_OWNER = "owner.json"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # e.g. PermissionError: it exists
+    return True
+  return True
+
+
+def clean_stale_outputs(dst: str | os.PathLike, log: Callable[[str], None] | None = None) -> list[str]:
+  """Remove the temporary directories `.<name>.tmp-<pid>-*` next to `dst` left by conversions that
+  were killed: those whose process (on this host) is gone, and old-style ones (no pid) older than
+  STALE_SECONDS. Each removal is reported through `log` (default: stderr). Returns their paths."""
+  dst = os.path.abspath(os.fspath(dst))
+  parent, prefix = os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-"
+  removed = []
+  try:
+    names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+  except OSError:
+    return removed
+  host = socket.gethostname()
+  for name in sorted(names):
+    path = os.path.join(parent, name)
+    if not os.path.isdir(path) or os.path.islink(path):
+      continue
+    m = re.match(r"(\d+)-", name[len(prefix):])
+    if m:
+      pid = int(m.group(1))
+      try:
+        with open(os.path.join(path, _OWNER)) as f:
+          owner_host = json.load(f).get("host", host)
+      except (OSError, ValueError, AttributeError):
+        owner_host = host
+      if owner_host != host or pid == os.getpid() or _pid_alive(pid):
+        continue  # another host's, or still running
+      why = f"its process {pid} is gone"
+    else:
+      try:
+        age = time.time() - os.path.getmtime(path)
+      except OSError:
+        continue
+      if age < STALE_SECONDS:
+        continue
+      why = f"{age / 3600:.1f} hours old"
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.exists(path):
+      removed.append(path)
+      (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
+        f"removed stale temporary directory {path} left by an interrupted conversion ({why})")
+  return removed
+
+
 @contextlib.contextmanager
 def atomic_output(dst: str | os.PathLike, overwrite: bool = False):
   """Yield a path (not yet existing) to write the output to; on success it is renamed to `dst`
   (replacing it when overwrite), on error it is removed. It lives in a temporary directory next
-  to `dst`, so the rename stays on one file system."""
-  dst = os.path.abspath(os.fspath(dst))
+  to `dst`, so the rename stays on one file system, named `.<name>.tmp-<pid>-*` (with an
+  `owner.json` naming the host) so that a later run to the same `dst` removes it if this process
+  is killed (`clean_stale_outputs`)."""
+  dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
   if os.path.lexists(dst) and not overwrite:
     raise FileExistsError(f"output {dst} already exists (pass overwrite=True / --overwrite to replace it)")
   parent = os.path.dirname(dst)
@@ -97,9 +159,12 @@ def atomic_output(dst: str | os.PathLike, overwrite: bool = False):
     made.append(p)
     p = os.path.dirname(p)
   os.makedirs(parent, exist_ok=True)
-  work = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+  clean_stale_outputs(dst)
+  work = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-{os.getpid()}-", dir=parent)
   ok = False
   try:
+    with open(os.path.join(work, _OWNER), "w") as f:
+      json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
     out = os.path.join(work, "out")
     yield out
     if not os.path.isdir(out):

@@ -134,14 +134,21 @@ def _weights_format(kind: str, names) -> str:
   return "paddle" if kind == "paddle" or paddle.detect_variant(names) else "hf"
 
 
+def _no_config_json(path: str) -> CheckpointError:
+  """The error for a directory without config.json: an Orbax checkpoint missing pieces is named as such."""
+  if orbax_io.looks_like_orbax(path):
+    orbax_io.resolve(path)  # raises the specific error (an intact one was detected before)
+  return CheckpointError(f"{path} has no config.json")
+
+
 def detect_format(path: str | os.PathLike) -> str:
   """'orbax', 'hf' or 'paddle' for a checkpoint directory (from its files and tensor names)."""
-  path = os.fspath(path)
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   _check_dir(path)
   if orbax_io.is_orbax_checkpoint(path):
     return "orbax"
   if not os.path.exists(os.path.join(path, "config.json")):
-    raise CheckpointError(f"{path} has no config.json")
+    raise _no_config_json(path)
   if _has_safetensors(path):
     reader = SafetensorsReader(path)
     names, kind = list(reader.keys()), "safetensors"
@@ -197,17 +204,23 @@ class Source:
     self.close()
 
 
-def open_checkpoint(path: str | os.PathLike, *, format: str = "auto", allow_pickle: bool = False) -> Source:
-  """Detect a checkpoint directory's format (unless `format` is given) and open its weights."""
-  path = os.fspath(path)
+def open_checkpoint(path: str | os.PathLike, *, format: str = "auto", allow_pickle: bool = False,
+                    verify: bool = True) -> Source:
+  """Detect a checkpoint directory's format (unless `format` is given) and open its weights.
+
+  `path` may be relative (it is made absolute). An Orbax checkpoint's files are checked against
+  its recorded checksums first (`orbax_io.verify_checksums`; verify=False skips it)."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if format not in ("auto", *FORMATS):
     raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
   _check_dir(path)
   if format == "orbax" or (format == "auto" and orbax_io.is_orbax_checkpoint(path)):
+    if verify:
+      orbax_io.verify_checksums(path)
     info = orbax_io.read_info(path)
     return Source(path, "orbax", orbax_io.is_vl_info(info), info=info)
   if format == "auto" and not os.path.exists(os.path.join(path, "config.json")):
-    raise CheckpointError(f"{path} has no config.json")
+    raise _no_config_json(path)
   reader = open_source(path, allow_pickle=allow_pickle)
   fmt = _weights_format(getattr(reader, "kind", "safetensors"), reader.keys()) if format == "auto" else format
   return Source(path, fmt, _is_vl_dir(path), reader=reader)
