@@ -62,7 +62,7 @@ CONFIG_ITEM = "model_config"
 VL_ARCHITECTURE = "ernie4_5_vl_moe"  # info["architecture"] of VL checkpoints (absent: text model)
 CHECKSUMS = "checksums.json"
 _HASH_CHUNK = 16 << 20
-_RECONVERT = "the checkpoint is damaged or incomplete: re-convert it (or copy it again)"
+_RECONVERT = "the checkpoint is damaged or incomplete: re-convert (or re-save / copy) it"
 
 
 def _abspath(path: str | os.PathLike) -> str:
@@ -71,7 +71,12 @@ def _abspath(path: str | os.PathLike) -> str:
 
 
 def _first_line(e: BaseException, limit: int = 240) -> str:
-  text = (str(e).strip().splitlines() or [""])[0]
+  """The root cause of `e` (TensorStore wraps the informative error) as one short line."""
+  seen = {id(e)}
+  while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+    seen.add(id(nxt))
+    e = nxt
+  text = (str(e).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
   return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
@@ -454,6 +459,11 @@ def _saved_arrays(directory: str) -> dict[str, tuple[tuple[str, ...], Any]]:
   """{normalised flat path: (saved key tuple, ArrayMetadata)} from the checkpoint metadata.
 
   A trailing 'value' key (an `nnx.State` saved as is) is dropped from the normalised path."""
+  state_dir = os.path.join(directory, STATE_ITEM)
+  ocdbt = os.path.isdir(os.path.join(state_dir, "d")) or any(n.startswith("ocdbt.process_") for n in os.listdir(state_dir))
+  for required in ("_METADATA",) + (("manifest.ocdbt",) if ocdbt else ()):
+    if not os.path.isfile(os.path.join(state_dir, required)):  # checked here: Orbax fails on it noisily
+      raise CheckpointError(f"{directory}: file '{STATE_ITEM}/{required}' is missing; {_RECONVERT}")
   handler = ocp.PyTreeCheckpointHandler()
   try:
     with _damaged(directory, f"the metadata of its '{STATE_ITEM}' item"):
