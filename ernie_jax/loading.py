@@ -90,7 +90,7 @@ def load_model(path: str | os.PathLike, *, config: ModelConfig | None = None, me
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
                     param_dtype: str | None = None, format: str = "auto",
                     config: ModelConfig | None = None, mesh=None, rules=None,
-                    allow_pickle: bool = False, **config_overrides):
+                    allow_pickle: bool = False, verify_checksums: bool = True, **config_overrides):
   """Load an ERNIE 4.5 model: an ErnieForCausalLM, or an Ernie45VLForConditionalGeneration for a
   VL checkpoint (a VL config.json or Orbax model config).
 
@@ -100,6 +100,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
   dtype / param_dtype: compute / parameter dtype ("float32", "bfloat16"); default float32 for
     every format (an Orbax checkpoint's stored dtype is converted on load).
   allow_pickle: also read torch `.bin` / Paddle `.pdparams` files (unpickling runs code).
+  verify_checksums: check an Orbax checkpoint's files against the checksums recorded when it was
+    written (one extra read of the files; a damaged file is a CheckpointError naming it).
   mesh / rules: load straight into the sharded layout given by the logical-axis rules
     (default `ernie_jax.parallel.DEFAULT_RULES`); parameters are placed one at a time, each device
     receiving only its shards, so the full model is never materialised on one device.
@@ -116,7 +118,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
     overrides["dtype"] = dtype
   if param_dtype is not None:
     overrides["param_dtype"] = param_dtype
-  with open_checkpoint(path, format=format, allow_pickle=allow_pickle) as source:
+  with open_checkpoint(path, format=format, allow_pickle=allow_pickle, verify=verify_checksums) as source:
     if source.format == "orbax":
       if config is None:  # the stored config records the storage dtype; load as float32 by default
         overrides.setdefault("dtype", "float32")

@@ -15,7 +15,8 @@ Peak host memory while converting is therefore about
 — independent of the model size. benchmarks/convert_streaming.py measures it.
 
 Output directories are written under a temporary sibling and renamed into place only when
-complete (`atomic_output`); on any error nothing is left behind. The command-line tools and
+complete (`atomic_output`); on any error nothing is left behind, and the temporary directory of a
+killed run is removed by the next run to the same output (`clean_stale_outputs`). The command-line tools and
 `--verify` live in `ernie_jax.cli`.
 """
 

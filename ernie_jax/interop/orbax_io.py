@@ -38,8 +38,6 @@ import json
 import os
 import queue
 import threading
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Mapping, Protocol
 
 import jax
@@ -50,6 +48,7 @@ from etils import epath
 from flax import nnx
 
 from ernie_jax.config import ModelConfig
+from ernie_jax.interop import checksums
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.model import fp8
 from ernie_jax.model.state import abstract_model, flat_state, fresh_fp8_values, path_str
@@ -60,8 +59,7 @@ VERSION = 1
 STATE_ITEM = "state"
 CONFIG_ITEM = "model_config"
 VL_ARCHITECTURE = "ernie4_5_vl_moe"  # info["architecture"] of VL checkpoints (absent: text model)
-CHECKSUMS = "checksums.json"
-_HASH_CHUNK = 16 << 20
+CHECKSUMS = checksums.CHECKSUMS
 _RECONVERT = "the checkpoint is damaged or incomplete: re-convert (or re-save / copy) it"
 
 
@@ -91,43 +89,9 @@ def _damaged(directory: str, what: str):
     raise CheckpointError(f"{directory}: cannot read {what} ({_first_line(e)}); {_RECONVERT}") from None
 
 
-# --------------------------------------------------------------------------------------------------
-# Checksums
-def _crc32(path: str) -> tuple[int, int]:
-  crc, size = 0, 0
-  with open(path, "rb") as f:
-    while chunk := f.read(_HASH_CHUNK):  # bounded memory; zlib releases the GIL
-      crc = zlib.crc32(chunk, crc)
-      size += len(chunk)
-  return size, crc
-
-
-def _checkpoint_files(directory: str) -> list[str]:
-  out = []
-  for root, _, files in os.walk(directory):
-    for f in files:
-      rel = os.path.relpath(os.path.join(root, f), directory)
-      if rel != CHECKSUMS and not rel.startswith(CHECKSUMS + "."):
-        out.append(rel)
-  return sorted(out)
-
-
-def _hash_all(directory: str, files: list[str]) -> dict[str, tuple[int, int]]:
-  with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-    return dict(zip(files, pool.map(lambda f: _crc32(os.path.join(directory, f)), files)))
-
-
 def write_checksums(directory: str | os.PathLike) -> None:
-  """Record the size and CRC32 of every file of the checkpoint in `<dir>/checksums.json`
-  (written to a temporary name and renamed, so it is complete or absent)."""
-  directory = _abspath(directory)
-  sums = _hash_all(directory, _checkpoint_files(directory))
-  tmp = os.path.join(directory, f"{CHECKSUMS}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump({"algorithm": "crc32", "files": {k: list(v) for k, v in sums.items()}}, f, indent=0)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(directory, CHECKSUMS))
+  """Record every file's size and CRC32 in `<dir>/checksums.json` (see `interop.checksums`)."""
+  checksums.write(_abspath(directory))
 
 
 def verify_checksums(path: str | os.PathLike) -> bool:
@@ -135,28 +99,8 @@ def verify_checksums(path: str | os.PathLike) -> bool:
   before checksums existed). A missing, truncated or changed file is a one-line CheckpointError
   naming it."""
   directory = resolve(path)
-  fn = os.path.join(directory, CHECKSUMS)
-  if not os.path.exists(fn):
-    return False
   with _damaged(directory, CHECKSUMS):
-    with open(fn) as f:
-      recorded = {k: (int(v[0]), int(v[1])) for k, v in json.load(f)["files"].items()}
-  present = [f for f in recorded if os.path.isfile(os.path.join(directory, f))]
-  missing = sorted(set(recorded) - set(present))
-  if missing:
-    raise CheckpointError(f"{directory}: file '{missing[0]}' is missing"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + f"; {_RECONVERT}")
-  for f in present:  # sizes first: cheap, and names a truncated file
-    size = os.path.getsize(os.path.join(directory, f))
-    if size != recorded[f][0]:
-      raise CheckpointError(f"{directory}: file '{f}' has {size} bytes, {recorded[f][0]} when written "
-                            f"(checksum mismatch); {_RECONVERT}")
-  actual = _hash_all(directory, present)
-  bad = [f for f in present if actual[f] != recorded[f]]
-  if bad:
-    raise CheckpointError(f"{directory}: checksum mismatch in file '{bad[0]}'"
-                          + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + f"; {_RECONVERT}")
-  return True
+    return checksums.verify(directory, _RECONVERT)
 
 
 # --------------------------------------------------------------------------------------------------
