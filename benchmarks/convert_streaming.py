@@ -93,10 +93,11 @@ def _child(args) -> None:
   import resource
   import time
 
+  from ernie_jax.cli.convert import limit_heap_retention
   from ernie_jax.interop import convert
 
   if not args.default_malloc:
-    convert.limit_heap_retention()  # as the CLIs do
+    limit_heap_retention()  # as the CLIs do
   rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   t0 = time.perf_counter()
   if args.child == "to_orbax":
@@ -131,7 +132,7 @@ def main():
   p.add_argument("--dir", default=None, help="where to put the temporary files (default: system tmp)")
   p.add_argument("--default-malloc", action="store_true",
                  help="leave glibc's malloc settings alone (the CLIs lower M_MMAP_THRESHOLD to 1 MiB "
-                      "so freed blocks go back to the OS; see convert.limit_heap_retention)")
+                      "so freed blocks go back to the OS; see ernie_jax.cli.convert.limit_heap_retention)")
   p.add_argument("--child", choices=["to_orbax", "to_hf"], help=argparse.SUPPRESS)
   p.add_argument("--src", help=argparse.SUPPRESS)
   p.add_argument("--dst", help=argparse.SUPPRESS)

@@ -23,7 +23,9 @@ import pytest
 from flax import nnx
 
 import ernie_jax
-from ernie_jax.interop import convert, hf_config, orbax_io
+from ernie_jax.cli.verify import verify
+from ernie_jax.interop import hf_config
+from ernie_jax.interop import convert, layouts, orbax_io, sources, stream
 from ernie_jax.interop import safetensors_writer as stw
 from ernie_jax.interop.safetensors_io import SafetensorsReader
 from tests import hf_reference as ref
@@ -166,7 +168,7 @@ def test_hf_to_orbax_logits_match_transformers(ckpts, reference, tmp_path, kind)
   out = tmp_path / "orbax"
   report = convert.convert_to_orbax(ckpts[kind], out)
   assert report.format == "hf" and report.storage_dtype == "float32" and not report.lossy
-  assert convert.detect_format(out) == "orbax"
+  assert sources.detect_format(out) == "orbax"
   info = orbax_io.read_info(out)
   assert info["model_config"]["num_hidden_layers"] == report.config.num_hidden_layers
   assert info["source"]["format"] == "hf"
@@ -178,9 +180,9 @@ def test_streaming_blocks_are_bounded(ckpts, reference, tmp_path):
   """With a tiny block budget every expert / layer slice is its own block and storage chunk."""
   reader = SafetensorsReader(ckpts["moe"])
   cfg = hf_config.read_text(ckpts["moe"])
-  params = convert._abstract_params(cfg)
-  reads = convert.check_source(reader, convert.HFLayout(), cfg, {p: s for p, (s, _) in params.items()})
-  conv = convert.Conversion(reader, convert.HFLayout(), reads, params, block_bytes=1)
+  params = convert.abstract_params(cfg)
+  reads = layouts.check_source(reader, layouts.hf_layout(), cfg, {p: s for p, (s, _) in params.items()})
+  conv = stream.Conversion(reader, layouts.hf_layout(), reads, params, block_bytes=1)
   largest_slot = max(int(np.prod(s[len(r.slots[0].index):])) * 4 for r in reads.values()
                      for s in [params[r.slots[0].path][0]])
   sizes = [b.nbytes for _, _, b in conv.blocks()]
@@ -199,7 +201,7 @@ def test_streaming_blocks_are_bounded(ckpts, reference, tmp_path):
 
 @pytest.mark.parametrize("name", ["paddle_u16", "paddle_bf16", "paddle_pf", "paddle_dense"])
 def test_paddle_to_orbax_logits_match_transformers(ckpts, reference, tmp_path, name):
-  assert convert.detect_format(ckpts[name]) == "paddle"
+  assert sources.detect_format(ckpts[name]) == "paddle"
   out = tmp_path / "orbax"
   report = convert.convert_to_orbax(ckpts[name], out)
   variant = "paddleformers" if name == "paddle_pf" else "native"
@@ -243,7 +245,7 @@ def test_export_loads_in_transformers_sharded(ckpts, tmp_path):
   convert.convert_to_orbax(ckpts["moe_bf16"], tmp_path / "orbax")
   report = convert.export_hf(tmp_path / "orbax", tmp_path / "hf", max_shard_bytes=20_000)
   assert len(report["files"]) > 2 and os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
-  result = convert.verify(tmp_path / "orbax", tmp_path / "hf")
+  result = verify(tmp_path / "orbax", tmp_path / "hf")
   assert result.ok and result.rel <= 1e-5 and result.top1 == 1.0, result
 
 
@@ -338,7 +340,7 @@ def test_pickle_inputs(ckpts, tmp_path, reference):
   pd.mkdir()
   shutil.copy(os.path.join(ckpts["paddle_u16"], "config.json"), pd)
   (pd / "model_state.pdparams").write_bytes(b"not really a pickle")
-  assert convert.detect_format(pd) == "paddle"
+  assert sources.detect_format(pd) == "paddle"
   with pytest.raises(convert.CheckpointError, match=r"model_state\.pdparams.*pickle"):
     convert.convert_to_orbax(pd, tmp_path / "out2")
   try:

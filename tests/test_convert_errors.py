@@ -13,6 +13,7 @@ import pytest
 
 from ernie_jax.interop import convert
 from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.interop.sources import detect_format
 from tests import hf_reference as ref
 from tests.test_convert import hf_to_paddle, load_cli, no_leftovers, read_all, to_bf16_hf, write_dir
 
@@ -121,7 +122,7 @@ def test_output_exists(sources, tmp_path):
     convert.convert_to_orbax(bad, out, overwrite=True)
   assert os.listdir(out) == ["keep.txt"]
   convert.convert_to_orbax(sources["hf"], out, overwrite=True)
-  assert convert.detect_format(out) == "orbax" and not os.path.exists(out / "keep.txt")
+  assert detect_format(out) == "orbax" and not os.path.exists(out / "keep.txt")
   no_leftovers(tmp_path, ["bad", "out"])
 
 

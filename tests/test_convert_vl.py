@@ -14,7 +14,9 @@ import pytest
 from flax import nnx
 
 import ernie_jax
-from ernie_jax.interop import convert, hf_config, orbax_io
+from ernie_jax.cli.verify import verify
+from ernie_jax.interop import hf_config
+from ernie_jax.interop import convert, orbax_io, sources
 from ernie_jax.model.vl import Ernie45VLForConditionalGeneration, VLConfig, forward
 from tests import vl_paddle_writer as writer
 from tests import vl_reference as ref
@@ -62,7 +64,7 @@ def test_hf_vl_to_orbax_to_hf(ckpts, tmp_path):
   out = tmp_path / "orbax"
   report = convert.convert_to_orbax(ckpts["hf"], out)
   assert report.format == "hf/vl" and report.storage_dtype == "float32" and not report.lossy
-  assert isinstance(report.config, VLConfig) and convert.detect_format(out) == "orbax"
+  assert isinstance(report.config, VLConfig) and sources.detect_format(out) == "orbax"
   assert orbax_io.read_info(out)["architecture"] == orbax_io.VL_ARCHITECTURE
   assert orbax_io.load_config(out) == hf_config.read_vl(ckpts["hf"])
   model = ernie_jax.from_pretrained(out)
@@ -81,7 +83,7 @@ def test_hf_vl_to_orbax_to_hf(ckpts, tmp_path):
   _assert_same_files(ckpts["hf"], tmp_path / "hf")
   assert hf_config.read_vl(tmp_path / "hf") == hf_config.read_vl(ckpts["hf"])
   assert json.load(open(tmp_path / "hf" / "config.json"))["dtype"] == "float32"
-  result = convert.verify(out, tmp_path / "hf")
+  result = verify(out, tmp_path / "hf")
   assert result.ok and result.rel <= 1e-5 and result.top1 == 1.0, result
   no_leftovers(tmp_path, ["hf", "orbax"])
 
@@ -153,5 +155,5 @@ def test_in_memory_model_without_correction_bias(tmp_path):
   assert bias.shape == (2, cfg.moe_num_experts) and not bias.any()
   assert tensors["model.layers.1.mlp.gate.weight_1"].dtype == np.float32
   assert tensors["model.vision_model.blocks.0.attn.qkv.weight"].dtype == ml_dtypes.bfloat16
-  result = convert.verify(tmp_path / "orbax", tmp_path / "hf")
+  result = verify(tmp_path / "orbax", tmp_path / "hf")
   assert result.ok and result.rel <= 1e-5, result

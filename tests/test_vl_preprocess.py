@@ -10,7 +10,7 @@ import pytest
 
 from ernie_jax import vl_preprocess as vp
 from ernie_jax.config import ConfigError
-from ernie_jax.model.vl import VLConfig
+from ernie_jax.config import VLConfig
 from ernie_jax.model.vl.lm_vl import prepare_inputs
 from ernie_jax.interop import hf_config
 

@@ -1,71 +1,61 @@
 """Hugging Face ERNIE 4.5 checkpoint names <-> ernie_jax parameters, as a data table.
 
-Every HF tensor maps to a *slot*: a parameter path in the model state plus an index into its
-leading stacked axes (layer repeat, expert). Transforms are described by a kind:
-  "copy"       same layout (norm weights, embedding)
-  "linear:n"   torch Linear [out, in]: transpose to [in, out], then reshape so the first n axes of
-               the parameter hold `in` (e.g. q_proj [nH*d, H] -> [H, nH, d] is linear:1,
-               o_proj [H, nH*d] -> [nH, d, H] is linear:2)
-  "squeeze"    reshape only ([1, E] correction bias -> [E])
+Every HF tensor maps to a *slot* (`transforms.Slot`): a parameter path in the model state plus an
+index into its leading stacked axes (layer repeat, expert), with a typed transform
+(`ernie_jax.interop.transforms`): `Copy()` (norm weights, embedding), `Linear(n)` (torch Linear
+[out, in] -> [in, out], reshaped so the first n parameter axes hold `in`: q_proj is Linear(1),
+o_proj Linear(2)), `Squeeze()` ([1, E] correction bias -> [E]). `hf_config` writes the
+transformers config.json of a ModelConfig.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
-import numpy as np
 
 from ernie_jax.config import ModelConfig
+from ernie_jax.interop.transforms import Copy, Linear, Read, Slot, Squeeze
 from ernie_jax.model.decoder import layer_locations
 
-# (HF name under `model.layers.{l}.`, path under the decoder layer, kind); `{e}` = expert index.
-LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
-  ("input_layernorm.weight", "input_norm/weight", "copy"),
-  ("post_attention_layernorm.weight", "post_norm/weight", "copy"),
-  ("self_attn.q_proj.weight", "attn/q", "linear:1"),
-  ("self_attn.k_proj.weight", "attn/k", "linear:1"),
-  ("self_attn.v_proj.weight", "attn/v", "linear:1"),
-  ("self_attn.o_proj.weight", "attn/o", "linear:2"),
+# (HF name under `model.layers.{l}.`, path under the decoder layer, transform); `{e}` = expert index.
+LAYER_TABLE = (
+  ("input_layernorm.weight", "input_norm/weight", Copy()),
+  ("post_attention_layernorm.weight", "post_norm/weight", Copy()),
+  ("self_attn.q_proj.weight", "attn/q", Linear(1)),
+  ("self_attn.k_proj.weight", "attn/k", Linear(1)),
+  ("self_attn.v_proj.weight", "attn/v", Linear(1)),
+  ("self_attn.o_proj.weight", "attn/o", Linear(2)),
 )
 DENSE_MLP_TABLE = (
-  ("mlp.gate_proj.weight", "mlp/gate", "linear:1"),
-  ("mlp.up_proj.weight", "mlp/up", "linear:1"),
-  ("mlp.down_proj.weight", "mlp/down", "linear:1"),
+  ("mlp.gate_proj.weight", "mlp/gate", Linear(1)),
+  ("mlp.up_proj.weight", "mlp/up", Linear(1)),
+  ("mlp.down_proj.weight", "mlp/down", Linear(1)),
 )
 MOE_TABLE = (
-  ("mlp.gate.weight", "mlp/router/kernel", "linear:1"),
-  ("mlp.experts.{e}.gate_proj.weight", "mlp/experts/gate", "linear:1"),
-  ("mlp.experts.{e}.up_proj.weight", "mlp/experts/up", "linear:1"),
-  ("mlp.experts.{e}.down_proj.weight", "mlp/experts/down", "linear:1"),
+  ("mlp.gate.weight", "mlp/router/kernel", Linear(1)),
+  ("mlp.experts.{e}.gate_proj.weight", "mlp/experts/gate", Linear(1)),
+  ("mlp.experts.{e}.up_proj.weight", "mlp/experts/up", Linear(1)),
+  ("mlp.experts.{e}.down_proj.weight", "mlp/experts/down", Linear(1)),
 )
 MOE_BIAS_TABLE = (
-  ("mlp.moe_statics.e_score_correction_bias", "mlp/router/correction_bias", "squeeze"),
+  ("mlp.moe_statics.e_score_correction_bias", "mlp/router/correction_bias", Squeeze()),
 )
 SHARED_TABLE = (
-  ("mlp.shared_experts.gate_proj.weight", "mlp/shared/gate", "linear:1"),
-  ("mlp.shared_experts.up_proj.weight", "mlp/shared/up", "linear:1"),
-  ("mlp.shared_experts.down_proj.weight", "mlp/shared/down", "linear:1"),
+  ("mlp.shared_experts.gate_proj.weight", "mlp/shared/gate", Linear(1)),
+  ("mlp.shared_experts.up_proj.weight", "mlp/shared/up", Linear(1)),
+  ("mlp.shared_experts.down_proj.weight", "mlp/shared/down", Linear(1)),
 )
 TOP_TABLE = (
-  ("model.embed_tokens.weight", "embed", "copy"),
-  ("model.norm.weight", "norm/weight", "copy"),
+  ("model.embed_tokens.weight", "embed", Copy()),
+  ("model.norm.weight", "norm/weight", Copy()),
 )
-UNTIED_HEAD_TABLE = (("lm_head.weight", "lm_head", "linear:1"),)
+UNTIED_HEAD_TABLE = (("lm_head.weight", "lm_head", Linear(1)),)
 MTP_TABLE = (  # `{d}` = MTP depth
-  ("model.mtp_emb_norm.{d}.weight", "mtp/{d}/emb_norm/weight", "copy"),
-  ("model.mtp_hidden_norm.{d}.weight", "mtp/{d}/hidden_norm/weight", "copy"),
-  ("model.mtp_linear_proj.{d}.weight", "mtp/{d}/proj", "linear:1"),
+  ("model.mtp_emb_norm.{d}.weight", "mtp/{d}/emb_norm/weight", Copy()),
+  ("model.mtp_hidden_norm.{d}.weight", "mtp/{d}/hidden_norm/weight", Copy()),
+  ("model.mtp_linear_proj.{d}.weight", "mtp/{d}/proj", Linear(1)),
 )
 # Present in some checkpoints, carry no information for us.
 IGNORED_WHEN_TIED = ("lm_head.weight",)
-
-
-@dataclass(frozen=True)
-class Slot:
-  path: str  # '/'-joined parameter path in nnx.state(model)
-  index: tuple[int, ...]  # index into the leading stacked axes (repeat, expert)
-  kind: str
 
 
 def _layer_entries(cfg: ModelConfig, kind: str):
@@ -78,29 +68,30 @@ def _layer_entries(cfg: ModelConfig, kind: str):
   return rows
 
 
-def _expand(cfg, prefix, rows, base_path, base_index):
+def _expand(cfg, prefix, rows, base_path, base_index) -> dict[str, Read]:
   out = {}
-  for hf, path, kind in rows:
+  for hf, path, t in rows:
     if "{e}" in hf:
       for e in range(cfg.moe_num_experts):
-        out[prefix + hf.format(e=e)] = Slot(f"{base_path}/{path}", base_index + (e,), kind)
+        name = prefix + hf.format(e=e)
+        out[name] = Read(name, (Slot(f"{base_path}/{path}", base_index + (e,), t),))
     else:
-      out[prefix + hf] = Slot(f"{base_path}/{path}", base_index, kind)
+      out[prefix + hf] = Read(prefix + hf, (Slot(f"{base_path}/{path}", base_index, t),))
   return out
 
 
-def hf_name_map(cfg: ModelConfig) -> dict[str, Slot]:
-  """Every HF tensor name the model expects, mapped to its slot."""
-  names: dict[str, Slot] = {}
+def hf_name_map(cfg: ModelConfig) -> dict[str, Read]:
+  """Every HF tensor name the model expects, mapped to its read (one slot each)."""
+  names: dict[str, Read] = {}
   kinds = cfg.layer_kinds
   for i, (g, r, j) in enumerate(layer_locations(kinds)):
     names.update(_expand(cfg, f"model.layers.{i}.", _layer_entries(cfg, kinds[i]),
                          f"groups/{g}/blocks/layers/{j}", (r,)))
-  for hf, path, kind in TOP_TABLE + (() if cfg.tie_word_embeddings else UNTIED_HEAD_TABLE):
-    names[hf] = Slot(path, (), kind)
+  for hf, path, t in TOP_TABLE + (() if cfg.tie_word_embeddings else UNTIED_HEAD_TABLE):
+    names[hf] = Read(hf, (Slot(path, (), t),))
   for d in range(cfg.num_mtp_layers):
-    for hf, path, kind in MTP_TABLE:
-      names[hf.format(d=d)] = Slot(path.format(d=d), (), kind)
+    for hf, path, t in MTP_TABLE:
+      names[hf.format(d=d)] = Read(hf.format(d=d), (Slot(path.format(d=d), (), t),))
     block_kind = "moe" if cfg.is_moe_layer(d) else "dense"
     names.update(_expand(cfg, f"model.mtp_block.{d}.", _layer_entries(cfg, block_kind),
                          f"mtp/{d}/block", ()))
@@ -111,54 +102,12 @@ def ignorable(cfg: ModelConfig, name: str) -> bool:
   return cfg.tie_word_embeddings and name in IGNORED_WHEN_TIED
 
 
-# ------------------------------------------------------------------------------------------------
-# Layout transforms. `target` is the parameter's per-slot shape (stacked axes removed).
-def _linear_in_axes(kind: str) -> int:
-  return int(kind.split(":")[1])
-
-
-def hf_shape(kind: str, target: tuple[int, ...]) -> tuple[int, ...]:
-  """The HF tensor shape that fills a slot of shape `target`."""
-  if kind == "copy":
-    return target
-  if kind == "squeeze":
-    return (1,) + target
-  n = _linear_in_axes(kind)
-  return (int(np.prod(target[n:])), int(np.prod(target[:n])))
-
-
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def transposed(x: np.ndarray, tile: int = 128) -> np.ndarray:
-  """x.T (2-D) as a new C-contiguous array. Copied in cache-sized tiles and as raw unsigned ints
-  (ml_dtypes' bf16 goes through a slow generic copy loop): 2-3x numpy's plain transpose."""
-  x = np.ascontiguousarray(x)
-  u = _UINT.get(x.dtype.itemsize)
-  src = x.view(u) if u is not None else x
-  m, n = src.shape
-  out = np.empty((n, m), src.dtype)
-  for i in range(0, m, tile):
-    out[:, i:i + tile] = src[i:i + tile].T
-  return out.view(x.dtype) if u is not None else out
-
-
-def to_param(kind: str, x: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-  if kind == "copy":
-    return x
-  if kind == "squeeze":
-    return x.reshape(target)
-  return transposed(x).reshape(target)
-
-
-def from_param(kind: str, x: np.ndarray) -> np.ndarray:
-  """Inverse of `to_param` (for export)."""
-  if kind == "copy":
-    return x
-  if kind == "squeeze":
-    return x.reshape((1,) + x.shape)
-  n = _linear_in_axes(kind)
-  return transposed(x.reshape(int(np.prod(x.shape[:n])), -1))
+def absent_bias(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+  """Tensors transformers always has but the model may lack (the correction bias): export writes zeros."""
+  if not cfg.is_moe or cfg.moe_use_correction_bias:
+    return []
+  return [(f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias", (1, cfg.moe_num_experts))
+          for i, kind in enumerate(cfg.layer_kinds) if kind == "moe"]
 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")

@@ -11,8 +11,16 @@ restores it with `state=StandardRestore(...)`, `model_config=JsonRestore()`):
                        "source": {...where it came from...}}; an ERNIE 4.5 VL model adds
                        "architecture": "ernie4_5_vl_moe" and stores VLConfig.to_dict()
 
+  <dir>/checksums.json  {"algorithm": "crc32", "files": {relative path: [bytes, crc32]}} of every
+                       other file, written by `save_state` (single process) once the checkpoint is
+                       complete and before it is moved into place; `verify_checksums` checks it on
+                       load (`ernie_jax.from_pretrained`) and export (`OrbaxReader`), so damaged
+                       bytes are refused instead of becoming NaN logits. Checkpoints without it
+                       (older ones, training checkpoints) load unchecked.
+
 A CheckpointManager root whose step directories hold these two items is accepted too (the latest
-step is used).
+step is used). Paths may be relative (`resolve` makes them absolute, as Orbax requires). Orbax /
+TensorStore failures reading a damaged directory become one-line `CheckpointError`s.
 
 Writing without materialising the model: a `StreamedArray` leaf stands for an array whose content
 is produced block by block by a `BlockSource` (the converters). A type handler registered for it
@@ -37,17 +45,62 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
+from flax import nnx
 
 from ernie_jax.config import ModelConfig
+from ernie_jax.interop import checksums
 from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.model import fp8
+from ernie_jax.model.state import abstract_model, flat_state, fresh_fp8_values, path_str
 from ernie_jax.config import VLConfig
-from ernie_jax.parallel.sharding import with_rules
 
 FORMAT = "ernie_jax"
 VERSION = 1
 STATE_ITEM = "state"
 CONFIG_ITEM = "model_config"
 VL_ARCHITECTURE = "ernie4_5_vl_moe"  # info["architecture"] of VL checkpoints (absent: text model)
+CHECKSUMS = checksums.CHECKSUMS
+_RECONVERT = "the checkpoint is damaged or incomplete: re-convert (or re-save / copy) it"
+
+
+def _abspath(path: str | os.PathLike) -> str:
+  """Orbax needs absolute paths: resolve relative ones (and ~) at every public entry point."""
+  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+  """The root cause of `e` (TensorStore wraps the informative error) as one short line."""
+  seen = {id(e)}
+  while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+    seen.add(id(nxt))
+    e = nxt
+  text = (str(e).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+  return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+@contextlib.contextmanager
+def _damaged(directory: str, what: str):
+  """Turn an Orbax / TensorStore / JSON failure while reading `what` into a one-line CheckpointError."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # orbax / tensorstore raise ValueError, FileNotFoundError, KeyError, ...
+    raise CheckpointError(f"{directory}: cannot read {what} ({_first_line(e)}); {_RECONVERT}") from None
+
+
+def write_checksums(directory: str | os.PathLike) -> None:
+  """Record every file's size and CRC32 in `<dir>/checksums.json` (see `interop.checksums`)."""
+  checksums.write(_abspath(directory))
+
+
+def verify_checksums(path: str | os.PathLike) -> bool:
+  """Check the checkpoint's files against `checksums.json`; False when it has none (written
+  before checksums existed). A missing, truncated or changed file is a one-line CheckpointError
+  naming it."""
+  directory = resolve(path)
+  with _damaged(directory, CHECKSUMS):
+    return checksums.verify(directory, _RECONVERT)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,7 +298,7 @@ def save_state(path: str | os.PathLike, arrays: Mapping[str, Any], cfg: ModelCon
 
   Orbax writes into a temporary sibling and renames it into place when complete.
   """
-  path = epath.Path(os.path.abspath(os.fspath(path)))
+  path = epath.Path(_abspath(path))
   streamed = any(isinstance(a, StreamedArray) for a in arrays.values())
   state = nest(arrays)
   if streamed:
@@ -266,15 +319,15 @@ def save_state(path: str | os.PathLike, arrays: Mapping[str, Any], cfg: ModelCon
                       force=overwrite)
   finally:
     checkpointer.close()
+  if jax.process_count() == 1:  # (other hosts' files may not be visible here)
+    write_checksums(path)
 
 
 def save_model(model, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
                overwrite: bool = False) -> None:
   """Save an `ErnieForCausalLM` or `Ernie45VLForConditionalGeneration` (possibly sharded,
   multi-host) with its config."""
-  from flax import nnx
-
-  flat = {"/".join(str(k) for k in p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+  flat = {p: v.get_value() for p, v in flat_state(nnx.state(model)).items()}
   save_state(path, flat, model.config, metadata=metadata, overwrite=overwrite)
 
 
@@ -284,17 +337,37 @@ def _is_item_dir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, STATE_ITEM)) and os.path.isdir(os.path.join(path, CONFIG_ITEM))
 
 
+def _looks_like_orbax(path: str) -> bool:
+  """Whether `path` holds pieces of an Orbax checkpoint (an item, or Orbax's own metadata)."""
+  return any(os.path.exists(os.path.join(path, n)) for n in (STATE_ITEM, CONFIG_ITEM, "_CHECKPOINT_METADATA"))
+
+
 def resolve(path: str | os.PathLike) -> str:
-  """The checkpoint directory: `path` itself, or the latest step of a CheckpointManager root."""
-  path = os.fspath(path)
+  """The checkpoint directory (absolute): `path` itself, or the latest step of a CheckpointManager
+  root."""
+  path = _abspath(path)
   if _is_item_dir(path):
     return path
   if os.path.isdir(path):
     steps = sorted((int(d) for d in os.listdir(path) if d.isdigit() and _is_item_dir(os.path.join(path, d))))
     if steps:
       return os.path.join(path, str(steps[-1]))
+    partial = [path] + [os.path.join(path, d) for d in sorted((d for d in os.listdir(path) if d.isdigit()),
+                                                              key=int, reverse=True)]
+    for p in partial:
+      if os.path.isdir(p) and _looks_like_orbax(p):
+        absent = [n for n in (STATE_ITEM, CONFIG_ITEM) if not os.path.isdir(os.path.join(p, n))]
+        raise CheckpointError(f"{p} looks like an ernie_jax Orbax checkpoint but is missing its "
+                              f"{' and '.join(repr(a) for a in absent)} item; {_RECONVERT}")
   raise CheckpointError(f"{path} is not an ernie_jax Orbax checkpoint (no '{STATE_ITEM}' and "
                         f"'{CONFIG_ITEM}' items)")
+
+
+def looks_like_orbax(path: str | os.PathLike) -> bool:
+  """Whether `path` is, or is a damaged, Orbax checkpoint (or CheckpointManager root)."""
+  path = _abspath(path)
+  return os.path.isdir(path) and (_looks_like_orbax(path) or any(
+    d.isdigit() and _looks_like_orbax(os.path.join(path, d)) for d in os.listdir(path)))
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -310,7 +383,8 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
   directory = resolve(path)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
-    info = checkpointer.restore(directory, ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+    with _damaged(directory, f"its '{CONFIG_ITEM}' item"):
+      info = checkpointer.restore(directory, ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
   finally:
     checkpointer.close()
   if not isinstance(info, dict) or info.get("format") != FORMAT or "model_config" not in info:
@@ -329,18 +403,43 @@ def _saved_arrays(directory: str) -> dict[str, tuple[tuple[str, ...], Any]]:
   """{normalised flat path: (saved key tuple, ArrayMetadata)} from the checkpoint metadata.
 
   A trailing 'value' key (an `nnx.State` saved as is) is dropped from the normalised path."""
+  state_dir = os.path.join(directory, STATE_ITEM)
+  ocdbt = os.path.isdir(os.path.join(state_dir, "d")) or any(n.startswith("ocdbt.process_") for n in os.listdir(state_dir))
+  for required in ("_METADATA",) + (("manifest.ocdbt",) if ocdbt else ()):
+    if not os.path.isfile(os.path.join(state_dir, required)):  # checked here: Orbax fails on it noisily
+      raise CheckpointError(f"{directory}: file '{STATE_ITEM}/{required}' is missing; {_RECONVERT}")
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    meta = handler.metadata(epath.Path(directory) / STATE_ITEM)
+    with _damaged(directory, f"the metadata of its '{STATE_ITEM}' item"):
+      meta = handler.metadata(epath.Path(directory) / STATE_ITEM)
   finally:
     handler.close()
   tree = meta.tree if hasattr(meta, "tree") else meta
   out = {}
   for keypath, m in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    keys = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+    keys = tuple(path_str((k,)) for k in keypath)
     norm = keys[:-1] if keys and keys[-1] == "value" else keys
-    out["/".join(norm)] = (keys, m)
+    out[path_str(norm)] = (keys, m)
   return out
+
+
+def check_arrays(directory: str, saved: Mapping[str, tuple[Any, Any]], expected: Mapping[str, tuple[int, ...]],
+                 expecter: str = "the model") -> None:
+  """The stored arrays (`_saved_arrays`) are exactly `expected` ({path: shape}): the first missing,
+  unexpected or misshaped array is a CheckpointError naming it. Shared by loading (`load_state`)
+  and export (`OrbaxReader`), so a config that disagrees with the weights is refused by both."""
+  missing = sorted(set(expected) - set(saved))
+  if missing:
+    raise CheckpointError(f"{directory}: no array for parameter '{missing[0]}'"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  unexpected = sorted(set(saved) - set(expected))
+  if unexpected:
+    raise CheckpointError(f"{directory}: unexpected array '{unexpected[0]}' not in the model"
+                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+  for name, shape in expected.items():
+    stored = tuple(saved[name][1].shape)
+    if stored != tuple(shape):
+      raise CheckpointError(f"{directory}: array '{name}' has shape {list(stored)}, {expecter} expects {list(shape)}")
 
 
 def load_state(path: str | os.PathLike, abstract_state, shardings=None):
@@ -351,39 +450,24 @@ def load_state(path: str | os.PathLike, abstract_state, shardings=None):
   `ernie_jax.parallel.state_shardings`); default: the first local device. Arrays are cast to the
   abstract dtypes. Names and shapes are checked first; a mismatch names the parameter.
   """
-  from flax import nnx
-
   directory = resolve(path)
   saved = _saved_arrays(directory)
   flat = nnx.to_flat_state(abstract_state)
   sharding_of = {}
   if shardings is not None:
-    sharding_of = {"/".join(str(k) for k in p): v.get_value() if isinstance(v, nnx.Variable) else v
-                   for p, v in nnx.to_flat_state(shardings)}
+    sharding_of = {p: v.get_value() if isinstance(v, nnx.Variable) else v for p, v in flat_state(shardings).items()}
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  wanted = {"/".join(str(k) for k in p): v for p, v in flat}
-  from ernie_jax.model import fp8
-
+  wanted = {path_str(p): v for p, v in flat}
   # FP8 scaling state: kept when both sides have it, fresh when only the model has it, dropped
   # when only the checkpoint has it (an FP8-trained checkpoint loaded without FP8)
   fresh = {n: v for n, v in wanted.items() if fp8.is_fp8_path(n) and n not in saved}
   dropped = any(fp8.is_fp8_path(n) and n not in wanted for n in saved)
   saved = {n: v for n, v in saved.items() if not fp8.is_fp8_path(n) or n in wanted}
   wanted = {n: v for n, v in wanted.items() if n not in fresh}
-  missing = sorted(set(wanted) - set(saved))
-  if missing:
-    raise CheckpointError(f"{directory}: no array for parameter '{missing[0]}'"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-  unexpected = sorted(set(saved) - set(wanted))
-  if unexpected:
-    raise CheckpointError(f"{directory}: unexpected array '{unexpected[0]}' not in the model"
-                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+  check_arrays(directory, saved, {n: tuple(v.shape) for n, v in wanted.items()})
   target = {}
   for name, var in wanted.items():
-    keys, meta = saved[name]
-    if tuple(meta.shape) != tuple(var.shape):
-      raise CheckpointError(f"{directory}: array '{name}' has shape {list(meta.shape)}, the model "
-                            f"expects {list(var.shape)}")
+    keys = saved[name][0]
     node = target
     for k in keys[:-1]:
       node = node.setdefault(k, {})
@@ -395,7 +479,8 @@ def load_state(path: str | os.PathLike, abstract_state, shardings=None):
     item = ocp.args.StandardRestore(target)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
-    restored = checkpointer.restore(directory, ocp.args.Composite(**{STATE_ITEM: item}))[STATE_ITEM]
+    with _damaged(directory, f"the arrays of its '{STATE_ITEM}' item"):
+      restored = checkpointer.restore(directory, ocp.args.Composite(**{STATE_ITEM: item}))[STATE_ITEM]
   finally:
     checkpointer.close()
   for name, var in wanted.items():
@@ -403,44 +488,34 @@ def load_state(path: str | os.PathLike, abstract_state, shardings=None):
     for k in saved[name][0]:
       node = node[k]
     var.set_value(node)
-  for name, var in fresh.items():
-    var.set_value(jax.device_put(fp8.initial_value(name, var.shape), sharding_of.get(name, default)))
+  for name, value in fresh_fp8_values(fresh).items():
+    fresh[name].set_value(jax.device_put(value, sharding_of.get(name, default)))
   return nnx.from_flat_state(flat)
-
-
-def load_model(path: str | os.PathLike, *, config: ModelConfig | None = None, mesh=None, rules=None,
-               **overrides):
-  """Build an `ErnieForCausalLM` (or, for a VL checkpoint, an `Ernie45VLForConditionalGeneration`)
-  from an Orbax checkpoint (see `ernie_jax.from_pretrained`)."""
-  from flax import nnx
-
-  from ernie_jax.loading import abstract_model
-
-  cfg = config.replace(**overrides) if config is not None else load_config(path, **overrides)
-  graphdef, abstract = abstract_model(cfg)
-  shardings = None
-  if mesh is not None:
-    from ernie_jax.parallel import DEFAULT_RULES, state_shardings
-
-    shardings = state_shardings(abstract, mesh, rules or DEFAULT_RULES)
-  return with_rules(nnx.merge(graphdef, load_state(path, abstract, shardings)), rules)
 
 
 class OrbaxReader:
   """Reads slices of single arrays of a checkpoint through TensorStore (for streaming export):
   `read(path, index)` returns `param[index]` without reading the rest of the parameter."""
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+    """verify: check the files' checksums (`verify_checksums`) first. The stored arrays are always
+    checked against the recorded config (`check_arrays`), so nothing inconsistent is exported."""
     self.directory = resolve(path)
+    if verify:
+      verify_checksums(self.directory)
     self.info = read_info(self.directory)
     self.config = config_from_info(self.info)
     self.arrays = _saved_arrays(self.directory)
+    _, abstract = abstract_model(self.config)
+    expected = {p: tuple(v.shape) for p, v in flat_state(abstract).items() if not fp8.is_fp8_path(p)}
+    check_arrays(self.directory, {n: v for n, v in self.arrays.items() if not fp8.is_fp8_path(n)}, expected,
+                 f"its '{CONFIG_ITEM}'")
     self._context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
     self._open: dict[str, Any] = {}
     self._cached: tuple | None = None
     state_dir = epath.Path(self.directory) / STATE_ITEM
     self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(state_dir)
-    with open(state_dir / "_METADATA") as f:
+    with _damaged(self.directory, f"'{STATE_ITEM}/_METADATA'"), open(state_dir / "_METADATA") as f:
       self._zarr3 = bool(json.load(f).get("use_zarr3", False))
 
   def shape(self, path: str) -> tuple[int, ...]:
@@ -458,7 +533,8 @@ class OrbaxReader:
         name=meta.name, parent_dir=epath.Path(meta.directory), is_ocdbt_checkpoint=self._ocdbt,
         use_zarr3=self._zarr3, ts_context=self._context)
       spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
-      self._open[path] = ts.open(ts.Spec(spec), open=True, read=True, context=self._context).result()
+      with _damaged(self.directory, f"array '{path}'"):
+        self._open[path] = ts.open(ts.Spec(spec), open=True, read=True, context=self._context).result()
     return self._open[path]
 
   def read(self, path: str, index: tuple[int, ...] = ()) -> np.ndarray:
@@ -466,7 +542,8 @@ class OrbaxReader:
     is read once and kept until a read falls outside it: reading a parameter's slices in order
     reads each chunk once (memory: one chunk region)."""
     if not index:
-      return np.asarray(self._store(path).read().result())
+      with _damaged(self.directory, f"array '{path}'"):
+        return np.asarray(self._store(path).read().result())
     meta = self.arrays[path][1]
     chunks = tuple(meta.storage.chunk_shape) if meta.storage is not None else tuple(meta.shape)
     region = tuple((i // c * c, min(i // c * c + c, n)) for i, c, n in zip(index, chunks, meta.shape))
@@ -474,7 +551,9 @@ class OrbaxReader:
     if self._cached is None or self._cached[0] != key:
       self._cached = None  # free the old region before reading the next
       sel = tuple(slice(a, b) for a, b in region)
-      self._cached = (key, np.asarray(self._store(path)[sel].read().result()))
+      store = self._store(path)
+      with _damaged(self.directory, f"array '{path}'"):
+        self._cached = (key, np.asarray(store[sel].read().result()))
     return self._cached[1][tuple(i - a for i, (a, _) in zip(index, region))]
 
   def close(self):

@@ -10,74 +10,65 @@ Two on-disk layouts are understood:
 Both store Linear weights [in, out] (the parameter layout here, so no transpose is needed: a
 Paddle tensor is our parameter reshaped), the router `gate.weight` [H, E] fp32, the correction
 bias [1, E] fp32, an untied `lm_head.weight` [H, V], and bf16 either as BF16 or as the raw bit
-patterns with dtype U16, which are bit-cast (never value-cast).
+patterns with dtype U16, which are bit-cast (never value-cast, `decode`).
 
-Every Paddle tensor maps to a `PaddleTensor`: its parameter slots (several for fused tensors, in
-column order) and how they are fused:
-  "none"    one slot; kinds "copy" (same shape), "inout:n" (2-D [prod(target[:n]), prod(target[n:])]),
-            "squeeze" ([1, E] -> [E])
-  "concat"  the slots' 2-D [in, out_i] forms concatenated along the last axis (qkv, up_gate)
-  "gqa"     q, k, v grouped per KV head: [H, nKV * (G + 2) * d], G = query heads per KV head
+Every Paddle tensor maps to a `transforms.Read`: its parameter slots (several for fused tensors,
+in column order) with typed transforms (`Copy()`, `InOut(n)`, `Squeeze()`) and how they are fused
+(`Fuse.NONE`, `Fuse.CONCAT` for up_gate and native qkv, `Fuse.GQA` for PaddleFormers' qkv).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.interop.hf import Slot
+from ernie_jax.interop.transforms import Copy, Fuse, InOut, Read, Slot, Squeeze
 from ernie_jax.model.decoder import layer_locations
 
 VARIANTS = ("native", "paddleformers")
 PREFIX = {"native": "ernie.", "paddleformers": "model."}
 
-# (Paddle name under `{prefix}layers.{l}.`, fuse, ((parameter path under the layer, kind), ...))
-LAYER_TABLE: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
-  ("input_layernorm.weight", "none", (("input_norm/weight", "copy"),)),
-  ("post_attention_layernorm.weight", "none", (("post_norm/weight", "copy"),)),
-  ("self_attn.qkv_proj.weight", "qkv", (("attn/q", "inout:1"), ("attn/k", "inout:1"), ("attn/v", "inout:1"))),
-  ("self_attn.o_proj.weight", "none", (("attn/o", "inout:2"),)),
+# (Paddle name under `{prefix}layers.{l}.`, fuse, ((parameter path under the layer, transform), ...));
+# fuse "qkv" is Fuse.CONCAT in the native layout, Fuse.GQA in PaddleFormers'.
+LAYER_TABLE = (
+  ("input_layernorm.weight", Fuse.NONE, (("input_norm/weight", Copy()),)),
+  ("post_attention_layernorm.weight", Fuse.NONE, (("post_norm/weight", Copy()),)),
+  ("self_attn.qkv_proj.weight", "qkv", (("attn/q", InOut(1)), ("attn/k", InOut(1)), ("attn/v", InOut(1)))),
+  ("self_attn.o_proj.weight", Fuse.NONE, (("attn/o", InOut(2)),)),
 )
 DENSE_MLP_TABLE = (
-  ("mlp.up_gate_proj.weight", "concat", (("mlp/gate", "inout:1"), ("mlp/up", "inout:1"))),
-  ("mlp.down_proj.weight", "none", (("mlp/down", "inout:1"),)),
+  ("mlp.up_gate_proj.weight", Fuse.CONCAT, (("mlp/gate", InOut(1)), ("mlp/up", InOut(1)))),
+  ("mlp.down_proj.weight", Fuse.NONE, (("mlp/down", InOut(1)),)),
 )
 MOE_TABLE = (
-  ("mlp.gate.weight", "none", (("mlp/router/kernel", "inout:1"),)),
-  ("mlp.experts.{e}.up_gate_proj.weight", "concat",
-   (("mlp/experts/gate", "inout:1"), ("mlp/experts/up", "inout:1"))),
-  ("mlp.experts.{e}.down_proj.weight", "none", (("mlp/experts/down", "inout:1"),)),
+  ("mlp.gate.weight", Fuse.NONE, (("mlp/router/kernel", InOut(1)),)),
+  ("mlp.experts.{e}.up_gate_proj.weight", Fuse.CONCAT,
+   (("mlp/experts/gate", InOut(1)), ("mlp/experts/up", InOut(1)))),
+  ("mlp.experts.{e}.down_proj.weight", Fuse.NONE, (("mlp/experts/down", InOut(1)),)),
 )
 MOE_BIAS_TABLE = (
-  ("mlp.moe_statics.e_score_correction_bias", "none", (("mlp/router/correction_bias", "squeeze"),)),
+  ("mlp.moe_statics.e_score_correction_bias", Fuse.NONE, (("mlp/router/correction_bias", Squeeze()),)),
 )
 SHARED_TABLE = (
-  ("mlp.shared_experts.up_gate_proj.weight", "concat", (("mlp/shared/gate", "inout:1"), ("mlp/shared/up", "inout:1"))),
-  ("mlp.shared_experts.down_proj.weight", "none", (("mlp/shared/down", "inout:1"),)),
+  ("mlp.shared_experts.up_gate_proj.weight", Fuse.CONCAT, (("mlp/shared/gate", InOut(1)), ("mlp/shared/up", InOut(1)))),
+  ("mlp.shared_experts.down_proj.weight", Fuse.NONE, (("mlp/shared/down", InOut(1)),)),
 )
 TOP_TABLE = (  # under the prefix
-  ("embed_tokens.weight", "none", (("embed", "copy"),)),
-  ("norm.weight", "none", (("norm/weight", "copy"),)),
+  ("embed_tokens.weight", Fuse.NONE, (("embed", Copy()),)),
+  ("norm.weight", Fuse.NONE, (("norm/weight", Copy()),)),
 )
-UNTIED_HEAD_TABLE = (("lm_head.weight", "none", (("lm_head", "inout:1"),)),)  # top level, [H, V]
+UNTIED_HEAD_TABLE = (("lm_head.weight", Fuse.NONE, (("lm_head", InOut(1)),)),)  # top level, [H, V]
 MTP_TABLE = (  # under the prefix; `{d}` = MTP depth
-  ("mtp_emb_norm.{d}.weight", "none", (("mtp/{d}/emb_norm/weight", "copy"),)),
-  ("mtp_hidden_norm.{d}.weight", "none", (("mtp/{d}/hidden_norm/weight", "copy"),)),
-  ("mtp_linear_proj.{d}.weight", "none", (("mtp/{d}/proj", "inout:1"),)),  # [2H, H]
+  ("mtp_emb_norm.{d}.weight", Fuse.NONE, (("mtp/{d}/emb_norm/weight", Copy()),)),
+  ("mtp_hidden_norm.{d}.weight", Fuse.NONE, (("mtp/{d}/hidden_norm/weight", Copy()),)),
+  ("mtp_linear_proj.{d}.weight", Fuse.NONE, (("mtp/{d}/proj", InOut(1)),)),  # [2H, H]
 )
 IGNORED_WHEN_TIED = ("lm_head.weight",)
 # bf16 may be stored as its raw bit pattern (U16) next to real fp32/bf16/fp16 tensors.
 ACCEPTED_DTYPES = ("F32", "BF16", "F16", "U16")
-
-
-@dataclass(frozen=True)
-class PaddleTensor:
-  slots: tuple[Slot, ...]  # in column order for fused tensors
-  fuse: str  # "none" | "concat" | "gqa"
 
 
 def _layer_rows(cfg: ModelConfig, kind: str):
@@ -90,41 +81,40 @@ def _layer_rows(cfg: ModelConfig, kind: str):
   return rows
 
 
-def _entry(fuse: str, variant: str, slots: tuple[Slot, ...]) -> PaddleTensor:
-  if fuse == "qkv":
-    fuse = "gqa" if variant == "paddleformers" else "concat"
-  return PaddleTensor(slots, fuse)
-
-
-def _expand(cfg, variant, prefix, rows, base_path, base_index):
+def expand(cfg, variant: str, prefix: str, rows, base_path: str, base_index: tuple[int, ...]) -> dict[str, Read]:
+  """The reads of table `rows` under name `prefix` and parameter `base_path` / `base_index`
+  (`{e}` in a name runs over the experts, adding the expert to the index)."""
   out = {}
   for name, fuse, parts in rows:
+    if fuse == "qkv":
+      fuse = Fuse.GQA if variant == "paddleformers" else Fuse.CONCAT
     experts = range(cfg.moe_num_experts) if "{e}" in name else (None,)
     for e in experts:
       index = base_index + (() if e is None else (e,))
-      slots = tuple(Slot(f"{base_path}/{path}" if base_path else path, index, kind) for path, kind in parts)
-      out[prefix + name.format(e=e)] = _entry(fuse, variant, slots)
+      slots = tuple(Slot(f"{base_path}/{path}" if base_path else path, index, t) for path, t in parts)
+      full = prefix + name.format(e=e)
+      out[full] = Read(full, slots, fuse)
   return out
 
 
-def paddle_name_map(cfg: ModelConfig, variant: str = "native") -> dict[str, PaddleTensor]:
-  """Every Paddle tensor name the model expects, mapped to its parameter slots."""
+def paddle_name_map(cfg: ModelConfig, variant: str = "native") -> dict[str, Read]:
+  """Every Paddle tensor name the model expects, mapped to its read."""
   if variant not in VARIANTS:
     raise ValueError(f"unknown Paddle layout variant {variant!r}; choose one of {VARIANTS}")
   prefix = PREFIX[variant]
-  names: dict[str, PaddleTensor] = {}
+  names: dict[str, Read] = {}
   kinds = cfg.layer_kinds
   for i, (g, r, j) in enumerate(layer_locations(kinds)):
-    names.update(_expand(cfg, variant, f"{prefix}layers.{i}.", _layer_rows(cfg, kinds[i]),
+    names.update(expand(cfg, variant, f"{prefix}layers.{i}.", _layer_rows(cfg, kinds[i]),
                          f"groups/{g}/blocks/layers/{j}", (r,)))
-  names.update(_expand(cfg, variant, prefix, TOP_TABLE, "", ()))
+  names.update(expand(cfg, variant, prefix, TOP_TABLE, "", ()))
   if not cfg.tie_word_embeddings:
-    names.update(_expand(cfg, variant, "", UNTIED_HEAD_TABLE, "", ()))
+    names.update(expand(cfg, variant, "", UNTIED_HEAD_TABLE, "", ()))
   for d in range(cfg.num_mtp_layers):
-    rows = [(n.format(d=d), f, tuple((p.format(d=d), k) for p, k in parts)) for n, f, parts in MTP_TABLE]
-    names.update(_expand(cfg, variant, prefix, rows, "", ()))
+    rows = [(n.format(d=d), f, tuple((p.format(d=d), t) for p, t in parts)) for n, f, parts in MTP_TABLE]
+    names.update(expand(cfg, variant, prefix, rows, "", ()))
     block_kind = "moe" if cfg.is_moe_layer(d) else "dense"
-    names.update(_expand(cfg, variant, f"{prefix}mtp_block.{d}.", _layer_rows(cfg, block_kind),
+    names.update(expand(cfg, variant, f"{prefix}mtp_block.{d}.", _layer_rows(cfg, block_kind),
                          f"mtp/{d}/block", ()))
   return names
 
@@ -141,45 +131,6 @@ def detect_variant(names) -> str | None:
   if any(n.startswith("model.") and (".qkv_proj." in n or ".up_gate_proj." in n) for n in names):
     return "paddleformers"
   return None
-
-
-# ------------------------------------------------------------------------------------------------
-# Layout transforms. `targets` are the slots' per-slot parameter shapes (stacked axes removed).
-def _in_axes(kind: str) -> int:
-  return int(kind.split(":")[1])
-
-
-def _as_2d(kind: str, target: tuple[int, ...]) -> tuple[int, int]:
-  n = _in_axes(kind)
-  return int(np.prod(target[:n])), int(np.prod(target[n:]))
-
-
-def paddle_shape(t: PaddleTensor, targets: list[tuple[int, ...]]) -> tuple[int, ...]:
-  """The Paddle tensor shape that fills slots of shapes `targets`."""
-  if t.fuse == "none":
-    (slot,), (target,) = t.slots, targets
-    if slot.kind == "copy":
-      return tuple(target)
-    if slot.kind == "squeeze":
-      return (1,) + tuple(target)
-    return _as_2d(slot.kind, target)
-  forms = [_as_2d(s.kind, tgt) for s, tgt in zip(t.slots, targets)]
-  return (forms[0][0], sum(f[1] for f in forms))
-
-
-def to_params(t: PaddleTensor, x: np.ndarray, targets: list[tuple[int, ...]]) -> list[np.ndarray]:
-  """Split / reshape one Paddle tensor into its slots' values (views where possible)."""
-  if t.fuse == "none":
-    return [x.reshape(targets[0])]
-  if t.fuse == "concat":
-    widths = np.cumsum([_as_2d(s.kind, tgt)[1] for s, tgt in zip(t.slots, targets)])[:-1]
-    return [p.reshape(tgt) for p, tgt in zip(np.split(x, widths, axis=-1), targets)]
-  if t.fuse == "gqa":  # targets: q [H, nH, d], k/v [H, nKV, d]
-    (h, nh, d), (_, nkv, _) = targets[0], targets[1]
-    g = nh // nkv
-    grouped = x.reshape(h, nkv, g + 2, d)
-    return [grouped[:, :, :g].reshape(h, nh, d), grouped[:, :, g], grouped[:, :, g + 1]]
-  raise ValueError(f"unknown fuse kind {t.fuse!r}")
 
 
 def decode(x: np.ndarray, dtype_tag: str) -> np.ndarray:
@@ -207,40 +158,3 @@ def describe_unexpected(cfg: ModelConfig, name: str) -> str:
   if ".q_proj." in name or ".k_proj." in name or ".gate_proj." in name:
     return "an unfused (HF-style) projection in a Paddle checkpoint, which fuses qkv and up_gate"
   return "not part of the model described by the config"
-
-
-# ------------------------------------------------------------------------------------------------
-# The official Paddle -> HF rule set (ERNIE tools/paddle2torch/tran_4_5t.py), written as string
-# rules rather than through the table above. `--verify` uses it to build the transformers
-# reference, so a mistake in the table cannot hide in both sides of the comparison.
-def reference_hf_tensors(get, names, cfg: ModelConfig, variant: str = "native"):
-  """Yield (HF name, numpy array in torch layout) for every Paddle tensor name in `names`.
-
-  get(name) returns the tensor already bit-cast (see `decode`).
-  """
-  prefix = PREFIX[variant]
-  d, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-  for name in names:
-    if cfg.tie_word_embeddings and name == "lm_head.weight":
-      continue
-    x = get(name)
-    hf = "model." + name[len(prefix):] if name.startswith(prefix) else name
-    if "qkv_proj" in name:
-      if variant == "paddleformers":
-        g = nh // nkv
-        grouped = x.reshape(x.shape[0], nkv, g + 2, d)
-        q = grouped[:, :, :g].reshape(x.shape[0], -1)
-        k, v = grouped[:, :, g].reshape(x.shape[0], -1), grouped[:, :, g + 1].reshape(x.shape[0], -1)
-      else:
-        q, k, v = np.split(x, [nh * d, nh * d + nkv * d], axis=-1)
-      for part, new in zip((q, k, v), ("q_proj", "k_proj", "v_proj")):
-        yield hf.replace("qkv_proj", new), np.ascontiguousarray(part.T)
-    elif "up_gate_proj" in name:
-      gate, up = np.split(x, 2, axis=-1)
-      yield hf.replace("up_gate_proj", "gate_proj"), np.ascontiguousarray(gate.T)
-      yield hf.replace("up_gate_proj", "up_proj"), np.ascontiguousarray(up.T)
-    elif any(k in name for k in ("down_proj.weight", "o_proj.weight", "gate.weight",
-                                  "mtp_linear_proj")) or name == "lm_head.weight":
-      yield hf, np.ascontiguousarray(x.T)
-    else:
-      yield hf, x

@@ -13,10 +13,9 @@ U16 bits), plus:
   * `lm_head.weight`: ignored when tied; untied it is [H, V] (the Paddle Linear convention).
 
 The tables are the text Paddle tables (LM rows) and the HF VL tables (vision / resampler rows,
-whose `linear:n` become Paddle `inout:n`), so nothing is listed twice; the transforms are the
-text Paddle ones (`paddle.paddle_shape`, `paddle.to_params`) plus one fuse kind, "rows": the two
-router rows of the correction bias, with the HF VL table's `row:r` slots (`hf_vl.to_params`).
-`ernie_jax.interop.convert.PaddleVLLayout` puts them together.
+whose `Linear(n)` become `InOut(n)`), so nothing is listed twice; the two router rows of the
+correction bias are the HF VL table's `Row(r)` slots read with `Fuse.ROWS`. The `paddle/vl` layout
+of `ernie_jax.interop.layouts` reads them.
 
 PaddleFormers' `save_to_hf=False` layout (`model.` prefix, GQA-grouped qkv) is only understood for
 the text models; a VL checkpoint in that layout is refused with a CheckpointError.
@@ -24,12 +23,9 @@ the text models; a VL checkpoint in that layout is refused with a CheckpointErro
 
 from __future__ import annotations
 
-import numpy as np
-
 from ernie_jax.interop import hf_vl, paddle
-from ernie_jax.interop.hf import Slot
-from ernie_jax.interop.paddle import (DENSE_MLP_TABLE, LAYER_TABLE, SHARED_TABLE, TOP_TABLE, UNTIED_HEAD_TABLE,
-                                      PaddleTensor)
+from ernie_jax.interop.paddle import DENSE_MLP_TABLE, LAYER_TABLE, SHARED_TABLE, TOP_TABLE, UNTIED_HEAD_TABLE
+from ernie_jax.interop.transforms import Fuse, InOut, Linear, Read, Slot
 from ernie_jax.model.decoder import layer_locations
 from ernie_jax.config import VLConfig
 
@@ -39,28 +35,27 @@ RESAMPLER_PREFIX = PREFIX + "resampler_model."
 
 
 def _paddle_rows(rows):
-  """HF VL rows (name, path, kind) -> Paddle rows: the same tensor, [in, out] instead of [out, in]."""
-  return tuple((name, "none", ((path, kind.replace("linear:", "inout:")),)) for name, path, kind in rows)
+  """HF VL rows (name, path, transform) -> Paddle rows: the same tensor, [in, out] instead of [out, in]."""
+  return tuple((name, Fuse.NONE, ((path, InOut(t.in_axes) if isinstance(t, Linear) else t),)) for name, path, t in rows)
 
 
-MOE_TABLE = _paddle_rows(hf_vl.MOE_TABLE)  # routers [H, E]: "copy" in both layouts
+MOE_TABLE = _paddle_rows(hf_vl.MOE_TABLE)  # routers [H, E]: Copy() in both layouts
 MOE_BIAS_TABLE = (
-  ("mlp.moe_statics.e_score_correction_bias", "rows",
-   tuple((path, kind) for _, path, kind in hf_vl.MOE_BIAS_TABLE)),
+  ("mlp.moe_statics.e_score_correction_bias", Fuse.ROWS, tuple((path, t) for _, path, t in hf_vl.MOE_BIAS_TABLE)),
 )
 EXPERT_TABLE = (  # `{e}` = checkpoint expert number, `{set}` = text_experts | vision_experts
-  ("mlp.experts.{e}.up_gate_proj.weight", "concat", (("mlp/{set}/gate", "inout:1"), ("mlp/{set}/up", "inout:1"))),
-  ("mlp.experts.{e}.down_proj.weight", "none", (("mlp/{set}/down", "inout:1"),)),
+  ("mlp.experts.{e}.up_gate_proj.weight", Fuse.CONCAT, (("mlp/{set}/gate", InOut(1)), ("mlp/{set}/up", InOut(1)))),
+  ("mlp.experts.{e}.down_proj.weight", Fuse.NONE, (("mlp/{set}/down", InOut(1)),)),
 )
 VISION_BLOCK_TABLE = _paddle_rows(hf_vl.VISION_BLOCK_TABLE)
 VISION_TOP_TABLE = _paddle_rows(hf_vl.VISION_TOP_TABLE)
 RESAMPLER_TABLE = _paddle_rows(hf_vl.RESAMPLER_TABLE)
 
 
-def paddle_vl_name_map(cfg: VLConfig, vision_prefix: str = VISION_PREFIXES[0]) -> dict[str, PaddleTensor]:
-  """Every Paddle VL tensor name the model expects, mapped to its parameter slots."""
-  expand = lambda prefix, rows, base, index: paddle._expand(cfg, "native", prefix, rows, base, index)
-  names: dict[str, PaddleTensor] = {}
+def paddle_vl_name_map(cfg: VLConfig, vision_prefix: str = VISION_PREFIXES[0]) -> dict[str, Read]:
+  """Every Paddle VL tensor name the model expects, mapped to its read."""
+  expand = lambda prefix, rows, base, index: paddle.expand(cfg, "native", prefix, rows, base, index)
+  names: dict[str, Read] = {}
   kinds = cfg.layer_kinds
   for i, (g, r, j) in enumerate(layer_locations(kinds)):
     pre, base = f"{PREFIX}layers.{i}.", f"groups/{g}/blocks/layers/{j}"
@@ -71,8 +66,8 @@ def paddle_vl_name_map(cfg: VLConfig, vision_prefix: str = VISION_PREFIXES[0]) -
                         + (SHARED_TABLE if cfg.moe_num_shared_experts else ()), base, (r,)))
     for e, which, k in hf_vl.expert_sets(cfg):
       for name, fuse, parts in EXPERT_TABLE:
-        slots = tuple(Slot(f"{base}/{path.format(set=which)}", (r, k), kind) for path, kind in parts)
-        names[pre + name.format(e=e)] = PaddleTensor(slots, fuse)
+        slots = tuple(Slot(f"{base}/{path.format(set=which)}", (r, k), t) for path, t in parts)
+        names[pre + name.format(e=e)] = Read(pre + name.format(e=e), slots, fuse)
   for b in range(cfg.vision.depth):
     names.update(expand(f"{vision_prefix}blocks.{b}.", VISION_BLOCK_TABLE, "vision_model/blocks", (b,)))
   names.update(expand(vision_prefix, VISION_TOP_TABLE, "", ()))
@@ -87,35 +82,3 @@ def describe_unexpected(cfg: VLConfig, name: str, vision_prefix: str | None = No
   if name.startswith(PREFIX) and (".q_proj." in name or ".k_proj." in name or ".gate_proj." in name):
     return "an unfused (HF-style) projection in a Paddle checkpoint, which fuses qkv and up_gate"
   return hf_vl.describe_unexpected(cfg, name, vision_prefix)
-
-
-# --------------------------------------------------------------------------------------------------
-# The official Paddle -> HF rule set for VL (ERNIE tools/paddle2torch/tran_4_5t_vl.py), written as
-# string rules rather than through the tables above; `--verify` builds the transformers reference
-# with it, so a mistake in the tables cannot hide in both sides of the comparison.
-def reference_hf_tensors(get, names, cfg: VLConfig):
-  """Yield (HF name, numpy array in torch layout) for every Paddle VL tensor name in `names`.
-
-  Rules: `ernie.` -> `model.`; outside the vision tower split `qkv_proj` into [Q | K | V] and
-  `up_gate_proj` in halves [gate | up]; transpose every 2-D `.weight` except `embed_tokens`,
-  `lm_head` and the routers (`.gate.`). One deviation: an untied `lm_head` [H, V] is transposed
-  (the text rule, tran_4_5t.py; the VL script only meets tied heads). get(name) returns the
-  tensor already bit-cast (`paddle.decode`)."""
-  nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  for name in names:
-    if cfg.tie_word_embeddings and name == "lm_head.weight":
-      continue
-    x = get(name)
-    hf = name.replace(PREFIX, "model.")
-    if "vision" not in name and "qkv_proj" in name:
-      for part, new in zip(np.split(x, [nh * d, nh * d + nkv * d], axis=-1), ("q_proj", "k_proj", "v_proj")):
-        yield hf.replace("qkv_proj", new), np.ascontiguousarray(part.T)
-    elif "vision" not in name and "up_gate_proj" in name:
-      gate, up = np.split(x, 2, axis=-1)
-      yield hf.replace("up_gate_proj", "gate_proj"), np.ascontiguousarray(gate.T)
-      yield hf.replace("up_gate_proj", "up_proj"), np.ascontiguousarray(up.T)
-    elif (name.endswith(".weight") and x.ndim == 2 and "embed_tokens" not in name and ".gate." not in name
-          and (name != "lm_head.weight" or not cfg.tie_word_embeddings)):
-      yield hf, np.ascontiguousarray(x.T)
-    else:
-      yield hf, x

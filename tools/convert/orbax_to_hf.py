@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ernie_jax.interop.convert import main_to_hf  # noqa: E402
+from ernie_jax.cli.convert import main_to_hf  # noqa: E402
 
 if __name__ == "__main__":
   sys.exit(main_to_hf(__doc__))

@@ -1,7 +1,7 @@
 """DFNRope vision transformer of ERNIE 4.5 VL (spec §4.3).
 
 Input: all images / video frames of a batch as one packed sequence of pre-flattened 14x14 patches
-[N, C*14*14] (patch order: 2x2 merge blocks, see `ernie_jax.vl_preprocess`), plus the static grid
+[N, C*14*14] (patch order: 2x2 merge blocks, see `ernie_jax.data.vl_preprocess`), plus the static grid
 (t, h, w) of each image / video. Each frame attends only to itself: the frames are cut out of the
 packed sequence with static slices and consecutive frames of equal size are batched, so there is
 neither padding nor an N x N mask (long frames are processed in query chunks).
