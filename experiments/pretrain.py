@@ -175,8 +175,8 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
     start_step = 0
   if is_main:
     truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
-  task = task_for(model_cfg, cfg.data)  # the objective: text LM, or VL (image grid from data.image_size)
-  train_step = make_train_step(graphdef, shardings, cfg.loss, schedule, grad_accum=run.grad_accum_steps,
+  task = task_for(model_cfg, cfg.data, cfg.loss)  # the objective: text LM, or VL (image grid from data.image_size)
+  train_step = make_train_step(graphdef, shardings, None, schedule, grad_accum=run.grad_accum_steps,
                                task=task)
   batch_sh = batch_sharding(mesh)
 

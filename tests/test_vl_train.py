@@ -23,7 +23,8 @@ from ernie_jax.data.vl import ROW_KEYS, ShapeCaptions, VLDataPipeline, image_gri
 from ernie_jax.model.vl import VLConfig, prepare_inputs
 from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train.optimizer import OptimConfig, make_optimizer
-from ernie_jax.train.step import (LossConfig, abstract_train_state, batch_sharding, create_train_state,
+from ernie_jax.train.losses import LossConfig
+from ernie_jax.train.step import (abstract_train_state, batch_sharding, create_train_state,
                                   make_train_step, put_batch)
 from ernie_jax.train.tasks import VisionLanguage
 
