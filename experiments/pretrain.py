@@ -25,23 +25,21 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ernie_jax.data import DataError, load_tokenizer_for, make_pipeline, resolve_eos, unigram_entropy  # noqa: E402
-from ernie_jax.data.pipeline import VL_FIELDS, VL_SOURCES  # noqa: E402
-from ernie_jax.data.sources import TokenWindows, expand_paths  # noqa: E402
-from ernie_jax.interop.safetensors_io import CheckpointError as ModelCheckpointError  # noqa: E402
-from ernie_jax.tokenizer import TokenizerError  # noqa: E402
-from ernie_jax.train import config as config_lib  # noqa: E402
-from ernie_jax.train import flops as flops_lib  # noqa: E402
-from ernie_jax.train.checkpoint import CheckpointError, Checkpointer  # noqa: E402
-from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl  # noqa: E402
-from ernie_jax.train.optimizer import make_optimizer  # noqa: E402
-from ernie_jax.train.tasks import task_for  # noqa: E402
-from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,  # noqa: E402
+from ernie_jax.data import DataError, load_tokenizer_for, make_pipeline, resolve_eos, unigram_entropy
+from ernie_jax.data.pipeline import VL_FIELDS, VL_SOURCES
+from ernie_jax.data.sources import TokenWindows, expand_paths
+from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.data.tokenizers import TokenizerError
+from ernie_jax.train import config as config_lib
+from ernie_jax.train import flops as flops_lib
+from ernie_jax.train.checkpoint import Checkpointer
+from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl
+from ernie_jax.train.optimizer import make_optimizer
+from ernie_jax.train.tasks import task_for
+from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,
                                   create_train_state, make_train_step, put_batch)
 
 # ModelConfig fields that may differ from the checkpoint being resumed / initialised from: they
@@ -221,7 +219,7 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
       raise NonFiniteError(f"step {step}: the train state holds non-finite values; not saving a checkpoint")
     meta = {"step": step, "data": data_state, "data_stream": _data_stream(cfg),
             "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
-    saved = ckpt.save(step, state, meta, model_cfg.to_dict(), force=force)
+    saved = ckpt.save(step, state, meta, model_cfg, force=force)
     if saved:
       writer.print(f"checkpoint: step {step} -> {ckpt.directory}")
     return saved
@@ -353,8 +351,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
   try:
     train(_CONFIG.value)
-  except (config_lib.TrainConfigError, DataError, TokenizerError, CheckpointError, ModelCheckpointError,
-          NonFiniteError) as e:
+  except (config_lib.TrainConfigError, DataError, TokenizerError, CheckpointError, NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

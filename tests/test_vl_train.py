@@ -117,7 +117,7 @@ def test_pipeline_shapes_loss_mask_and_resume(batches):
 def test_image_jsonl_source(tmp_path):
   from PIL import Image
 
-  from ernie_jax.vl_preprocess import preprocess_image
+  from ernie_jax.data.vl_preprocess import preprocess_image
 
   os.makedirs(tmp_path / "img")
   rs = np.random.RandomState(0)
@@ -380,7 +380,7 @@ def test_pretrain_tiny_vl_checkpoint_resume(tmp_path, xla_cache):
   assert [got[s]["lm_loss"] for s in (3, 4)] == [expected[s]["lm_loss"] for s in (3, 4)]
 
   # a text config cannot resume a VL workdir
-  from ernie_jax.train.checkpoint import CheckpointError
+  from ernie_jax.interop.safetensors_io import CheckpointError
   from configs import tiny
 
   c = tiny.get_config()
