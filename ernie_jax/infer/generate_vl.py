@@ -1,6 +1,6 @@
 """Generation with images / videos for ERNIE 4.5 VL.
 
-The prompts (token ids with the image / video placeholder runs, see `ernie_jax.vl_preprocess`) are
+The prompts (token ids with the image / video placeholder runs, see `ernie_jax.data.vl_preprocess`) are
 right-padded; their (t, h, w) positions, MoE token types and per-row rope deltas are built on the
 host. One jitted program then prefills the prompts (vision tower + resampler features written over
 the placeholders, vision tokens routed to the vision experts) and decodes in a `lax.while_loop`:
@@ -132,7 +132,7 @@ def generate_vl(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   """New tokens for each prompt (a list of token-id lists with image / video placeholder runs).
 
   pixel_values [N, C*14*14] + image_grid_thw [(t, h, w), ...] for all images of all prompts in
-  order (likewise pixel_values_videos / video_grid_thw); see `ernie_jax.vl_preprocess`.
+  order (likewise pixel_values_videos / video_grid_thw); see `ernie_jax.data.vl_preprocess`.
   Other arguments as in `ernie_jax.infer.generate.generate`.
   """
   return generate_vl_array(model, prompts, max_new_tokens=max_new_tokens, **kwargs).to_lists()
