@@ -31,7 +31,9 @@ import numpy as np
 from ernie_jax.data import DataError, load_tokenizer_for, make_pipeline, resolve_eos, unigram_entropy
 from ernie_jax.data.pipeline import VL_FIELDS, VL_SOURCES
 from ernie_jax.data.sources import TokenWindows, expand_paths
+from ernie_jax.data.vl import text_only_bound
 from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.loading import from_pretrained
 from ernie_jax.data.tokenizers import TokenizerError
 from ernie_jax.train import config as config_lib
 from ernie_jax.train import flops as flops_lib
@@ -106,8 +108,6 @@ def _model_config(cfg: config_lib.TrainConfig, ckpt: Checkpointer, latest: int |
                               f"(checkpoint vs config: {diff}); use a new workdir{hint}")
     return saved.replace(**runtime), None
   if cfg.run.init_from:
-    from ernie_jax import from_pretrained
-
     runtime.update({k: getattr(cfg.model, k) for k in FP8_FIELDS if hasattr(cfg.model, k)})  # VL: no FP8
     model = from_pretrained(cfg.run.init_from, mesh=mesh, **runtime)
     return model.config, model
@@ -193,8 +193,6 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
     "resumed_from": latest, "init_from": run.init_from or None, "model_config": model_cfg.to_dict(),
   }
   if cfg.data.source == "shapes":  # the best caption loss without looking at the images
-    from ernie_jax.data.vl import text_only_bound
-
     info["text_only_bound"] = text_only_bound(tokenizer)
   writer = MetricWriter(workdir, total_steps=run.steps, start_step=start_step,
                         tensorboard=cfg.metrics.tensorboard, progress_bar=cfg.metrics.progress_bar,

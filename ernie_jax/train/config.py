@@ -29,6 +29,7 @@ import ml_collections
 
 from ernie_jax.config import ConfigError, ModelConfig
 from ernie_jax.data.pipeline import SOURCES, TEXT_SOURCES, VL_SOURCES, DataConfig
+from ernie_jax.model.vl import VLConfig
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train.losses import LossConfig
 from ernie_jax.train.optimizer import SCHEDULES, OptimConfig
@@ -139,8 +140,6 @@ def model_from_dict(d: dict[str, Any], family: str = "text"):
   _check(family in MODEL_FAMILIES, "model_family", f"must be one of {MODEL_FAMILIES}, got {family!r}")
   try:
     if family == "vl":
-      from ernie_jax.model.vl.config_vl import VLConfig
-
       return VLConfig.from_dict(d)
     return ModelConfig.from_dict(d)
   except ConfigError as e:
