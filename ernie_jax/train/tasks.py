@@ -68,7 +68,7 @@ class Task(Protocol):
 
 def with_loss(task: Task, loss_cfg: LossConfig) -> Task:
   """A copy of a built-in task (a dataclass with a `loss` field) with the coefficients `loss_cfg`."""
-  if not any(f.name == "loss" for f in dataclasses.fields(task)):
+  if not (dataclasses.is_dataclass(task) and any(f.name == "loss" for f in dataclasses.fields(task))):
     raise TypeError(f"{type(task).__name__} has no LossConfig coefficients to replace")
   return dataclasses.replace(task, loss=loss_cfg)
 
@@ -95,6 +95,8 @@ def _updates_bias(loss_cfg: LossConfig, model) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class TextLM:
+  """ERNIE 4.5 text models (dense / MoE / MTP) on packed text rows (`ernie_jax.data.pipeline`)."""
+
   loss: LossConfig = LossConfig()
 
   def normalisers(self, rows, cfg):
