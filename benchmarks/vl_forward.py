@@ -53,7 +53,7 @@ def main():
 
   import ernie_jax
   from ernie_jax.model.vl import forward
-  from ernie_jax import vl_preprocess as vp
+  from ernie_jax.data import vl_preprocess as vp
   from tests import vl_reference as ref
 
   if args.threads:

@@ -25,23 +25,23 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ernie_jax.data import DataError, load_tokenizer_for, make_pipeline, resolve_eos, unigram_entropy  # noqa: E402
-from ernie_jax.data.pipeline import VL_FIELDS, VL_SOURCES  # noqa: E402
-from ernie_jax.data.sources import TokenWindows, expand_paths  # noqa: E402
-from ernie_jax.interop.safetensors_io import CheckpointError as ModelCheckpointError  # noqa: E402
-from ernie_jax.tokenizer import TokenizerError  # noqa: E402
-from ernie_jax.train import config as config_lib  # noqa: E402
-from ernie_jax.train import flops as flops_lib  # noqa: E402
-from ernie_jax.train.checkpoint import CheckpointError, Checkpointer  # noqa: E402
-from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl  # noqa: E402
-from ernie_jax.train.optimizer import make_optimizer  # noqa: E402
-from ernie_jax.train.tasks import task_for  # noqa: E402
-from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,  # noqa: E402
+from ernie_jax.data import DataError, load_tokenizer_for, make_pipeline, resolve_eos, unigram_entropy
+from ernie_jax.data.pipeline import VL_FIELDS, VL_SOURCES
+from ernie_jax.data.sources import TokenWindows, expand_paths
+from ernie_jax.data.vl import text_only_bound
+from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.loading import from_pretrained
+from ernie_jax.data.tokenizers import TokenizerError
+from ernie_jax.train import config as config_lib
+from ernie_jax.train import flops as flops_lib
+from ernie_jax.train.checkpoint import Checkpointer
+from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl
+from ernie_jax.train.optimizer import make_optimizer
+from ernie_jax.train.tasks import task_for
+from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,
                                   create_train_state, make_train_step, put_batch)
 
 # ModelConfig fields that may differ from the checkpoint being resumed / initialised from: they
@@ -108,8 +108,6 @@ def _model_config(cfg: config_lib.TrainConfig, ckpt: Checkpointer, latest: int |
                               f"(checkpoint vs config: {diff}); use a new workdir{hint}")
     return saved.replace(**runtime), None
   if cfg.run.init_from:
-    from ernie_jax import from_pretrained
-
     runtime.update({k: getattr(cfg.model, k) for k in FP8_FIELDS if hasattr(cfg.model, k)})  # VL: no FP8
     model = from_pretrained(cfg.run.init_from, mesh=mesh, **runtime)
     return model.config, model
@@ -175,8 +173,8 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
     start_step = 0
   if is_main:
     truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
-  task = task_for(model_cfg, cfg.data)  # the objective: text LM, or VL (image grid from data.image_size)
-  train_step = make_train_step(graphdef, shardings, cfg.loss, schedule, grad_accum=run.grad_accum_steps,
+  task = task_for(model_cfg, cfg.data, cfg.loss)  # the objective: text LM, or VL (image grid from data.image_size)
+  train_step = make_train_step(graphdef, shardings, None, schedule, grad_accum=run.grad_accum_steps,
                                task=task)
   batch_sh = batch_sharding(mesh)
 
@@ -195,8 +193,6 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
     "resumed_from": latest, "init_from": run.init_from or None, "model_config": model_cfg.to_dict(),
   }
   if cfg.data.source == "shapes":  # the best caption loss without looking at the images
-    from ernie_jax.data.vl import text_only_bound
-
     info["text_only_bound"] = text_only_bound(tokenizer)
   writer = MetricWriter(workdir, total_steps=run.steps, start_step=start_step,
                         tensorboard=cfg.metrics.tensorboard, progress_bar=cfg.metrics.progress_bar,
@@ -221,7 +217,7 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
       raise NonFiniteError(f"step {step}: the train state holds non-finite values; not saving a checkpoint")
     meta = {"step": step, "data": data_state, "data_stream": _data_stream(cfg),
             "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
-    saved = ckpt.save(step, state, meta, model_cfg.to_dict(), force=force)
+    saved = ckpt.save(step, state, meta, model_cfg, force=force)
     if saved:
       writer.print(f"checkpoint: step {step} -> {ckpt.directory}")
     return saved
@@ -353,8 +349,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
   try:
     train(_CONFIG.value)
-  except (config_lib.TrainConfigError, DataError, TokenizerError, CheckpointError, ModelCheckpointError,
-          NonFiniteError) as e:
+  except (config_lib.TrainConfigError, DataError, TokenizerError, CheckpointError, NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

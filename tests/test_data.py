@@ -4,7 +4,6 @@ checkpointable, per-process sharded), and that packed documents never see each o
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from ernie_jax import ErnieForCausalLM, ModelConfig
 from ernie_jax.data import (ByteTokenizer, DataConfig, DataError, DataPipeline, TextDocuments,
                             TokenWindows, document_example, load_tokenizer_for, unigram_entropy,
                             window_example)
-from ernie_jax.data.sources import expand_paths, stdlib_files
+from ernie_jax.data.sources import expand_paths
 
 
 def _take(pipe, n):
@@ -157,7 +156,7 @@ def test_packing_never_leaks_attention_across_documents():
 
 
 def test_pretokenize_then_train_windows(tmp_path):
-  from ernie_jax.data.pretokenize import main
+  from ernie_jax.cli.pretokenize import main
 
   f = _write(tmp_path, "c.jsonl", "".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(50)))
   assert main(["--input", f, "--mode", "jsonl", "--tokenizer", "bytes", "--output", str(tmp_path / "c.bin"),

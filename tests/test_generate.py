@@ -18,7 +18,7 @@ import ernie_jax
 from ernie_jax.infer.generate import (decode_step, generate, generate_array, pad_prompts,
                                       prefill)
 from ernie_jax.infer.sampling import sample
-from ernie_jax.tokenizer import TokenizerError, load_tokenizer
+from ernie_jax.data.tokenizers import TokenizerError, load_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -317,7 +317,7 @@ def test_cli(dense_model, hf_tok_file):
   path, model = dense_model
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  cmd = [sys.executable, "-m", "ernie_jax.generate"]
+  cmd = [sys.executable, "-m", "ernie_jax.cli.generate"]
   r = subprocess.run(cmd + ["--checkpoint", path, "--tokens", "5 17 33", "--tokens", "12,4",
                             "--prompt", "hello world", "--tokenizer", hf_tok_file,
                             "--max-new-tokens", "6", "--ignore-eos", "--json"],
@@ -333,14 +333,14 @@ def test_cli(dense_model, hf_tok_file):
 
 
 def test_cli_demo(capsys):
-  from ernie_jax.generate import main
+  from ernie_jax.cli.generate import main
 
   assert main(["--demo", "--max-new-tokens", "4"]) == 0
   out = capsys.readouterr().out
   assert out.count("output ids:") == 3 and "tokens/s" in out
 
 def test_cli_argument_errors(dense_model, capsys):
-  from ernie_jax.generate import main
+  from ernie_jax.cli.generate import main
 
   path, _ = dense_model
   for argv, msg in [([], "exactly one of"), (["--checkpoint", path], "at least one prompt"),

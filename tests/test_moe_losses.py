@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax import ErnieForCausalLM, ModelConfig
-from ernie_jax.model.moe.router import RouterOutput, route
+from ernie_jax.model.moe.router import route
 from ernie_jax.train import moe_losses as ml
 
 

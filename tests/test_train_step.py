@@ -13,9 +13,9 @@ from flax import nnx
 from ernie_jax import ModelConfig
 from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train import flops
-from ernie_jax.train.losses import mtp_targets
 from ernie_jax.train.optimizer import OptimConfig, decays, lr_schedule, make_optimizer
-from ernie_jax.train.step import (LossConfig, abstract_train_state, batch_sharding, create_train_state,
+from ernie_jax.train.losses import LossConfig, mtp_targets
+from ernie_jax.train.step import (abstract_train_state, batch_sharding, create_train_state,
                                   make_train_step, put_batch)
 
 MOE_MTP = ModelConfig.tiny_moe(vocab_size=64, num_mtp_layers=1)

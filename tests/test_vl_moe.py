@@ -19,6 +19,42 @@ from ernie_jax.train import vl_losses as vll
 CFG = VLConfig.tiny(initializer_range=0.3)
 
 
+# The VL objective of one batch outside the train step (the train step uses `tasks.VisionLanguage`).
+def router_loss(model, out, mask=None, *, aux_coef: float = 1e-2, z_coef: float = 1e-4,
+                orth_coef: float = 1e-2) -> jax.Array:
+  """c_aux * L_aux + c_z * L_z + c_orth * L_orth for a `VLOutput` (0 without MoE layers)."""
+  if out.router is None:
+    return jnp.zeros((), jnp.float32)
+  vision = jnp.zeros(out.logits.shape[:2], bool) if out.vision_mask is None else out.vision_mask
+  loss = aux_coef * vll.load_balance_loss(out.router, vision, mask) + z_coef * vll.z_loss(out.router, vision, mask)
+  if orth_coef:
+    loss = loss + orth_coef * vll.orthogonal_loss(model)
+  return loss
+
+
+def vl_loss(model, batch: dict, *, image_grid_thw=None, video_grid_thw=None,
+            token_balance_seqlen: float | None = None, aux_coef: float = 1e-2, z_coef: float = 1e-4,
+            orth_coef: float = 1e-2):
+  """The VL training objective for one batch -> (loss, metrics).
+
+  batch: "inputs", "targets", "loss_mask" [B, S]; "positions" [B, S, 3] and "token_types" [B, S]
+  (from `prepare_inputs`); optional "pixel_values" / "pixel_values_videos" with the static grids
+  passed as arguments. The LM loss covers text-typed targets only and is token-balanced
+  (default token_balance_seqlen = B * S); the router loss adds its gradient but not its value
+  (`loss + router - stop_gradient(router)`, as the reference VL criterion does).
+  """
+  tokens, targets = batch["inputs"], batch["targets"]
+  out = model(tokens, positions=batch.get("positions"), token_types=batch.get("token_types"),
+              pixel_values=batch.get("pixel_values"), image_grid_thw=image_grid_thw,
+              pixel_values_videos=batch.get("pixel_values_videos"), video_grid_thw=video_grid_thw)
+  mask = batch["loss_mask"].astype(jnp.float32) * vll.text_target_mask(targets, model.config)
+  balance = token_balance_seqlen or float(tokens.shape[0] * tokens.shape[1])
+  lm = vll.token_balanced_lm_loss(out.logits, targets, mask, balance)
+  router = router_loss(model, out, batch.get("attention_mask"), aux_coef=aux_coef, z_coef=z_coef,
+                       orth_coef=orth_coef)
+  return lm + router - jax.lax.stop_gradient(router), {"lm_loss": lm, "router_loss": router}
+
+
 def _moe(impl="auto", **kw):
   cfg = CFG.replace(moe_impl=impl, **kw)
   moe = MoE(cfg, vl_expert_sets(cfg), rngs=nnx.Rngs(0))
@@ -153,7 +189,7 @@ def test_per_modality_router_losses_match_numpy(forward_out):
       w = w.T / np.linalg.norm(w.T, axis=-1, keepdims=True)
       orth += ((w @ w.T - np.eye(w.shape[0])) ** 2).mean()
   np.testing.assert_allclose(vll.orthogonal_loss(model), orth, rtol=1e-5)
-  total = vll.router_loss(model, out, pad.reshape(tokens.shape), aux_coef=0.1, z_coef=0.01, orth_coef=0.5)
+  total = router_loss(model, out, pad.reshape(tokens.shape), aux_coef=0.1, z_coef=0.01, orth_coef=0.5)
   np.testing.assert_allclose(total, 0.1 * lb + 0.01 * zl + 0.5 * orth, rtol=1e-5)
 
 
@@ -215,7 +251,7 @@ def test_vl_training_steps_reduce_the_loss():
   @nnx.jit
   def step(model, opt, batch):
     (loss, metrics), grads = nnx.value_and_grad(
-      lambda m: vll.vl_loss(m, batch, image_grid_thw=(grid, grid)), has_aux=True)(model)
+      lambda m: vl_loss(m, batch, image_grid_thw=(grid, grid)), has_aux=True)(model)
     opt.update(model, grads)
     return loss, metrics, grads
 

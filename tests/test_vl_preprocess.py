@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from ernie_jax import vl_preprocess as vp
+from ernie_jax.data import vl_preprocess as vp
 from ernie_jax.config import ConfigError
 from ernie_jax.config import VLConfig
 from ernie_jax.model.vl.lm_vl import prepare_inputs

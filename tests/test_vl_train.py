@@ -23,7 +23,8 @@ from ernie_jax.data.vl import ROW_KEYS, ShapeCaptions, VLDataPipeline, image_gri
 from ernie_jax.model.vl import VLConfig, prepare_inputs
 from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train.optimizer import OptimConfig, make_optimizer
-from ernie_jax.train.step import (LossConfig, abstract_train_state, batch_sharding, create_train_state,
+from ernie_jax.train.losses import LossConfig
+from ernie_jax.train.step import (abstract_train_state, batch_sharding, create_train_state,
                                   make_train_step, put_batch)
 from ernie_jax.train.tasks import VisionLanguage
 
@@ -116,7 +117,7 @@ def test_pipeline_shapes_loss_mask_and_resume(batches):
 def test_image_jsonl_source(tmp_path):
   from PIL import Image
 
-  from ernie_jax.vl_preprocess import preprocess_image
+  from ernie_jax.data.vl_preprocess import preprocess_image
 
   os.makedirs(tmp_path / "img")
   rs = np.random.RandomState(0)
@@ -379,7 +380,7 @@ def test_pretrain_tiny_vl_checkpoint_resume(tmp_path, xla_cache):
   assert [got[s]["lm_loss"] for s in (3, 4)] == [expected[s]["lm_loss"] for s in (3, 4)]
 
   # a text config cannot resume a VL workdir
-  from ernie_jax.train.checkpoint import CheckpointError
+  from ernie_jax.interop.safetensors_io import CheckpointError
   from configs import tiny
 
   c = tiny.get_config()

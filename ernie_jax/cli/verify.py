@@ -23,7 +23,7 @@ import numpy as np
 
 from ernie_jax.config import ModelConfig
 from ernie_jax.interop import hf_config
-from ernie_jax.interop import hf, hf_vl, paddle, paddle_vl
+from ernie_jax.interop import paddle, paddle_vl
 from ernie_jax.interop import safetensors_writer as stw
 from ernie_jax.interop.convert import DEFAULT_SHARD_BYTES
 from ernie_jax.interop.sources import open_source
@@ -125,7 +125,7 @@ def paddle_reference_tensors(get, names, cfg: ModelConfig, variant: str = "nativ
     if cfg.tie_word_embeddings and name == "lm_head.weight":
       continue
     x = get(name)
-    hf = "model." + name[len(prefix):] if name.startswith(prefix) else name
+    hf_name = "model." + name[len(prefix):] if name.startswith(prefix) else name
     if "qkv_proj" in name:
       if variant == "paddleformers":
         g = nh // nkv
@@ -135,16 +135,16 @@ def paddle_reference_tensors(get, names, cfg: ModelConfig, variant: str = "nativ
       else:
         q, k, v = np.split(x, [nh * d, nh * d + nkv * d], axis=-1)
       for part, new in zip((q, k, v), ("q_proj", "k_proj", "v_proj")):
-        yield hf.replace("qkv_proj", new), np.ascontiguousarray(part.T)
+        yield hf_name.replace("qkv_proj", new), np.ascontiguousarray(part.T)
     elif "up_gate_proj" in name:
       gate, up = np.split(x, 2, axis=-1)
-      yield hf.replace("up_gate_proj", "gate_proj"), np.ascontiguousarray(gate.T)
-      yield hf.replace("up_gate_proj", "up_proj"), np.ascontiguousarray(up.T)
+      yield hf_name.replace("up_gate_proj", "gate_proj"), np.ascontiguousarray(gate.T)
+      yield hf_name.replace("up_gate_proj", "up_proj"), np.ascontiguousarray(up.T)
     elif any(k in name for k in ("down_proj.weight", "o_proj.weight", "gate.weight",
                                   "mtp_linear_proj")) or name == "lm_head.weight":
-      yield hf, np.ascontiguousarray(x.T)
+      yield hf_name, np.ascontiguousarray(x.T)
     else:
-      yield hf, x
+      yield hf_name, x
 
 
 def paddle_vl_reference_tensors(get, names, cfg: VLConfig):
@@ -160,19 +160,19 @@ def paddle_vl_reference_tensors(get, names, cfg: VLConfig):
     if cfg.tie_word_embeddings and name == "lm_head.weight":
       continue
     x = get(name)
-    hf = name.replace(paddle_vl.PREFIX, "model.")
+    hf_name = name.replace(paddle_vl.PREFIX, "model.")
     if "vision" not in name and "qkv_proj" in name:
       for part, new in zip(np.split(x, [nh * d, nh * d + nkv * d], axis=-1), ("q_proj", "k_proj", "v_proj")):
-        yield hf.replace("qkv_proj", new), np.ascontiguousarray(part.T)
+        yield hf_name.replace("qkv_proj", new), np.ascontiguousarray(part.T)
     elif "vision" not in name and "up_gate_proj" in name:
       gate, up = np.split(x, 2, axis=-1)
-      yield hf.replace("up_gate_proj", "gate_proj"), np.ascontiguousarray(gate.T)
-      yield hf.replace("up_gate_proj", "up_proj"), np.ascontiguousarray(up.T)
+      yield hf_name.replace("up_gate_proj", "gate_proj"), np.ascontiguousarray(gate.T)
+      yield hf_name.replace("up_gate_proj", "up_proj"), np.ascontiguousarray(up.T)
     elif (name.endswith(".weight") and x.ndim == 2 and "embed_tokens" not in name and ".gate." not in name
           and (name != "lm_head.weight" or not cfg.tie_word_embeddings)):
-      yield hf, np.ascontiguousarray(x.T)
+      yield hf_name, np.ascontiguousarray(x.T)
     else:
-      yield hf, x
+      yield hf_name, x
 
 
 # --------------------------------------------------------------------------------------------------

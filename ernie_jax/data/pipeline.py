@@ -1,24 +1,26 @@
-"""The training data pipeline (grain): source -> per-process shard -> shuffle -> repeat ->
-tokenize -> pack -> batch, deterministic and checkpointable.
+"""The training data config and the pipelines it selects.
 
-The iterator's position is `get_state()` (a small JSON-serialisable dict saved with every
-checkpoint); `set_state()` resumes exactly where it was, so a restarted run sees the same batches.
-Each process reads a disjoint slice of the documents (index i goes to process i % process_count)
-and yields its own rows of the global batch.
+`DataConfig` is the `data` section of the training config. `make_pipeline` picks the pipeline of
+`data.source` (`SOURCES`): the text pipeline `DataPipeline` below, or the image-caption pipeline
+`ernie_jax.data.vl.VLDataPipeline` for `VL_SOURCES`; `load_tokenizer_for` and `unigram_entropy`
+dispatch the same way. (`data.vl` does not import this module, so there is no cycle.)
+
+The text pipeline (grain): source -> per-process shard -> shuffle -> repeat -> tokenize -> pack ->
+batch, deterministic and checkpointable (`ernie_jax.data.iterator.GrainIterator`: the position is
+a JSON dict saved with every checkpoint). Each process reads a disjoint slice of the documents
+(index i goes to process i % process_count) and yields its own rows of the global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
 
 import grain
 import numpy as np
 
-from ernie_jax.data import packing, sources
-from ernie_jax.data.tokenizers import ByteTokenizer, encode, get_tokenizer
-from ernie_jax.tokenizer import Tokenizer
+from ernie_jax.data import packing, sources, vl
+from ernie_jax.data.iterator import GrainIterator
+from ernie_jax.data.tokenizers import Tokenizer, encode, get_tokenizer
 
 TEXT_SOURCES = ("stdlib", "text", "jsonl", "tokens")
 VL_SOURCES = ("shapes", "image_jsonl")  # image-caption sources (ernie_jax.data.vl), model_family="vl"
@@ -82,8 +84,6 @@ def load_tokenizer_for(cfg: DataConfig, workdir: str | None) -> Tokenizer | None
 
   def training_texts():
     if cfg.source in VL_SOURCES:  # the captions
-      from ernie_jax.data import vl
-
       src = vl.build_source(cfg)
       return (src.caption(i) for i in range(min(len(src), cfg.bpe_train_documents)))
     docs = build_source(cfg, -1)
@@ -99,25 +99,6 @@ def resolve_eos(cfg: DataConfig, tokenizer: Tokenizer | None, model_eos: int) ->
   if tokenizer is not None and tokenizer.eos_id is not None:
     return int(tokenizer.eos_id)
   return model_eos
-
-
-class GrainIterator:
-  """A grain iterator `self._it` whose position is saved and restored as JSON."""
-
-  _it: Any
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
-
-  def get_state(self) -> dict[str, Any]:
-    """The iterator position, JSON-serialisable."""
-    return json.loads(json.dumps(self._it.get_state(), default=_jsonable))
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._it.set_state(_from_json(state))
 
 
 class DataPipeline(GrainIterator):
@@ -160,27 +141,8 @@ def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer | None, model_cfg=None, 
   (image-caption sources; needs the VLConfig `model_cfg` for its special tokens and patch sizes).
   kw: batch_size, eos_id, process_index, process_count."""
   if cfg.source in VL_SOURCES:
-    from ernie_jax.data.vl import VLDataPipeline
-
-    return VLDataPipeline(cfg, tokenizer, model_cfg, **kw)
+    return vl.VLDataPipeline(cfg, tokenizer, model_cfg, **kw)
   return DataPipeline(cfg, tokenizer, **kw)
-
-
-def _jsonable(x):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, bytes):
-    return x.decode("latin-1")
-  raise TypeError(f"data iterator state holds a {type(x).__name__}, which is not JSON-serialisable")
-
-
-def _from_json(x):
-  # grain states hold tuples (e.g. remainder slices); JSON returns lists
-  if isinstance(x, dict):
-    return {k: _from_json(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return tuple(_from_json(v) for v in x)
-  return x
 
 
 def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer | None, eos_id: int, vocab_size: int,
@@ -189,8 +151,6 @@ def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer | None, eos_id: int, v
   targets from the start of the data: the loss of the best model that ignores context (VL sources:
   the caption targets, see `ernie_jax.data.vl.caption_unigram_entropy`)."""
   if cfg.source in VL_SOURCES:
-    from ernie_jax.data import vl
-
     return vl.caption_unigram_entropy(cfg, tokenizer, eos_id, vocab_size)
   src = build_source(cfg, eos_id)
   n = min(len(src), cfg.max_documents or len(src))

@@ -19,6 +19,8 @@ import sysconfig
 
 import numpy as np
 
+from ernie_jax.data.packing import window_example
+
 
 class DataError(ValueError):
   """Missing or unusable training data (raised before anything is compiled)."""
@@ -152,8 +154,6 @@ class TokenWindows:
     return np.asarray(self.arrays[f][start:start + self.seq_len + 1], np.int32)
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    from ernie_jax.data.packing import window_example
-
     return window_example(self.tokens(int(i)), self.eos_id)
 
   def max_token_id(self) -> int:

@@ -2,7 +2,7 @@
 
 A row holds `images_per_row` examples, packed one after another (one segment each, positions
 restart per example) and padded to `seq_len`. An example is the prompt that
-`ernie_jax.vl_preprocess.build_prompt` makes for one image,
+`ernie_jax.data.vl_preprocess.build_prompt` makes for one image,
   [<s>] <|IMAGE_START|> n x <|IMAGE_PLACEHOLDER|> <|IMAGE_END|> caption </s>
 (n = LM tokens of the image grid). Only the caption and its </s> are trained (`loss_mask`): no
 loss on the image tokens, and none on predicting them. Every image is resized to
@@ -35,8 +35,10 @@ import grain
 import numpy as np
 
 from ernie_jax.data import sources
-from ernie_jax.data.pipeline import GrainIterator
+from ernie_jax.data.iterator import GrainIterator
 from ernie_jax.data.tokenizers import encode
+from ernie_jax.data.vl_preprocess import build_prompt
+from ernie_jax.model.vl.lm_vl import prepare_inputs
 
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "token_types", "pixel_values")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235),
@@ -169,9 +171,6 @@ class ExampleBuilder:
 
   def __call__(self, item) -> dict[str, np.ndarray]:
     from PIL import Image
-
-    from ernie_jax.model.vl.lm_vl import prepare_inputs
-    from ernie_jax.vl_preprocess import build_prompt
 
     img, caption = item  # an RGB PIL image
     if img.size != (self.size, self.size):

@@ -153,7 +153,7 @@ def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
                        f"[[...]], got a flat list starting with {p!r}")
     if isinstance(p, (str, bytes)):
       raise ValueError(f"prompt {i} is a string; encode it with a tokenizer first "
-                       "(ernie_jax.tokenizer.load_tokenizer)")
+                       "(ernie_jax.data.tokenizers.load_tokenizer)")
     try:
       a = np.asarray(p)
     except Exception as e:  # ragged nested lists and the like

@@ -40,7 +40,7 @@ from flax import nnx
 
 from ernie_jax.config import ModelConfig
 from ernie_jax.interop import hf_config
-from ernie_jax.interop import hf, hf_vl, orbax_io
+from ernie_jax.interop import orbax_io
 from ernie_jax.interop import safetensors_writer as stw
 from ernie_jax.interop.layouts import check_source, hf_layout, hf_vl_layout
 from ernie_jax.interop.safetensors_io import DTYPES, CheckpointError

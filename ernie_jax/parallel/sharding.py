@@ -106,13 +106,18 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, skip_non_arrays: bool = False):
   """The state with each Variable's value replaced by its NamedSharding (same tree structure as
-  the state, so it can be passed as jit out_shardings or to device_put)."""
+  the state, so it can be passed as jit out_shardings or to device_put). Optimizer moments carry
+  their parameter's logical axis names. skip_non_arrays: leave variables that hold no array alone
+  (optax `MaskedNode`s of a multi_transform, e.g. in a train state with FP8)."""
 
   def one(path, var):
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
+    if skip_non_arrays and not hasattr(value, "shape"):
+      return var
     axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-    shape = var.shape
+    shape = value.shape
     if axes is None:
       axes = (None,) * len(shape)
     sharding = NamedSharding(mesh, logical_to_spec(axes, shape, rules, mesh, _path_str(path)))

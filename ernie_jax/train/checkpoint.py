@@ -2,15 +2,19 @@
 
   state         the model's variables (Params + Buffers such as the MoE correction bias) as a
                 nested dict keyed by the names of `nnx.state(model)` (list indices as strings);
-  model_config  JSON {"format": "ernie_jax", "version": 1, "model_config": ModelConfig.to_dict()};
-                these two items are the layout of `ernie_jax.interop.orbax_io`, so
+  model_config  JSON {"format": "ernie_jax", "version": 1, "model_config": cfg.to_dict(), "source": ...}
+                plus "architecture": "ernie4_5_vl_moe" for a VL model;
+                these two items are the layout of `ernie_jax.interop.orbax_io` (item names, format,
+                version and architecture tag come from there), so
                 `ernie_jax.from_pretrained("<workdir>/checkpoints")` loads the latest trained model;
   train         the rest of the train state: optimizer moments and step count, RNG key;
   meta          JSON: step, data iterator position, the full training config.
 
 Saves are asynchronous (the device->host copy blocks, the write runs in the background) and every
 step directory is committed atomically, so a run killed mid-save resumes from the previous one.
-Restoring takes target shardings, so a checkpoint loads onto any mesh.
+Restoring takes target shardings, so a checkpoint loads onto any mesh. A checkpoint that does not fit
+this run's train state raises `CheckpointError` (`ernie_jax.interop.safetensors_io`, the one checkpoint
+error of the package).
 """
 
 from __future__ import annotations
@@ -22,12 +26,19 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ernie_jax.config import ModelConfig
+from ernie_jax.interop.orbax_io import CONFIG_ITEM, FORMAT, STATE_ITEM as MODEL_ITEM, VERSION, VL_ARCHITECTURE
+from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.config import VLConfig
 
-class CheckpointError(RuntimeError):
-  pass
 
-
-MODEL_ITEM, CONFIG_ITEM = "state", "model_config"  # names shared with ernie_jax.interop.orbax_io
+def model_info(model_config: ModelConfig | VLConfig, step: int) -> dict[str, Any]:
+  """The `model_config` item: what `ernie_jax.interop.orbax_io.read_info` reads back."""
+  info = {"format": FORMAT, "version": VERSION, "model_config": model_config.to_dict(),
+          "source": {"kind": "pretrain", "step": step}}
+  if isinstance(model_config, VLConfig):
+    info["architecture"] = VL_ARCHITECTURE
+  return info
 
 
 def _str_keys(tree):
@@ -63,14 +74,13 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
 
-  def save(self, step: int, state, meta: dict[str, Any], model_config: dict[str, Any], *,
+  def save(self, step: int, state, meta: dict[str, Any], model_config: ModelConfig | VLConfig, *,
            force: bool = False) -> bool:
-    """Save the train state (an nnx.State of TrainState) at `step`; returns whether it saved."""
+    """Save the train state (an nnx.State of TrainState) of a `model_config` model at `step`;
+    returns whether it saved."""
     model, train = _split(nnx.to_pure_dict(state))
-    config = {"format": "ernie_jax", "version": 1, "model_config": model_config,
-              "source": {"kind": "pretrain", "step": step}}
     args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardSave(model),
-                                 CONFIG_ITEM: ocp.args.JsonSave(config),
+                                 CONFIG_ITEM: ocp.args.JsonSave(model_info(model_config, step)),
                                  "train": ocp.args.StandardSave(train), "meta": ocp.args.JsonSave(meta)})
     return self.manager.save(step, args=args, force=force)
 

@@ -11,7 +11,7 @@
   mesh         MeshConfig       device mesh axes (`ernie_jax.parallel.MeshConfig`)
   data         DataConfig       `ernie_jax.data.pipeline.DataConfig`
   optim        OptimConfig      `ernie_jax.train.optimizer.OptimConfig`
-  loss         LossConfig       `ernie_jax.train.step.LossConfig`
+  loss         LossConfig       `ernie_jax.train.losses.LossConfig`
   checkpoint   CheckpointConfig below
   metrics      MetricsConfig    below
 Each field is documented where its dataclass defines it. `parse(config)` builds the dataclasses
@@ -29,15 +29,15 @@ import ml_collections
 
 from ernie_jax.config import ConfigError, ModelConfig
 from ernie_jax.data.pipeline import SOURCES, TEXT_SOURCES, VL_SOURCES, DataConfig
+from ernie_jax.config import VLConfig
 from ernie_jax.parallel import MeshConfig
+from ernie_jax.train.losses import LossConfig
 from ernie_jax.train.optimizer import SCHEDULES, OptimConfig
-from ernie_jax.train.step import LossConfig
 
 
-class TrainConfigError(ValueError):
-  def __init__(self, field: str, message: str):
-    super().__init__(f"config field '{field}': {message}")
-    self.field = field
+class TrainConfigError(ConfigError):
+  """A training config field is invalid: `config field '<section.field>': <message>` (a ConfigError,
+  so a ValueError, with the dotted field name in `.field`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +140,6 @@ def model_from_dict(d: dict[str, Any], family: str = "text"):
   _check(family in MODEL_FAMILIES, "model_family", f"must be one of {MODEL_FAMILIES}, got {family!r}")
   try:
     if family == "vl":
-      from ernie_jax.config import VLConfig
-
       return VLConfig.from_dict(d)
     return ModelConfig.from_dict(d)
   except ConfigError as e:

@@ -29,8 +29,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from ernie_jax.config import ModelConfig
+from ernie_jax.model.vl import Ernie45VLForConditionalGeneration
 
 
 def _attn_params(cfg) -> int:
@@ -164,10 +166,6 @@ def vl_vision_flops_per_image(cfg, grid) -> float:
 
 def vl_total_params(cfg) -> int:
   """All parameters of the VL model (counted from its abstract state)."""
-  from flax import nnx
-
-  from ernie_jax.model.vl import Ernie45VLForConditionalGeneration
-
   model = nnx.eval_shape(lambda: Ernie45VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 

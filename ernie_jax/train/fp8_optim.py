@@ -3,7 +3,8 @@
 FP8 scales and amax histories (`Fp8Meta` variables) receive, as their "gradient", the new value
 computed in the backward pass. `with_fp8_overwrite(tx)` partitions the optimizer: every real
 parameter goes through `tx` (Adam, weight decay, clipping never see FP8 state) and FP8 state gets a
-zero update with no optimizer state; `Fp8Optimizer.update` then assigns the new values exactly.
+zero update with no optimizer state; `Fp8Optimizer.update` then assigns the new values exactly
+(`ernie_jax.train.step.TrainState` uses it whenever the model has FP8 state).
 (An additive update `p + (g - p)` would not do: with p = 1 and g = 6e-10 it rounds to 0 in fp32.)
 Gradient accumulation combines FP8 entries by maximum (`accumulate`); across data-parallel replicas
 the amax is a global reduction inside the jitted step (plus `pmax` inside shard_map).
@@ -54,11 +55,6 @@ def accumulate(acc, grads):
   """Combine micro-batch gradients: sum for parameters, maximum for FP8 state."""
   return jax.tree_util.tree_map_with_path(
     lambda p, a, g: jnp.maximum(a, g) if _is_fp8_path(p) else a + g, acc, grads)
-
-
-def param_grads(grads):
-  """The parameter part of a gradient tree (for norms and logging)."""
-  return nnx.state(grads, nnx.Param)
 
 
 def average(acc, n: int):

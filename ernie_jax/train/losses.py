@@ -6,13 +6,27 @@ inside the document) and `loss_mask` (1 where `targets` is a real next token of 
 
 Losses are returned as (sum, count) pairs so gradient accumulation can normalise by the token
 count of the whole batch, which makes N micro-batches exactly equal to one N-times larger batch.
+
+`LossConfig` holds the coefficients of the pretraining objectives (the `loss` section of the training
+config); the tasks of `ernie_jax.train.tasks` own one each.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  mtp_weight: float = 0.1  # weight of the mean MTP loss over depths (spec §3.5: 0.1)
+  moe_aux_coef: float = 1e-2  # load-balance loss coefficient (PaddleFormers default 1e-2)
+  moe_z_coef: float = 1e-4  # router z-loss coefficient
+  moe_orth_coef: float = 0.0  # router orthogonality loss coefficient
+  bias_update_lr: float = 1e-3  # aux-loss-free correction-bias step size; 0 freezes the bias
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from ernie_jax.model.decoder import layer_groups
 from ernie_jax.model.moe.router import RouterOutput

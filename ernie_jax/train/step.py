@@ -1,26 +1,25 @@
 """The train state, its sharded creation, batch placement and the jitted training step.
 
 The model (ErnieForCausalLM for a ModelConfig, the VL model for a VLConfig:
-`ernie_jax.model.model_class`) and the objective (a task, `ernie_jax.train.tasks`: `TextLM` by
+`ernie_jax.model.model_class`) and the objective (a `Task`, `ernie_jax.train.tasks`: `TextLM` by
 default, `VisionLanguage` for VL) are pluggable; everything else is shared. One step (`make_train_step`):
   1. split the batch [A, b, S, ...] into A micro-batches and, with `lax.scan`, accumulate the
-     gradients of the task's objective; text: LM + mtp_weight * mean_d(MTP_d) + aux_coef * L_aux +
-     z_coef * L_z + orth_coef * L_orth (LM / MTP normalised by the token counts of the whole batch,
-     so A micro-batches equal one A-times larger batch; the MoE losses are per-micro-batch means
-     averaged over micro-batches); VL: token-balanced LM loss + per-modality router losses;
-  2. clip (global norm) and apply AdamW to the Params;
-  3. update the MoE correction bias (VL: both rows) from the expert usage of the whole batch (spec §3.4);
+     gradients of the task's objective (`task.loss_fn`, normalised by `task.normalisers` of the whole
+     batch so that A micro-batches equal one A-times larger batch; metrics are summed);
+  2. clip (global norm) and apply AdamW to the Params (with FP8: `Fp8Optimizer`, which also writes
+     the new FP8 scales / amax histories exactly);
+  3. `task.after_update(model, metrics)`: e.g. the MoE correction-bias update (spec §3.4);
   4. if the loss, the gradient norm or the new parameters are not finite, return the old state
      unchanged (the host then stops or skips, see `experiments/pretrain.py`).
+The step knows nothing about MoE, modalities or loss coefficients: those belong to the task.
 Everything runs under `jax.set_mesh(mesh)`: the state keeps the shardings given by the logical-axis
 rules (`ernie_jax.parallel`), the batch is split over the data-like mesh axes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,20 +30,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ernie_jax import model as model_lib
 from ernie_jax.config import ModelConfig
-from ernie_jax.parallel import DEFAULT_RULES, MeshConfig, batch_spec, logical_to_spec, make_mesh
-from ernie_jax.train import tasks
+from ernie_jax.parallel import DEFAULT_RULES, MeshConfig, batch_spec, make_mesh, state_shardings
+from ernie_jax.train import fp8_optim, tasks
+from ernie_jax.train.losses import LossConfig
 from ernie_jax.train.optimizer import global_norm
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")  # text; VL: data.vl.ROW_KEYS
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  mtp_weight: float = 0.1  # weight of the mean MTP loss over depths (spec §3.5: 0.1)
-  moe_aux_coef: float = 1e-2  # load-balance loss coefficient (PaddleFormers default 1e-2)
-  moe_z_coef: float = 1e-4  # router z-loss coefficient
-  moe_orth_coef: float = 0.0  # router orthogonality loss coefficient
-  bias_update_lr: float = 1e-3  # aux-loss-free correction-bias step size; 0 freezes the bias
 
 
 class RngKey(nnx.Variable):
@@ -58,24 +49,20 @@ def uses_fp8(cfg: ModelConfig) -> bool:
 def trainable(cfg: ModelConfig):
   """What gets a gradient: the Params, plus the FP8 scaling state with FP8 (its "gradient" is its
   new value, see `ernie_jax.train.fp8_optim`)."""
-  if uses_fp8(cfg):
-    from ernie_jax.train.fp8_optim import FP8_WRT
-
-    return FP8_WRT
-  return nnx.Param
+  return fp8_optim.FP8_WRT if uses_fp8(cfg) else nnx.Param
 
 
 class TrainState(nnx.Module):
   """What a step changes: the model (Params + Buffers), the optimizer (moments, step count) and an
-  RNG key (reserved for stochastic layers; ERNIE 4.5 pretraining uses none)."""
+  RNG key (reserved for stochastic layers; ERNIE 4.5 pretraining uses none). With FP8 the optimizer
+  is an `Fp8Optimizer`: FP8 state is overwritten with its new values, never seen by AdamW / clipping."""
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int):
-    if uses_fp8(model.config):
-      from ernie_jax.train.fp8_optim import with_fp8_overwrite
-
-      tx = with_fp8_overwrite(tx)  # FP8 state is overwritten, never seen by AdamW / clipping
     self.model = model
-    self.opt = nnx.Optimizer(model, tx, wrt=trainable(model.config))
+    if uses_fp8(model.config):
+      self.opt = fp8_optim.Fp8Optimizer(model, fp8_optim.with_fp8_overwrite(tx), wrt=fp8_optim.FP8_WRT)
+    else:
+      self.opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     self.rng = RngKey(jax.random.PRNGKey(seed))
 
 
@@ -88,30 +75,13 @@ def build_mesh(mesh_cfg: dict | MeshConfig | None = None, devices=None):
   return make_mesh(mesh_cfg, devices)
 
 
-def train_state_shardings(abs_state, mesh, rules=DEFAULT_RULES):
-  """NamedShardings of the train state from the logical axis names of its variables (optimizer
-  moments carry their parameter's names). Like `ernie_jax.parallel.state_shardings`, but leaves
-  variables that hold no array (optax `MaskedNode`s of a multi_transform, e.g. with FP8) alone."""
-
-  def one(path, var):
-    value = var.get_value() if isinstance(var, nnx.Variable) else var
-    if not hasattr(value, "shape"):
-      return var
-    axes = (var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None) or (None,) * len(value.shape)
-    where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    sharding = NamedSharding(mesh, logical_to_spec(axes, value.shape, rules, mesh, where))
-    return var.replace(sharding) if isinstance(var, nnx.Variable) else sharding
-
-  return jax.tree_util.tree_map_with_path(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES):
   """(graphdef, abstract state with shardings as values, ShapeDtypeStruct state for restoring).
   model_cfg: a ModelConfig (text) or a VLConfig (VL)."""
   model_class = model_lib.model_class(model_cfg)
   abstract = nnx.eval_shape(lambda: TrainState(model_class(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))
   graphdef, abs_state = nnx.split(abstract)
-  shardings = train_state_shardings(abs_state, mesh, rules)
+  shardings = state_shardings(abs_state, mesh, rules, skip_non_arrays=True)  # (optax MaskedNodes with FP8)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
   return graphdef, shardings, target
 
@@ -161,11 +131,14 @@ def put_batch(batch: dict[str, np.ndarray], grad_accum: int, sharding: NamedShar
 
 # ------------------------------------------------------------------------------------------------
 # The step.
-def make_train_step(graphdef, shardings, loss_cfg: LossConfig, schedule: Callable, *,
-                    grad_accum: int = 1, donate: bool = True, task=None):
+def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: Callable, *,
+                    grad_accum: int = 1, donate: bool = True, task: tasks.Task | None = None):
   """jitted (state, batch [A, b, S, ...] dict) -> (state, metrics dict of device scalars / arrays).
-  task: the objective (`ernie_jax.train.tasks`; default `tasks.TEXT`)."""
+  task: the objective (a `tasks.Task`; default `tasks.TextLM`). loss_cfg: coefficients given to a
+  built-in task (`tasks.with_loss`); None keeps the task's own."""
   task = task or tasks.TEXT
+  if loss_cfg is not None:
+    task = tasks.with_loss(task, loss_cfg)
 
   def step(state, batch):
     old_leaves, treedef = jax.tree.flatten(state)
@@ -179,11 +152,10 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig, schedule: Callabl
     # normalisers over the whole batch (all micro-batches)
     rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
     norms = task.normalisers(rows, cfg)
-    grad_fn = jax.value_and_grad(task.loss_fn(gdef, rest, loss_cfg, grad_accum, norms), has_aux=True)
+    grad_fn = jax.value_and_grad(task.loss_fn(gdef, rest, grad_accum, norms), has_aux=True)
 
-    combine = lambda a, g: jax.tree.map(jnp.add, a, g)
-    if uses_fp8(cfg):  # FP8 "gradients" are new scales / amax histories: combined by maximum
-      from ernie_jax.train.fp8_optim import accumulate as combine
+    # FP8 "gradients" are new scales / amax histories: combined by maximum
+    combine = fp8_optim.accumulate if uses_fp8(cfg) else (lambda a, g: jax.tree.map(jnp.add, a, g))
     if grad_accum == 1:
       (_, aux), grads = grad_fn(params, jax.tree.map(lambda v: v[0], batch))
     else:
@@ -199,15 +171,8 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig, schedule: Callabl
 
     grad_norm = global_norm(nnx.filter_state(grads, nnx.Param))
     lr = schedule(ts.opt.step[...])
-    ts.opt.update(model, grads)
-    if uses_fp8(cfg):
-      # Write the new FP8 scales / histories exactly: the optimizer's overwrite goes through
-      # params + (new - params), which rounds tiny gradient scales (~1e-9 next to 1.0) to 0.
-      from ernie_jax.model.fp8 import Fp8Meta
-
-      nnx.update(model, nnx.filter_state(grads, Fp8Meta))
-    if loss_cfg.bias_update_lr and cfg.moe_use_correction_bias:
-      task.update_bias(model, aux, loss_cfg.bias_update_lr)
+    ts.opt.update(model, grads)  # with FP8 also writes the new FP8 state exactly (Fp8Optimizer)
+    task.after_update(model, aux)
     new_params = jax.tree.leaves(nnx.state(model, nnx.Param))
     param_norm = global_norm(new_params)
     params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in new_params]))

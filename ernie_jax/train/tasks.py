@@ -1,17 +1,27 @@
-"""What the train step trains: a "task" names the model class, the objective of one micro-batch
-and the buffer update after the optimizer step. `ernie_jax.train.step.make_train_step` does the
-rest (accumulation, clipping, AdamW, the non-finite guard, sharding) the same way for every task.
+"""What the train step trains: a task is the objective of one micro-batch plus what happens to the
+model's buffers after the optimizer step. `ernie_jax.train.step.make_train_step` does the rest
+(accumulation, clipping, AdamW, the non-finite guard, sharding) the same way for every task; the model
+class follows from the model config (`ernie_jax.model.model_class`).
 
-A task has (the model class follows from the config: `model_class`)
-  normalisers(rows, cfg)             constants over the WHOLE batch (all micro-batches), e.g. token
-                                     counts, so that A micro-batches equal one A-times larger batch;
-  loss_fn(gdef, rest, loss_cfg, A, norms) -> f(params, micro) -> (objective, metrics dict);
-  update_bias(model, metrics, lr)    the aux-loss-free correction-bias update (spec §3.4) from the
-                                     expert usage of the whole batch (metrics summed over micro-batches).
+The contract (`Task`, a Protocol; SFT / DPO tasks implement the same three methods):
+  normalisers(rows, cfg) -> dict     constants over the WHOLE batch (all micro-batches, `rows`: every
+                                     batch key flattened to [A * b, S, ...]), e.g. token counts, so that
+                                     A micro-batches equal one A-times larger batch;
+  loss_fn(gdef, rest, A, norms)      -> f(params, micro) -> (objective, metrics dict): the objective of
+                                     one micro-batch (already divided so that the A micro-batches sum to
+                                     the batch objective); metrics["loss"] must hold the objective's
+                                     value; metrics are summed over the micro-batches;
+  after_update(model, metrics)       in-place changes to non-trained state after the optimizer step,
+                                     from the summed metrics of the whole batch (here: the aux-loss-free
+                                     MoE correction-bias update, spec §3.4).
+A task owns its coefficients: the built-in tasks are frozen dataclasses with a `loss: LossConfig`
+field (`ernie_jax.train.losses.LossConfig`, the `loss` section of the training config);
+`with_loss(task, loss_cfg)` gives a copy with other coefficients.
 
 * `TextLM`: ERNIE 4.5 text models (dense / MoE / MTP) on packed text (`ernie_jax.data`):
   LM + mtp_weight * mean_d(MTP_d) + aux_coef * L_aux + z_coef * L_z + orth_coef * L_orth, the LM /
-  MTP losses normalised by the token counts of the whole batch.
+  MTP losses normalised by the token counts of the whole batch; after the step the correction bias
+  moves by +-bias_update_lr (sign rule) from the expert usage of the whole batch.
 * `VisionLanguage`: ERNIE 4.5 VL on image-caption rows (`ernie_jax.data.vl`; every image has the
   static grid `image_grid`): the token-balanced LM loss over text-typed targets (gradient of
   sum(NLL * mask) / (rows x seq of the whole batch), value the masked mean over the whole batch;
@@ -23,14 +33,44 @@ A task has (the model class follows from the config: `model_class`)
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ernie_jax.train import moe_losses
-from ernie_jax.train.losses import lm_loss_sum, mtp_loss_sums, mtp_targets
+from ernie_jax.data.vl import image_grid
+from ernie_jax.config import VLConfig
+from ernie_jax.train import moe_losses, vl_losses
+from ernie_jax.train.losses import LossConfig, lm_loss_sum, mtp_loss_sums, mtp_targets
+
+#: f(params, micro-batch dict) -> (objective scalar, metrics dict of arrays)
+LossFn = Callable[[nnx.State, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class Task(Protocol):
+  """The objective the generic train step optimises (see the module docstring)."""
+
+  def normalisers(self, rows: Mapping[str, jax.Array], cfg: Any) -> dict[str, Any]:
+    """Constants over the whole batch, passed to `loss_fn` as `norms`."""
+    ...
+
+  def loss_fn(self, gdef: nnx.GraphDef, rest: nnx.State, grad_accum: int, norms: dict[str, Any]) -> LossFn:
+    """The micro-batch objective as a function of the trained state `params`; the model is
+    `nnx.merge(gdef, params, rest)`."""
+    ...
+
+  def after_update(self, model: nnx.Module, aux: dict[str, jax.Array]) -> None:
+    """Update non-trained state of `model` in place after the optimizer step (may do nothing)."""
+    ...
+
+
+def with_loss(task: Task, loss_cfg: LossConfig) -> Task:
+  """A copy of a built-in task (a dataclass with a `loss` field) with the coefficients `loss_cfg`."""
+  if not (dataclasses.is_dataclass(task) and any(f.name == "loss" for f in dataclasses.fields(task))):
+    raise TypeError(f"{type(task).__name__} has no LossConfig coefficients to replace")
+  return dataclasses.replace(task, loss=loss_cfg)
 
 
 def _merge(gdef, params, rest):
@@ -49,7 +89,16 @@ def _finish(total, aux, loss_cfg, grad_accum: int, orth_loss=None):
   return total, aux
 
 
+def _updates_bias(loss_cfg: LossConfig, model) -> bool:
+  return bool(loss_cfg.bias_update_lr and model.config.moe_use_correction_bias)
+
+
+@dataclasses.dataclass(frozen=True)
 class TextLM:
+  """ERNIE 4.5 text models (dense / MoE / MTP) on packed text rows (`ernie_jax.data.pipeline`)."""
+
+  loss: LossConfig = LossConfig()
+
   def normalisers(self, rows, cfg):
     lm_count = jnp.maximum(jnp.sum(rows["loss_mask"]).astype(jnp.float32), 1.0)
     mtp_counts = jnp.stack([
@@ -57,7 +106,8 @@ class TextLM:
       for d in range(cfg.num_mtp_layers)]).astype(jnp.float32) if cfg.num_mtp_layers else None
     return {"lm_count": lm_count, "mtp_counts": mtp_counts}
 
-  def loss_fn(self, gdef, rest, loss_cfg, grad_accum: int, norms):
+  def loss_fn(self, gdef, rest, grad_accum: int, norms):
+    loss_cfg = self.loss
     lm_count, mtp_counts = norms["lm_count"], norms["mtp_counts"]
 
     def loss_fn(params, micro):
@@ -85,30 +135,31 @@ class TextLM:
 
     return loss_fn
 
-  def update_bias(self, model, aux, lr: float) -> None:
-    if "expert_usage" in aux:
-      moe_losses.update_correction_bias(model, aux["expert_usage"], lr)
+  def after_update(self, model, aux) -> None:
+    if _updates_bias(self.loss, model) and "expert_usage" in aux:
+      moe_losses.update_correction_bias(model, aux["expert_usage"], self.loss.bias_update_lr)
 
 
+@dataclasses.dataclass(frozen=True)
 class VisionLanguage:
   """image_grid: the static (t, h, w) patch grid of every image (`ernie_jax.data.vl.image_grid`)."""
 
-  def __init__(self, image_grid: Sequence[int]):
-    self.image_grid = tuple(int(v) for v in image_grid)
+  image_grid: Sequence[int]
+  loss: LossConfig = LossConfig()
+
+  def __post_init__(self):
+    object.__setattr__(self, "image_grid", tuple(int(v) for v in self.image_grid))
 
   @staticmethod
   def lm_mask(batch, cfg):
-    from ernie_jax.train.vl_losses import text_target_mask
-
-    return batch["loss_mask"].astype(jnp.float32) * text_target_mask(batch["targets"], cfg)
+    return batch["loss_mask"].astype(jnp.float32) * vl_losses.text_target_mask(batch["targets"], cfg)
 
   def normalisers(self, rows, cfg):
     return {"lm_count": jnp.maximum(jnp.sum(self.lm_mask(rows, cfg)), 1.0),
             "balance": float(rows["inputs"].size)}  # token_balance_seqlen: rows x seq of the batch
 
-  def loss_fn(self, gdef, rest, loss_cfg, grad_accum: int, norms):
-    from ernie_jax.train import vl_losses
-
+  def loss_fn(self, gdef, rest, grad_accum: int, norms):
+    loss_cfg = self.loss
     grid = self.image_grid
     patches = grid[0] * grid[1] * grid[2]
 
@@ -140,28 +191,18 @@ class VisionLanguage:
 
     return loss_fn
 
-  def update_bias(self, model, aux, lr: float) -> None:
-    from ernie_jax.train import vl_losses
-
-    if "expert_usage_text" in aux:
+  def after_update(self, model, aux) -> None:
+    if _updates_bias(self.loss, model) and "expert_usage_text" in aux:
       usage = jnp.stack([aux["expert_usage_text"], aux["expert_usage_vision"]], axis=1)  # [L, 2, E]
-      vl_losses.update_correction_bias(model, usage, lr)
+      vl_losses.update_correction_bias(model, usage, self.loss.bias_update_lr)
 
 
 TEXT = TextLM()
 
 
-def is_vl(model_cfg) -> bool:
-  from ernie_jax.model.vl import VLConfig
-
-  return isinstance(model_cfg, VLConfig)
-
-
-def task_for(model_cfg, data_cfg=None):
-  """The task of a model config: `TEXT` for a ModelConfig; `VisionLanguage` with the static image
-  grid of `data_cfg.image_size` for a VLConfig."""
-  if not is_vl(model_cfg):
-    return TEXT
-  from ernie_jax.data.vl import image_grid
-
-  return VisionLanguage(image_grid(model_cfg, data_cfg.image_size))
+def task_for(model_cfg, data_cfg=None, loss_cfg: LossConfig = LossConfig()) -> Task:
+  """The task of a model config with the coefficients `loss_cfg`: `TextLM` for a ModelConfig;
+  `VisionLanguage` with the static image grid of `data_cfg.image_size` for a VLConfig."""
+  if not isinstance(model_cfg, VLConfig):
+    return TextLM(loss_cfg)
+  return VisionLanguage(image_grid(model_cfg, data_cfg.image_size), loss_cfg)

@@ -54,18 +54,6 @@ def orthogonal_loss(model) -> jax.Array:
   return moe_losses.orthogonal_loss(text) + moe_losses.orthogonal_loss(vision)
 
 
-def router_loss(model, out, mask=None, *, aux_coef: float = 1e-2, z_coef: float = 1e-4,
-                orth_coef: float = 1e-2) -> jax.Array:
-  """c_aux * L_aux + c_z * L_z + c_orth * L_orth for a `VLOutput` (0 without MoE layers)."""
-  if out.router is None:
-    return jnp.zeros((), jnp.float32)
-  vision = jnp.zeros(out.logits.shape[:2], bool) if out.vision_mask is None else out.vision_mask
-  loss = aux_coef * load_balance_loss(out.router, vision, mask) + z_coef * z_loss(out.router, vision, mask)
-  if orth_coef:
-    loss = loss + orth_coef * orthogonal_loss(model)
-  return loss
-
-
 # --------------------------------------------------------------------------------------------------
 def text_target_mask(targets, config) -> jax.Array:
   """True where the target is a text token: image / video placeholders and their start / end tokens
@@ -103,27 +91,3 @@ def update_correction_bias(model, usage: jax.Array, lr: float, *, text: bool = T
   for m, (name, on) in enumerate((("text_router", text), ("vision_router", vision))):
     if on:
       moe_losses.apply_bias_step(model, step[:, m], name)
-
-
-# --------------------------------------------------------------------------------------------------
-def vl_loss(model, batch: dict, *, image_grid_thw=None, video_grid_thw=None,
-            token_balance_seqlen: float | None = None, aux_coef: float = 1e-2, z_coef: float = 1e-4,
-            orth_coef: float = 1e-2):
-  """The VL training objective for one batch -> (loss, metrics).
-
-  batch: "inputs", "targets", "loss_mask" [B, S]; "positions" [B, S, 3] and "token_types" [B, S]
-  (from `prepare_inputs`); optional "pixel_values" / "pixel_values_videos" with the static grids
-  passed as arguments. The LM loss covers text-typed targets only and is token-balanced
-  (default token_balance_seqlen = B * S); the router loss adds its gradient but not its value
-  (`loss + router - stop_gradient(router)`, as the reference VL criterion does).
-  """
-  tokens, targets = batch["inputs"], batch["targets"]
-  out = model(tokens, positions=batch.get("positions"), token_types=batch.get("token_types"),
-              pixel_values=batch.get("pixel_values"), image_grid_thw=image_grid_thw,
-              pixel_values_videos=batch.get("pixel_values_videos"), video_grid_thw=video_grid_thw)
-  mask = batch["loss_mask"].astype(jnp.float32) * text_target_mask(targets, model.config)
-  balance = token_balance_seqlen or float(tokens.shape[0] * tokens.shape[1])
-  lm = token_balanced_lm_loss(out.logits, targets, mask, balance)
-  router = router_loss(model, out, batch.get("attention_mask"), aux_coef=aux_coef, z_coef=z_coef,
-                       orth_coef=orth_coef)
-  return lm + router - jax.lax.stop_gradient(router), {"lm_loss": lm, "router_loss": router}

@@ -1,9 +1,11 @@
 """Command-line text generation with an ERNIE 4.5 checkpoint (or a tiny random model, --demo).
 
 Examples:
-  python -m ernie_jax.generate --demo
-  python -m ernie_jax.generate --checkpoint ckpt/ --tokens "1 2 3" --tokens "4 5" --max-new-tokens 16
-  python -m ernie_jax.generate --checkpoint ckpt/ --prompt "Hello" --temperature 0.7 --top-p 0.9
+  python -m ernie_jax.cli.generate --demo
+  python -m ernie_jax.cli.generate --checkpoint ckpt/ --tokens "1 2 3" --tokens "4 5" --max-new-tokens 16
+  python -m ernie_jax.cli.generate --checkpoint ckpt/ --prompt "Hello" --temperature 0.7 --top-p 0.9
+
+The argument parsing and the I/O; the decoding itself is `ernie_jax.infer.generate.generate`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,15 @@ import argparse
 import json
 import sys
 import time
+
+import jax
+from flax import nnx
+
+from ernie_jax.config import ModelConfig
+from ernie_jax.data.tokenizers import TokenizerError, find_tokenizer_file, load_tokenizer
+from ernie_jax.infer.generate import generate
+from ernie_jax.loading import from_pretrained
+from ernie_jax.model import ErnieForCausalLM
 
 DESCRIPTION = """\
 Generate tokens with an ERNIE 4.5 model (batched, KV-cached, one jitted program per shape).
@@ -34,7 +45,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m ernie_jax.generate", description=DESCRIPTION,
+  p = argparse.ArgumentParser(prog="python -m ernie_jax.cli.generate", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_argument_group("model")
   src.add_argument("--checkpoint", metavar="DIR",
@@ -77,20 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args):
-  from flax import nnx
-
-  import ernie_jax
-  from ernie_jax.config import ModelConfig
-  from ernie_jax.model import ErnieForCausalLM
-
   if args.demo:
     # Random weights with a large init scale, so the (meaningless) output is not just the
     # prompt's last token repeated, as it is with tied embeddings at the usual 0.02.
     cfg = ModelConfig.tiny_moe(dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl,
                                initializer_range=0.3)
     return ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
-  return ernie_jax.from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype,
-                                   moe_impl=args.moe_impl)
+  return from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl)
 
 
 def main(argv=None) -> int:
@@ -100,8 +104,6 @@ def main(argv=None) -> int:
     parser.error("give exactly one of --checkpoint DIR or --demo")
   if args.max_new_tokens < 0:
     parser.error("--max-new-tokens must be >= 0")
-
-  from ernie_jax.tokenizer import TokenizerError, find_tokenizer_file, load_tokenizer
 
   tok = None
   tok_path = args.tokenizer or (find_tokenizer_file(args.checkpoint) if args.checkpoint else None)
@@ -124,8 +126,6 @@ def main(argv=None) -> int:
     if not args.demo:
       parser.error("give at least one prompt: --tokens \"ID ID ...\" or --prompt TEXT")
     prompts = [[1, 17, 42, 99], [5, 6, 7], [200, 31, 9, 12, 77, 3, 150]]
-
-  from ernie_jax.infer.generate import generate
 
   try:
     model = _load_model(args)
@@ -166,7 +166,6 @@ def main(argv=None) -> int:
   stats = (f"{len(prompts)} prompts, {n_new} new tokens; first call (with compile) {first_s:.2f} s")
   if steady_s is not None:
     stats += f"; steady state {steady_s * 1e3:.1f} ms = {n_new / max(steady_s, 1e-9):.1f} tokens/s"
-  import jax
   stats += f" [{jax.default_backend()}, {cfg.dtype}, {'MoE' if cfg.is_moe else 'dense'}]"
   print(stats, file=sys.stderr if args.json else sys.stdout)
   return 0
