@@ -295,7 +295,7 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
 
 def _describe(c) -> str:
   """Layers, MoE and vision tower of a ModelConfig / VLConfig, for the start-up line."""
-  if hasattr(c, "vision"):
+  if c.is_vl:
     moe = (f"MoE {c.moe_num_experts} text + {c.moe_num_experts} vision experts top-{c.moe_k}" if c.is_moe
            else "dense")
     return (f"VL: {c.num_hidden_layers} layers, {moe}, ViT {c.vision.depth} x {c.vision.hidden_size} "

@@ -18,6 +18,7 @@ from ernie_jax.parallel import (DEFAULT_RULES, MeshConfig, ShardingError, batch_
                                 make_mesh, shard_model, state_shardings)
 from ernie_jax.model.moe.transports.all_to_all import capacity, dispatch_ranks
 from ernie_jax.train import moe_losses as ml
+from ernie_jax.train.step import create_train_state
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -210,9 +211,9 @@ def _logits_spec(model, mesh, tokens):
   return spec + (None,) * (logits.ndim - len(spec))
 
 
-@pytest.mark.parametrize("load", ["shard_model", "from_pretrained"])
+@pytest.mark.parametrize("load", ["shard_model", "from_pretrained", "create_train_state"])
 def test_custom_rules_reach_the_activations(tmp_path, load):
-  """Rules given to shard_model / from_pretrained shard the activations too (not only the params):
+  """Rules given to shard_model / from_pretrained / the train state shard the activations too (not only the params):
   with 'act_vocab' replicated instead of on 'tensor', the constrained logits are replicated there."""
   import ernie_jax
   from tests import hf_reference as ref
@@ -222,6 +223,13 @@ def test_custom_rules_reach_the_activations(tmp_path, load):
   if load == "shard_model":
     cfg = ModelConfig.tiny_dense(num_key_value_heads=2)
     make = lambda rules: shard_model(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    vocab = cfg.vocab_size
+  elif load == "create_train_state":
+    cfg = ModelConfig.tiny_dense(num_key_value_heads=2)
+
+    def make(rules):
+      graphdef, state = create_train_state(cfg, optax.sgd(0.1), seed=0, mesh=mesh, rules=rules)
+      return nnx.merge(graphdef, state).model
     vocab = cfg.vocab_size
   else:
     torch_model = ref.build("dense", seed=5, num_key_value_heads=2)

@@ -65,7 +65,7 @@ def verify(orbax_dir, hf_dir, *, lossy: bool = False, tolerance: float | None = 
     raise RuntimeError("--verify needs torch and transformers (pip install 'ernie-jax[convert]')") from None
   ours = load_model(orbax_dir, dtype="float32", param_dtype="float32")
   cfg = ours.config
-  if isinstance(cfg, VLConfig):
+  if cfg.is_vl:
     a, b = vl_reference_logits(ours, hf_dir, seed=seed)
     return _verify_result(a, b, lossy, tolerance)
   tokens = np.random.RandomState(seed).randint(min(3, cfg.vocab_size - 1), cfg.vocab_size, size=(batch, seq))
@@ -98,7 +98,7 @@ def paddle_reference(src: str, cfg: ModelConfig, *, allow_pickle: bool = False, 
     variant = paddle.detect_variant(reader.keys()) or "native"
     get = lambda n: paddle.decode(reader.get(n), reader.tensors[n].dtype)
     names = sorted(reader.keys(), key=_natural_key)
-    vl = isinstance(cfg, VLConfig)
+    vl = cfg.is_vl
     tensors = dict(paddle_vl_reference_tensors(get, names, cfg) if vl
                    else paddle_reference_tensors(get, names, cfg, variant))
     specs = [stw.TensorSpec(n, stw.tag_of(x.dtype), tuple(x.shape)) for n, x in tensors.items()]

@@ -300,7 +300,7 @@ def export_hf(src, dst: str | os.PathLike, *, dtype: str = "auto", overwrite: bo
   params = orbax_io.OrbaxReader(src) if isinstance(src, (str, os.PathLike)) else _ModelParams(src)
   try:
     cfg = params.config
-    vl = isinstance(cfg, VLConfig)
+    vl = cfg.is_vl
     layout = hf_vl_layout() if vl else hf_layout()
     names = layout.reads(cfg)
     slots = [s for r in names.values() for s in r.slots]

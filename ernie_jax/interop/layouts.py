@@ -23,7 +23,6 @@ from ernie_jax.config import ModelConfig
 from ernie_jax.interop import hf, hf_vl, paddle, paddle_vl
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.interop.transforms import Read
-from ernie_jax.config import VLConfig
 
 HF_DTYPES = ("F32", "BF16", "F16")
 
@@ -75,7 +74,7 @@ def layout_for(fmt: str, names, cfg=None) -> Layout:
   """The tensor layout of a checkpoint of format `fmt` ("hf" | "paddle") with tensor `names`; a
   VLConfig `cfg` selects the VL tables."""
   names = list(names)
-  if isinstance(cfg, VLConfig):
+  if cfg.is_vl:
     if fmt == "hf":
       return hf_vl_layout(hf_vl.detect_vision_prefix(names))
     if fmt == "paddle":

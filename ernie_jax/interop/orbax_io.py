@@ -271,9 +271,10 @@ async def _prefetched(blocks: Iterator, prefetch: bool = True):
     worker.join()
 
 
-def _info(cfg: ModelConfig | VLConfig, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+def info_for(cfg: ModelConfig | VLConfig, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The `model_config` item of a checkpoint of `cfg` (converters and training checkpoints alike)."""
   info = {"format": FORMAT, "version": VERSION, "model_config": cfg.to_dict(), **(metadata or {})}
-  if isinstance(cfg, VLConfig):
+  if cfg.is_vl:
     info["architecture"] = VL_ARCHITECTURE
   return info
 
@@ -315,7 +316,7 @@ def save_state(path: str | os.PathLike, arrays: Mapping[str, Any], cfg: ModelCon
     state_args = ocp.args.StandardSave(state)
   try:
     checkpointer.save(path, ocp.args.Composite(**{STATE_ITEM: state_args,
-                                                  CONFIG_ITEM: ocp.args.JsonSave(_info(cfg, metadata))}),
+                                                  CONFIG_ITEM: ocp.args.JsonSave(info_for(cfg, metadata))}),
                       force=overwrite)
   finally:
     checkpointer.close()

@@ -20,13 +20,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ernie_jax.config import ModelConfig
-from ernie_jax.interop import orbax_io, paddle
+from ernie_jax.config import ModelConfig, VLConfig
+from ernie_jax.interop import hf_config, orbax_io, paddle, paddle_config
 from ernie_jax.interop import safetensors_writer as stw
 from ernie_jax.interop.hf_vl import is_vl_config
 from ernie_jax.interop.layouts import Layout, layout_for
 from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader, TensorInfo
-from ernie_jax.config import VLConfig
 
 FORMATS = ("orbax", "hf", "paddle")
 
@@ -186,8 +185,8 @@ class Source:
     """The checkpoint's config (config.json, or the config recorded in an Orbax checkpoint)."""
     if self.format == "orbax":
       return orbax_io.config_from_info(self.info).replace(**overrides)
-    family = VLConfig if self.is_vl else ModelConfig
-    return (family.from_hf if self.format == "hf" else family.from_paddle)(self.path, **overrides)
+    fmt = hf_config if self.format == "hf" else paddle_config
+    return (fmt.read_vl if self.is_vl else fmt.read_text)(self.path, **overrides)
 
   def layout(self, cfg: ModelConfig | VLConfig) -> Layout:
     """The tensor layout of the weights for `cfg` (a VLConfig selects the VL tables)."""

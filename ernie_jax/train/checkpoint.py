@@ -27,18 +27,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.interop.orbax_io import CONFIG_ITEM, FORMAT, STATE_ITEM as MODEL_ITEM, VERSION, VL_ARCHITECTURE
+from ernie_jax.interop.orbax_io import CONFIG_ITEM, STATE_ITEM as MODEL_ITEM, info_for
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.config import VLConfig
 
 
 def model_info(model_config: ModelConfig | VLConfig, step: int) -> dict[str, Any]:
   """The `model_config` item: what `ernie_jax.interop.orbax_io.read_info` reads back."""
-  info = {"format": FORMAT, "version": VERSION, "model_config": model_config.to_dict(),
-          "source": {"kind": "pretrain", "step": step}}
-  if isinstance(model_config, VLConfig):
-    info["architecture"] = VL_ARCHITECTURE
-  return info
+  return info_for(model_config, {"source": {"kind": "pretrain", "step": step}})
 
 
 def _str_keys(tree):

@@ -153,7 +153,7 @@ def default_config(model=None) -> ml_collections.ConfigDict:
   """Every field with its default; experiment configs start from this and change a few.
   model: a ModelConfig, or a VLConfig (sets model_family="vl")."""
   c = ml_collections.ConfigDict(dataclasses.asdict(RunConfig()))
-  if model is not None and not isinstance(model, ModelConfig):
+  if model is not None and model.is_vl:
     c.model_family = "vl"
     c.model = vl_model_fields(model)
   else:

@@ -174,7 +174,7 @@ def figures(cfg, seq_len: int, rows: int, *, image_grid=None, images_per_row: in
   """model_params, active_params, train_flops_per_token and flops_per_step of a step over `rows`
   rows of `seq_len` tokens (ModelConfig, or VLConfig with its data layout)."""
   tokens = rows * seq_len
-  if not hasattr(cfg, "vision"):
+  if not cfg.is_vl:
     per_token = train_flops_per_token(cfg, seq_len)
     return {"model_params": total_params(cfg), "active_params": active_matmul_params(cfg),
             "train_flops_per_token": per_token, "flops_per_step": per_token * tokens}

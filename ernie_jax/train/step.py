@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ernie_jax import model as model_lib
 from ernie_jax.config import ModelConfig
-from ernie_jax.parallel import DEFAULT_RULES, MeshConfig, batch_spec, make_mesh, state_shardings
+from ernie_jax.parallel import DEFAULT_RULES, MeshConfig, batch_spec, make_mesh, state_shardings, with_rules
 from ernie_jax.train import fp8_optim, tasks
 from ernie_jax.train.losses import LossConfig
 from ernie_jax.train.optimizer import global_norm
@@ -79,7 +79,7 @@ def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES):
   """(graphdef, abstract state with shardings as values, ShapeDtypeStruct state for restoring).
   model_cfg: a ModelConfig (text) or a VLConfig (VL)."""
   model_class = model_lib.model_class(model_cfg)
-  abstract = nnx.eval_shape(lambda: TrainState(model_class(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))
+  abstract = nnx.eval_shape(lambda: TrainState(with_rules(model_class(model_cfg, rngs=nnx.Rngs(seed)), rules), tx, seed))
   graphdef, abs_state = nnx.split(abstract)
   shardings = state_shardings(abs_state, mesh, rules, skip_non_arrays=True)  # (optax MaskedNodes with FP8)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
@@ -98,7 +98,7 @@ def create_train_state(model_cfg, tx, *, seed: int, mesh, rules=DEFAULT_RULES,
       return graphdef, init()
   graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules)
   mgraph, mstate = nnx.split(pretrained)
-  make = lambda ms: nnx.split(TrainState(nnx.merge(mgraph, ms), tx, seed))[1]
+  make = lambda ms: nnx.split(TrainState(with_rules(nnx.merge(mgraph, ms), rules), tx, seed))[1]
   with jax.set_mesh(mesh):
     return graphdef, jax.jit(make, out_shardings=shardings)(mstate)
 
@@ -108,7 +108,7 @@ def _jitted_init(model_cfg: ModelConfig, tx, seed: int, mesh, rules):
   """(graphdef, jitted fresh-state builder), cached so building the same state twice compiles once."""
   graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules)
   model_class = model_lib.model_class(model_cfg)
-  make = lambda: nnx.split(TrainState(model_class(model_cfg, rngs=nnx.Rngs(seed)), tx, seed))[1]
+  make = lambda: nnx.split(TrainState(with_rules(model_class(model_cfg, rngs=nnx.Rngs(seed)), rules), tx, seed))[1]
   return graphdef, jax.jit(make, out_shardings=shardings)
 
 

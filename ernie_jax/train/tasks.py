@@ -41,7 +41,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.data.vl import image_grid
-from ernie_jax.config import VLConfig
 from ernie_jax.train import moe_losses, vl_losses
 from ernie_jax.train.losses import LossConfig, lm_loss_sum, mtp_loss_sums, mtp_targets
 
@@ -203,6 +202,6 @@ TEXT = TextLM()
 def task_for(model_cfg, data_cfg=None, loss_cfg: LossConfig = LossConfig()) -> Task:
   """The task of a model config with the coefficients `loss_cfg`: `TextLM` for a ModelConfig;
   `VisionLanguage` with the static image grid of `data_cfg.image_size` for a VLConfig."""
-  if not isinstance(model_cfg, VLConfig):
+  if not model_cfg.is_vl:
     return TextLM(loss_cfg)
   return VisionLanguage(image_grid(model_cfg, data_cfg.image_size), loss_cfg)
