@@ -53,6 +53,7 @@ def main():
 
   import ernie_jax
   from ernie_jax.model.vl import forward
+  from ernie_jax.model.vl.rope3d import tokens_per_grid
   from ernie_jax.data import vl_preprocess as vp
   from tests import vl_reference as ref
 
@@ -73,7 +74,7 @@ def main():
   rs = np.random.RandomState(0)
   images = [rs.randint(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8) for _ in range(args.images)]
   pv, grids = vp.preprocess_images(images)
-  n_img_tok = vp.image_token_count(grids[0])
+  n_img_tok = tokens_per_grid(grids[0], False, model.config.vision)
   rows = [list(rs.randint(3, 99, args.text // 2)) + ref.image_span(grids[0]) + list(rs.randint(3, 99, args.text // 2))
           for _ in range(args.images)]
   ids = np.array(rows)

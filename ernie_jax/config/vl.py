@@ -131,7 +131,7 @@ class VLConfig(DecoderConfig):
     """ERNIE-4.5-VL-424B-A47B (spec §1.2). Only the layer / head counts and the expert counts are
     published (model card); the rest is UNVERIFIED or INFERRED, taken from the 300B-A47B text
     backbone it shares its shape with. With these values the model has ~424 B parameters
-    (tests/test_vl_paddle.py counts them: 423.5 B), matching the published total."""
+    (tests/interop/test_vl_paddle.py counts them: 423.5 B), matching the published total."""
     moe_start = 3  # UNVERIFIED: moe_layer_start_index (300B: 3, i.e. layers 0-2 dense)
     base = dict(
       hidden_size=8192,  # INFERRED: 64 heads x 128 (model card gives layers / heads)

@@ -22,6 +22,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ernie_jax.config import VisionConfig
+from ernie_jax.model.vl.rope3d import tokens_per_grid
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PATCH_SIZE = 14
@@ -129,27 +132,18 @@ def preprocess_video(frames, *, min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: 
 
 
 # --------------------------------------------------------------------------------------------------
-def image_token_count(grid: Sequence[int], merge: int = MERGE_SIZE) -> int:
-  t, h, w = grid
-  return t * (h // merge) * (w // merge)
-
-
-def video_token_count(grid: Sequence[int], merge: int = MERGE_SIZE, temporal: int = 2) -> int:
-  t, h, w = grid
-  return (t // temporal) * (h // merge) * (w // merge)
-
-
 def expand_prompt_text(text: str, image_grids: Sequence = (), video_grids: Sequence = (), *,
-                       image_token: str = IMAGE_TOKEN, video_token: str = VIDEO_TOKEN) -> str:
+                       image_token: str = IMAGE_TOKEN, video_token: str = VIDEO_TOKEN,
+                       vision: VisionConfig = VisionConfig()) -> str:
   """Replace the i-th `image_token` in `text` by as many copies as image i has LM tokens (and the
   same for videos), like the reference processor. The text should already hold the start / end
-  tokens around each placeholder."""
-  for token, grids, count in ((image_token, image_grids, image_token_count),
-                              (video_token, video_grids, video_token_count)):
+  tokens around each placeholder. `vision`: the merge sizes (`tokens_per_grid`)."""
+  for token, grids, video in ((image_token, image_grids, False), (video_token, video_grids, True)):
     pieces = text.split(token)
     if len(pieces) - 1 != len(grids):
       raise ValueError(f"the text has {len(pieces) - 1} {token} but {len(grids)} grids were given")
-    text = pieces[0] + "".join(token * count(g) + rest for g, rest in zip(grids, pieces[1:]))
+    text = pieces[0] + "".join(token * tokens_per_grid(g, video, vision) + rest
+                                  for g, rest in zip(grids, pieces[1:]))
   return text
 
 
@@ -183,7 +177,6 @@ def build_prompt(parts: Sequence, config, *, encode: Callable[[str], list[int]] 
   """
   ids: list[int] = []
   pix, grids, vpix, vgrids = [], [], [], []
-  merge = config.vision.spatial_merge_size
   for part in parts:
     if isinstance(part, str):
       if encode is None:
@@ -193,7 +186,7 @@ def build_prompt(parts: Sequence, config, *, encode: Callable[[str], list[int]] 
       p, g = preprocess_video(part.frames)
       vpix.append(p)
       vgrids.append(g)
-      ids += ([config.video_start_token_id] + [config.video_token_id] * video_token_count(g, merge)
+      ids += ([config.video_start_token_id] + [config.video_token_id] * tokens_per_grid(g, True, config.vision)
               + [config.video_end_token_id])
     elif isinstance(part, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in part):
       ids += [int(t) for t in part]
@@ -205,7 +198,7 @@ def build_prompt(parts: Sequence, config, *, encode: Callable[[str], list[int]] 
         ids += list(encode(picture_prefix(len(grids) + 1)))
       pix.append(p)
       grids.append(g)
-      ids += ([config.image_start_token_id] + [config.image_token_id] * image_token_count(g, merge)
+      ids += ([config.image_start_token_id] + [config.image_token_id] * tokens_per_grid(g, False, config.vision)
               + [config.image_end_token_id])
   return VLPrompt(ids, np.concatenate(pix) if pix else None, grids or None,
                   np.concatenate(vpix) if vpix else None, vgrids or None)

@@ -23,7 +23,7 @@ from ernie_jax.infer.generate import (LENGTH_BUCKET, Generation, _check_prompts,
                                       _round_up, pad_prompts)
 from ernie_jax.infer.sampling import check_sampling_args, sample
 from ernie_jax.model.vl import rope3d
-from ernie_jax.model.vl.lm_vl import _grid, prepare_inputs
+from ernie_jax.model.vl.lm_vl import prepare_inputs, static_grids
 
 
 def _prefill(model, tokens, lengths, positions, types, pixel_values, videos, cache, image_grid, video_grid):
@@ -118,8 +118,8 @@ def generate_vl_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens
     jnp.asarray(prep["token_types"]), jnp.asarray(prep["rope_deltas"]), asarr(pixel_values),
     asarr(pixel_values_videos), jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.float32(top_p),
     jax.random.key(seed), jnp.asarray(stops), graphdef=graphdef, max_len=int(max_len), greedy=bool(greedy),
-    top_k=int(top_k), use_top_p=bool(not greedy and top_p < 1.0), image_grid=_grid(image_grid_thw),
-    video_grid=_grid(video_grid_thw))
+    top_k=int(top_k), use_top_p=bool(not greedy and top_p < 1.0), image_grid=static_grids(image_grid_thw),
+    video_grid=static_grids(video_grid_thw))
   out = np.array(jax.device_get(out))[:, :max_new_tokens]
   steps = int(steps)
   hit = np.isin(out, stops) & (np.arange(out.shape[1]) < steps)[None]

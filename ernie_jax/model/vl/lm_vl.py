@@ -119,7 +119,8 @@ class Ernie45VLForConditionalGeneration(DecoderLM):
 
 
 # --------------------------------------------------------------------------------------------------
-def _grid(g) -> tuple[tuple[int, int, int], ...] | None:
+def static_grids(g) -> tuple[tuple[int, int, int], ...] | None:
+  """Grids (t, h, w) as a hashable tuple of int triples (static jit arguments), or None."""
   if g is None:
     return None
   return tuple(tuple(int(v) for v in row) for row in np.asarray(g).reshape(-1, 3))
@@ -133,8 +134,8 @@ def prepare_inputs(cfg: VLConfig, input_ids, *, image_grid_thw=None, video_grid_
   ids = np.asarray(input_ids)
   mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
   v = cfg.vision
-  for token, grids, name, video in ((cfg.image_token_id, _grid(image_grid_thw), "image", False),
-                                    (cfg.video_token_id, _grid(video_grid_thw), "video", True)):
+  for token, grids, name, video in ((cfg.image_token_id, static_grids(image_grid_thw), "image", False),
+                                    (cfg.video_token_id, static_grids(video_grid_thw), "video", True)):
     have = int(((ids == token) & mask).sum())
     want = 0 if grids is None else sum(
       rope3d.tokens_per_grid(g, video, v) for g in grids)
@@ -143,7 +144,7 @@ def prepare_inputs(cfg: VLConfig, input_ids, *, image_grid_thw=None, video_grid_
                        f"{list(grids or [])} need {want}")
   positions, deltas = rope3d.rope_index(
     ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-    image_grid_thw=_grid(image_grid_thw), video_grid_thw=_grid(video_grid_thw), attention_mask=mask,
+    image_grid_thw=static_grids(image_grid_thw), video_grid_thw=static_grids(video_grid_thw), attention_mask=mask,
     spatial_merge=v.spatial_merge_size, temporal_merge=v.temporal_merge_size)
   types = np.zeros(ids.shape, np.int32)
   types[np.isin(ids, [cfg.image_token_id, cfg.image_start_token_id, cfg.image_end_token_id])] = 1
@@ -179,6 +180,6 @@ def forward(model: Ernie45VLForConditionalGeneration, input_ids, *, pixel_values
                       jnp.asarray(token_types, jnp.int32),
                       None if pixel_values is None else jnp.asarray(pixel_values),
                       None if pixel_values_videos is None else jnp.asarray(pixel_values_videos),
-                      graphdef=graphdef, image_grid=_grid(image_grid_thw), video_grid=_grid(video_grid_thw),
+                      graphdef=graphdef, image_grid=static_grids(image_grid_thw), video_grid=static_grids(video_grid_thw),
                       text_only=False)
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from tests.helpers import rel
 from ernie_jax import ErnieForCausalLM, ModelConfig
 from ernie_jax.model.moe.dispatch import experts_loop
 from ernie_jax.model.moe.router import route
@@ -70,11 +71,6 @@ def _sharded(cfg, mesh_cfg):
   return mesh, nnx.merge(graphdef, state)
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-
-
 MESHES = {
   "data2_expert4": dict(data=2, expert=4),
   "expert8": dict(data=1, expert=8),
@@ -95,15 +91,15 @@ def test_logits_and_grads_match_single_device(single_device, transport, mesh_nam
   with jax.set_mesh(mesh):
     tokens = jax.device_put(_tokens(), NamedSharding(mesh, batch_spec(mesh)))
     loss, logits, grads = _loss_and_grads(model, tokens)
-  assert _rel(loss, ref_loss) <= 1e-5
-  assert _rel(logits, ref_logits) <= 1e-5
+  assert rel(loss, ref_loss) <= 1e-5
+  assert rel(logits, ref_logits) <= 1e-5
   flat_ref = dict(nnx.to_flat_state(ref_grads))
   flat = dict(nnx.to_flat_state(grads))
   assert flat.keys() == flat_ref.keys()
   for path, g in flat.items():
     # fp32 sums in another order (per-shard partial sums, then a psum): a few ulps of the largest
     # entry; the embedding gradient (a scatter-add over all tokens) reaches ~1.1e-5 on some CPUs
-    assert _rel(g[...], flat_ref[path][...]) <= 3e-5, path
+    assert rel(g[...], flat_ref[path][...]) <= 3e-5, path
   # expert weights really are split over the expert axis (no silent replication)
   gate = model.groups[1].blocks.layers[0].mlp.experts.gate[...]
   if mesh.shape["expert"] > 1:
@@ -199,7 +195,7 @@ def test_from_pretrained_loads_straight_into_sharded_layout(tmp_path):
   with jax.set_mesh(mesh):
     logits = nnx.jit(lambda m, t: m(t).logits)(model, jax.device_put(tokens, NamedSharding(mesh, batch_spec(mesh))))
   expected = ref.logits(torch_model, tokens)
-  assert _rel(logits, expected) <= 1e-5
+  assert rel(logits, expected) <= 1e-5
   # activations carry logical names too: logits are [batch, length, act_vocab]
   assert logits.sharding.spec == jax.sharding.PartitionSpec(("data", "expert"), None, "tensor")
 

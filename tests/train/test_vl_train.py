@@ -17,6 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
+from tests.helpers import REPO_ROOT, flat_arrays
 from ernie_jax.data import ByteTokenizer
 from ernie_jax.data.pipeline import DataConfig
 from ernie_jax.data.vl import ROW_KEYS, ShapeCaptions, VLDataPipeline, image_grid, text_only_bound
@@ -28,7 +29,7 @@ from ernie_jax.train.step import (abstract_train_state, batch_sharding, create_t
                                   make_train_step, put_batch)
 from ernie_jax.train.tasks import VisionLanguage
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 # VLConfig.tiny with the special tokens after the 259 byte-level ids (init std 0.1: with 0.02 the
@@ -52,12 +53,7 @@ def _pipeline(cfg=DATA, rows=ROWS):
 
 
 def _flat(state, part="model"):
-  return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(state[part])}
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  return flat_arrays(state[part])
 
 
 @pytest.fixture(scope="module")
@@ -345,11 +341,6 @@ def _losses(workdir):
   from ernie_jax.train.metrics import read_jsonl
 
   return {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
-
-
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
 
 
 def test_pretrain_tiny_vl_checkpoint_resume(tmp_path, xla_cache):

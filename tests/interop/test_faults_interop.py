@@ -21,7 +21,7 @@ import ernie_jax
 from ernie_jax.interop import convert, orbax_io
 from ernie_jax.interop.safetensors_io import CheckpointError
 from tests import hf_reference as ref
-from tests.test_convert import load_cli, no_leftovers, read_all, write_dir
+from tests.interop.test_convert import load_cli, no_leftovers, read_all, write_dir
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
+from tests.helpers import flat_arrays
 from ernie_jax import ModelConfig
-from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train import flops
 from ernie_jax.train.optimizer import OptimConfig, decays, lr_schedule, make_optimizer
 from ernie_jax.train.losses import LossConfig, mtp_targets
@@ -19,11 +18,6 @@ from ernie_jax.train.step import (abstract_train_state, batch_sharding, create_t
                                   make_train_step, put_batch)
 
 MOE_MTP = ModelConfig.tiny_moe(vocab_size=64, num_mtp_layers=1)
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
 
 def _batch(rows, seq, vocab, seed=0, docs_per_row=2):
@@ -60,7 +54,7 @@ def _run(cfg, tx, mesh, batch, *, accum=1, loss_cfg=LossConfig(), steps=1, sched
 
 
 def _flat(state, part="model"):
-  return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(state[part])}
+  return flat_arrays(state[part])
 
 
 def test_grad_accumulation_and_mtp(mesh):

@@ -22,8 +22,8 @@ from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train import config as config_lib
 from ernie_jax.train.metrics import read_jsonl
 from tests import hf_reference as ref
-from tests.test_pretrain import MICRO, _cli, _config, _env, _losses, pretrain, xla_cache  # noqa: F401 (fixture)
-from tests.test_train_step import _batch, _flat, _run
+from tests.train.test_pretrain import MICRO, _cli, _config, _env, _losses, pretrain
+from tests.train.test_train_step import _batch, _flat, _run
 
 
 def test_precision_switch_sets_the_model_numerics(tmp_path):

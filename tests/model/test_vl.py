@@ -18,14 +18,10 @@ from ernie_jax.interop import hf_vl
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.model.vl import Ernie45VLForConditionalGeneration, forward, prepare_inputs
 from ernie_jax.model.vl import rope3d
+from tests.helpers import rel
 from tests import vl_reference as ref
 
 SQUARE, WIDE, TALL, VIDEO = (1, 4, 4), (1, 4, 6), (1, 6, 4), (2, 4, 4)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +66,9 @@ def test_vision_tower_and_resampler_match(pair):
     return m.vision_model(pv, grids), m.resampler(hv, grids)
 
   jv, jr = run(state, jnp.asarray(pv), jnp.asarray(hv.numpy()))
-  assert _rel(jv, hv.numpy()) <= 1e-5
+  assert rel(jv, hv.numpy()) <= 1e-5
   assert jr.shape == hr.shape == (4 + 6 + 6 + 4, 64)
-  assert _rel(jr, hr) <= 1e-5
+  assert rel(jr, hr) <= 1e-5
 
 
 def test_position_ids_match_reference(pair):
@@ -121,7 +117,7 @@ def test_logits_square_and_nonsquare_images_padded_batch(pair):
   out = forward(model, ids, pixel_values=pv, image_grid_thw=[SQUARE, WIDE], attention_mask=mask)
   got = np.asarray(out.logits)
   for b, r in enumerate(rows):  # right padding never influences the real tokens
-    assert _rel(got[b, :len(r)], want[b, :len(r)]) <= 1e-5
+    assert rel(got[b, :len(r)], want[b, :len(r)]) <= 1e-5
   np.testing.assert_array_equal(np.asarray(out.vision_mask) & (mask > 0), (ref.moe_types(ids) > 0) & (mask > 0))
 
 
@@ -132,7 +128,7 @@ def test_logits_two_images_and_a_video(pair):
   want = ref.forward(torch_model, ids, pixel_values=pv, image_grid=[TALL, SQUARE], videos=pvv, video_grid=[VIDEO])
   out = forward(model, ids, pixel_values=pv, image_grid_thw=[TALL, SQUARE], pixel_values_videos=pvv,
                 video_grid_thw=[VIDEO])
-  assert _rel(out.logits, want) <= 1e-5
+  assert rel(out.logits, want) <= 1e-5
 
 
 def test_logits_text_only(pair):
@@ -140,7 +136,7 @@ def test_logits_text_only(pair):
   ids = np.random.RandomState(0).randint(3, 100, (2, 9))
   want = ref.forward(torch_model, ids)
   out = forward(model, ids)
-  assert _rel(out.logits, want) <= 1e-5
+  assert rel(out.logits, want) <= 1e-5
   assert not np.asarray(out.vision_mask).any()
 
 
@@ -219,7 +215,7 @@ def test_sharded_loading_and_expert_parallel_forward(pair):
     logits = jax.jit(lambda st, t, pos, pv: nnx.merge(graphdef, st)(
       t, positions=pos, pixel_values=pv, image_grid_thw=tuple(grids)).logits)(state, tok, prep["positions"], pv)
   for b, r in enumerate(rows):
-    assert _rel(np.asarray(logits)[b, :len(r)], want[b, :len(r)]) <= 1e-5
+    assert rel(np.asarray(logits)[b, :len(r)], want[b, :len(r)]) <= 1e-5
 
 
 def test_long_frames_attend_in_query_chunks():

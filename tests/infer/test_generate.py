@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import ernie_jax
+from tests.helpers import REPO_ROOT
 from ernie_jax.infer.generate import (decode_step, generate, generate_array, pad_prompts,
                                       prefill)
 from ernie_jax.infer.sampling import sample
@@ -23,7 +24,7 @@ from ernie_jax.data.tokenizers import TokenizerError, load_tokenizer
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 VOCAB = 128
 # Different lengths on purpose (they are right-padded into one batch). No pad/eos ids inside.
 PROMPTS = [[5, 17, 33, 8, 91], [12, 4], [100, 3, 77, 45, 60, 21, 9, 14, 120, 66, 31]]

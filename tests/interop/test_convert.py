@@ -28,9 +28,10 @@ from ernie_jax.interop import hf_config
 from ernie_jax.interop import convert, layouts, orbax_io, sources, stream
 from ernie_jax.interop import safetensors_writer as stw
 from ernie_jax.interop.safetensors_io import SafetensorsReader
+from tests.helpers import REPO_ROOT
 from tests import hf_reference as ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 TOKENS = ref.random_tokens(128, (2, 12), seed=7)
 FP32_KEYS = ("mlp.gate.weight", "e_score_correction_bias")
 

@@ -15,7 +15,7 @@ from ernie_jax.interop import convert
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.interop.sources import detect_format
 from tests import hf_reference as ref
-from tests.test_convert import hf_to_paddle, load_cli, no_leftovers, read_all, to_bf16_hf, write_dir
+from tests.interop.test_convert import hf_to_paddle, load_cli, no_leftovers, read_all, to_bf16_hf, write_dir
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 PRETRAIN = os.path.join(ROOT, "experiments", "pretrain.py")
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -32,11 +34,6 @@ MICRO = {
   "data.seq_len": 32, "data.max_documents": 300, "global_batch_size": 8, "metrics.log_every": 1,
   "metrics.progress_bar": False, "metrics.tensorboard": False, "optim.warmup_steps": 2,
 }
-
-
-@pytest.fixture(scope="session")
-def xla_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
 
 
 def _config(workdir, xla_cache, **overrides):

@@ -23,19 +23,15 @@ from ernie_jax.config import ConfigError
 from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
 from ernie_jax.model.vl import Ernie45VLForConditionalGeneration, VLConfig, forward
 from ernie_jax.interop import hf_config
+from tests.helpers import flat_arrays, rel
 from tests import vl_paddle_writer as writer
 from tests import vl_reference as ref
 
 SQUARE, WIDE = (1, 4, 4), (1, 4, 6)
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-
-
 def _flat(model):
-  return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+  return flat_arrays(nnx.state(model))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +74,7 @@ def test_paddle_vl_logits_match_transformers(ckpts, name):
   assert c.layer_kinds == ("dense", "moe", "moe") and c.moe_intermediate_size == (32, 16)
   assert (model.lm_head is None) == (name == "u16")
   got, want = _prompt_logits(torch_model, model)
-  assert _rel(got, want) <= 1e-5
+  assert rel(got, want) <= 1e-5
   # every parameter is bit-identical to the one loaded from the HF files (U16 was bit-cast)
   theirs = _flat(ernie_jax.from_pretrained(hf_dir))
   ours = _flat(model)

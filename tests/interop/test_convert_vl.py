@@ -18,15 +18,16 @@ from ernie_jax.cli.verify import verify
 from ernie_jax.interop import hf_config
 from ernie_jax.interop import convert, orbax_io, sources
 from ernie_jax.model.vl import Ernie45VLForConditionalGeneration, VLConfig, forward
+from tests.helpers import flat_arrays
 from tests import vl_paddle_writer as writer
 from tests import vl_reference as ref
-from tests.test_convert import load_cli, no_leftovers, read_all, write_dir
+from tests.interop.test_convert import load_cli, no_leftovers, read_all, write_dir
 
 GRIDS = [(1, 4, 4), (1, 6, 4)]
 
 
 def _flat(model):
-  return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+  return flat_arrays(nnx.state(model))
 
 
 def _assert_same_files(a_dir, b_dir):

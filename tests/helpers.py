@@ -1,0 +1,21 @@
+"""Helpers shared by the test modules (fixtures live in `conftest.py`)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from flax import nnx
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rel(a, b) -> float:
+  """max |a - b| / max |b| in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+def flat_arrays(state) -> dict[str, np.ndarray]:
+  """An nnx state (or `nnx.state(model)`) as {"a/b/c": host array}."""
+  return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
