@@ -39,12 +39,19 @@ class DataConfig:
   paths: str = ""  # comma-separated files or glob patterns (** allowed) for text / jsonl / tokens
   text_mode: str = "file"  # source=text: one document per "file" or per non-empty "line"
   jsonl_field: str = "text"  # source=jsonl: the field holding the document text
+  # source=text|jsonl: a bad row (JSONL: not JSON, no `jsonl_field`, a null / number / list instead
+  # of a string; text read by a non-byte tokenizer: not UTF-8) stops the run with a one-line error
+  # naming file:line ("error"), or is skipped and counted ("skip": logged at the 1st, 10th, 100th,
+  # ... skipped row). The stdlib corpus is used as it is.
+  bad_rows: str = "error"
   # "bytes" (byte-level, vocab 259), "bpe" (train a byte-level BPE of bpe_vocab_size once on the
   # data, cached as <workdir>/tokenizer.json) or a path to tokenizer.model / tokenizer.json / a dir.
   tokenizer: str = "bytes"
   bpe_vocab_size: int = 4096
   bpe_train_documents: int = 2000  # documents (from the start of the source) used to train the BPE
-  token_dtype: str = "uint16"  # source=tokens, raw .bin files: dtype of the stored ids
+  # source=tokens, raw .bin files without a sidecar: dtype of the stored ids. Files written by
+  # ernie_jax.cli.pretokenize carry a sidecar <file>.json with their dtype, which wins over this.
+  token_dtype: str = "uint16"
   eos_id: int = -1  # document separator / end token; -1: the tokenizer's EOS (else the model's)
   add_bos: bool = False  # prepend <s> to every document (text sources)
   add_eos: bool = True  # append </s> to every document (text sources), so the model learns to end
@@ -65,13 +72,16 @@ class DataConfig:
   jsonl_image_field: str = "image"
 
 
-def build_source(cfg: DataConfig, eos_id: int):
+def build_source(cfg: DataConfig, eos_id: int, decode: bool = False):
+  """The document source of `cfg.source`; decode: text documents as strict UTF-8 str (for a text
+  tokenizer; see `sources.TextDocuments`)."""
   if cfg.source == "stdlib":
     return sources.TextDocuments(sources.stdlib_files(), "file")
   if cfg.source == "text":
-    return sources.TextDocuments(sources.expand_paths(cfg.paths), cfg.text_mode)
+    return sources.TextDocuments(sources.expand_paths(cfg.paths), cfg.text_mode, bad_rows=cfg.bad_rows,
+                                 decode=decode)
   if cfg.source == "jsonl":
-    return sources.TextDocuments(sources.expand_paths(cfg.paths), "jsonl", cfg.jsonl_field)
+    return sources.TextDocuments(sources.expand_paths(cfg.paths), "jsonl", cfg.jsonl_field, bad_rows=cfg.bad_rows)
   if cfg.source == "tokens":
     return sources.TokenWindows(sources.expand_paths(cfg.paths), cfg.seq_len, eos_id, cfg.token_dtype)
   raise sources.DataError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
@@ -86,11 +96,16 @@ def load_tokenizer_for(cfg: DataConfig, workdir: str | None) -> Tokenizer | None
     if cfg.source in VL_SOURCES:  # the captions
       src = vl.build_source(cfg)
       return (src.caption(i) for i in range(min(len(src), cfg.bpe_train_documents)))
-    docs = build_source(cfg, -1)
-    return (docs[i] for i in range(min(len(docs), cfg.bpe_train_documents)))
+    docs = build_source(cfg, -1, decode=True)
+    return (d for d in (docs[i] for i in range(min(len(docs), cfg.bpe_train_documents))) if d is not None)
 
   return get_tokenizer(cfg.tokenizer, workdir=workdir, bpe_vocab_size=cfg.bpe_vocab_size,
                        training_texts=training_texts)
+
+
+def is_text_tokenizer(tokenizer: Tokenizer | None) -> bool:
+  """Whether the tokenizer reads text (decoded UTF-8) rather than raw bytes."""
+  return tokenizer is not None and tokenizer.kind != "bytes"
 
 
 def resolve_eos(cfg: DataConfig, tokenizer: Tokenizer | None, model_eos: int) -> int:
@@ -107,7 +122,7 @@ class DataPipeline(GrainIterator):
   def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None, *, batch_size: int, eos_id: int,
                process_index: int = 0, process_count: int = 1):
     self.cfg, self.tokenizer, self.eos_id = cfg, tokenizer, eos_id
-    self.source = build_source(cfg, eos_id)
+    self.source = build_source(cfg, eos_id, decode=is_text_tokenizer(tokenizer))
     ds = grain.MapDataset.source(self.source)
     if cfg.max_documents:
       ds = ds[:cfg.max_documents]
@@ -152,7 +167,7 @@ def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer | None, eos_id: int, v
   the caption targets, see `ernie_jax.data.vl.caption_unigram_entropy`)."""
   if cfg.source in VL_SOURCES:
     return vl.caption_unigram_entropy(cfg, tokenizer, eos_id, vocab_size)
-  src = build_source(cfg, eos_id)
+  src = build_source(cfg, eos_id, decode=is_text_tokenizer(tokenizer))
   n = min(len(src), cfg.max_documents or len(src))
   counts = np.zeros(vocab_size, np.int64)
   total = 0
@@ -161,7 +176,10 @@ def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer | None, eos_id: int, v
       ex = src[i]
       t = ex["targets"][ex["loss_mask"] > 0]
     else:
-      ex = packing.document_example(encode(tokenizer, src[i]), bos_id=tokenizer.bos_id, eos_id=eos_id,
+      doc = src[i]
+      if doc is None:  # a bad row, skipped (data.bad_rows=skip)
+        continue
+      ex = packing.document_example(encode(tokenizer, doc), bos_id=tokenizer.bos_id, eos_id=eos_id,
                                     add_bos=cfg.add_bos, add_eos=cfg.add_eos)
       if ex is None:
         continue

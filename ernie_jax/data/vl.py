@@ -27,7 +27,6 @@ Sources:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -126,14 +125,12 @@ class ImageCaptions:
   def _record(self, i: int) -> tuple[str, str]:
     f = self.lines.file_of(i)
     try:
-      obj = json.loads(self.lines[i])
-    except json.JSONDecodeError as e:
-      raise sources.DataError(f"{f}: line {i} is not JSON ({e})") from None
-    missing = [k for k in (self.image_field, self.text_field) if not isinstance(obj, dict) or k not in obj]
-    if missing:
-      raise sources.DataError(f"{f}: a JSON line has no field {missing[0]!r} (data.jsonl_image_field / "
-                              f"data.jsonl_field); found {list(obj) if isinstance(obj, dict) else obj!r}")
-    return os.path.join(os.path.dirname(os.path.abspath(f)), str(obj[self.image_field])), str(obj[self.text_field])
+      obj = sources.parse_json_row(self.lines[i], (self.image_field, self.text_field))
+      image, text = sources.json_text(obj, self.image_field), sources.json_text(obj, self.text_field)
+    except sources.BadRow as e:
+      raise sources.DataError(f"{self.lines.where(i)}: {e.reason} (data.jsonl_image_field / data.jsonl_field); "
+                              f"{e.fix}") from None
+    return os.path.join(os.path.dirname(os.path.abspath(f)), image), text
 
   def __len__(self) -> int:
     return len(self.lines)
