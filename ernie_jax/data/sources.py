@@ -103,10 +103,10 @@ def json_text(obj: dict, field: str) -> str:
   """The string under `field` (a null / number / list is refused, never turned into "None" / "12")."""
   value = obj[field]
   if not isinstance(value, str):
-    shown = json.dumps(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    raise BadRow(f"field {field!r} is {_JSON_TYPES.get(type(value), type(value).__name__)} ({shown}), "
-                  "not a string", _JSONL_FIX)
+    shown = "" if value is None else json.dumps(value)
+    shown = f" ({shown if len(shown) <= 40 else shown[:37] + '...'})" if shown else ""
+    raise BadRow(f"field {field!r} is {_JSON_TYPES.get(type(value), type(value).__name__)}{shown}, not a string",
+                 _JSONL_FIX)
   return value
 
 
