@@ -122,7 +122,8 @@ class TextDocuments:
   is not JSON, not an object, lacks `field`, or whose `field` is not a string; a line / file that
   is not UTF-8 when decoding -- is refused with a one-line `DataError` naming file:line
   (bad_rows="error"), or skipped (`__getitem__` returns None, which grain drops) and recorded in
-  `skipped` (document index -> "file:line: reason"; logged at the 1st, 10th, 100th, ... row).
+  `skipped` (document index -> "file:line: reason"; logged at the 1st, 10th, 100th, ... row; with
+  grain worker processes each worker counts and logs its own).
   """
 
   def __init__(self, files: list[str], mode: str = "file", field: str = "text", bad_rows: str = "error",
