@@ -3,6 +3,9 @@ and the generate CLI finds a pretraining workdir's latest checkpoint and tokeniz
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -58,3 +61,55 @@ def test_cli_reports_nan_logits_in_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 1
   assert len(err) == 1 and err[0].startswith("error:") and "non-finite" in err[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# generate --checkpoint WORKDIR (a pretraining workdir), --tokenizer bytes
+def _byte_workdir(tmp_path):
+  """A pretraining-workdir layout (train Checkpointer, step 3) of a tiny byte-level model."""
+  import jax.numpy as jnp
+  from ernie_jax.train.checkpoint import Checkpointer
+
+  cfg = ModelConfig.tiny_dense(vocab_size=259, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                               initializer_range=0.3, tie_word_embeddings=False)
+  model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(1))
+
+  class TrainState(nnx.Module):
+    def __init__(self, model):
+      self.model = model
+      self.step = nnx.Variable(jnp.int32(3))
+
+  workdir = str(tmp_path / "run")
+  meta = {"step": 3, "data": {}, "config": {"data": {"source": "stdlib", "tokenizer": "bytes"}}}
+  with Checkpointer(workdir, every_steps=1, keep=2, async_save=False) as ckpt:
+    assert ckpt.save(3, nnx.state(TrainState(model)), meta, cfg, force=True)
+  return workdir, model
+
+
+def test_cli_pretraining_workdir_and_bytes_tokenizer(tmp_path, capsys):
+  from ernie_jax.cli import generate as cli
+  from ernie_jax.data.tokenizers import ByteTokenizer
+
+  workdir, model = _byte_workdir(tmp_path)
+  tok = ByteTokenizer()
+  want = generate(model, [tok.encode("def f(")], max_new_tokens=5, stop_tokens=())[0]
+  assert cli.main(["--checkpoint", workdir, "--prompt", "def f(", "--max-new-tokens", "5", "--ignore-eos",
+                   "--json"]) == 0
+  rec = json.loads(capsys.readouterr().out.splitlines()[0])
+  assert rec["prompt_ids"] == tok.encode("def f(") and rec["output_ids"] == want
+  assert rec["text"] == tok.decode(want)
+  # --tokenizer bytes with the checkpoint itself (no workdir to find the tokenizer in)
+  step_dir = os.path.join(workdir, "checkpoints", "3")
+  assert cli.main(["--checkpoint", step_dir, "--tokenizer", "bytes", "--prompt", "def f(", "--max-new-tokens", "5",
+                   "--ignore-eos"]) == 0
+  out = capsys.readouterr().out
+  assert f"output ids: {' '.join(map(str, want))}" in out and "text:" in out
+
+
+def test_cli_help_names_the_checkpoint_formats(capsys):
+  from ernie_jax.cli import generate as cli
+
+  with pytest.raises(SystemExit):
+    cli.main(["--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  assert "Orbax" in out and "pretraining workdir" in out and "'bytes'" in out
