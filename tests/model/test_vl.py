@@ -249,3 +249,16 @@ def test_call_with_images_and_no_positions_derives_them(pair):
     traced(state, jnp.asarray(ids), jnp.asarray(pv), jnp.asarray(pvv))
   with pytest.raises(ValueError, match="image_grid_thw"):
     model(jnp.asarray(ids), image_embeds=jnp.zeros((4, model.config.hidden_size)))
+
+
+def test_generate_vl_reports_non_finite_logits(pair):
+  """A NaN weight makes generation with an image raise one error instead of decoding token 0 (issue 14 item 6)."""
+  from ernie_jax.infer.generate import NonFiniteLogitsError
+
+  _, model, _ = pair
+  broken = nnx.clone(model)
+  broken.norm.weight.value = broken.norm.weight.value.at[0].set(np.nan)
+  prompt = [[5] + ref.image_span(SQUARE) + [6]]
+  with pytest.raises(NonFiniteLogitsError, match="non-finite"):
+    generate_vl(broken, prompt, max_new_tokens=3, pixel_values=ref.pixels([SQUARE], seed=7),
+                image_grid_thw=[SQUARE], stop_tokens=())
