@@ -56,7 +56,7 @@ def raise_if_non_finite(finite, model) -> None:
     raise NonFiniteLogitsError(
       f"the model produced non-finite (NaN/Inf) logits while generating ({type(model).__name__}, "
       f"dtype {model.config.dtype}): a weight holds NaN/Inf or the activations overflow; check the "
-      "checkpoint (loading warns about non-finite parameters) or use --dtype float32")
+      "checkpoint (loading warns about non-finite parameters) or generate in float32")
 
 
 # Prompt and cache lengths are rounded up to a multiple of this, so nearby lengths share a program.
