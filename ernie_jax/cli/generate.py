@@ -4,6 +4,7 @@ Examples:
   python -m ernie_jax.cli.generate --demo
   python -m ernie_jax.cli.generate --checkpoint ckpt/ --tokens "1 2 3" --tokens "4 5" --max-new-tokens 16
   python -m ernie_jax.cli.generate --checkpoint ckpt/ --prompt "Hello" --temperature 0.7 --top-p 0.9
+  python -m ernie_jax.cli.generate --checkpoint runs/tiny --prompt "def f(" --max-new-tokens 64
 
 The argument parsing and the I/O; the decoding itself is `ernie_jax.infer.generate.generate`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -19,16 +21,24 @@ import jax
 from flax import nnx
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.data.tokenizers import TokenizerError, find_tokenizer_file, load_tokenizer
+from ernie_jax.data.tokenizers import TokenizerError, find_tokenizer_file, get_tokenizer, load_tokenizer
 from ernie_jax.infer.generate import generate
+from ernie_jax.interop import orbax_io
+from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
 from ernie_jax.model import ErnieForCausalLM
+from ernie_jax.train.checkpoint import Checkpointer
 
 DESCRIPTION = """\
 Generate tokens with an ERNIE 4.5 model (batched, KV-cached, one jitted program per shape).
 
+--checkpoint takes a Hugging Face or Paddle checkpoint directory, an ernie_jax Orbax checkpoint
+(converted, or a training checkpoint), or a pretraining workdir (experiments/pretrain.py): its latest
+checkpoint under WORKDIR/checkpoints/ is loaded, with the tokenizer the run trained with.
+
 Prompts are given as token ids (--tokens, repeatable) or as text (--prompt, repeatable; needs a
-tokenizer: --tokenizer, or a tokenizer.model / tokenizer.json in the checkpoint directory).
+tokenizer: --tokenizer, a tokenizer.model / tokenizer.json in the checkpoint directory, or the
+pretraining workdir's tokenizer; --tokenizer bytes for byte-level models).
 Prompts of different lengths are decoded together in one batch. For each prompt the new token ids
 are printed (and the decoded text when a tokenizer is available). Generation of a prompt stops
 after the first stop token (default: the config's eos id), which is printed too.
@@ -49,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_argument_group("model")
   src.add_argument("--checkpoint", metavar="DIR",
-                   help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+                   help="checkpoint directory: Hugging Face / Paddle (config.json + weights), an ernie_jax Orbax "
+                        "checkpoint, or a pretraining workdir (its latest checkpoint and tokenizer)")
   src.add_argument("--demo", action="store_true",
                    help="use a tiny random MoE model (ModelConfig.tiny_moe); no files needed. "
                         "Stop tokens are off unless --stop-token is given")
@@ -63,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
   inp.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt as text (needs a tokenizer); repeat for a batch")
   inp.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer.model / tokenizer.json, or a directory with one "
-                        "(default: look in --checkpoint)")
+                   help="tokenizer.model / tokenizer.json, a directory with one, or 'bytes' (UTF-8 bytes + 3, "
+                        "the byte-level pretraining tokenizer) (default: look in --checkpoint, or the "
+                        "tokenizer a pretraining workdir trained with)")
   inp.add_argument("--add-bos", action="store_true",
                    help="prepend the BOS token to text prompts (ERNIE adds none by default)")
   gen = p.add_argument_group("generation")
@@ -87,6 +99,44 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _workdir_checkpoints(path: str | None) -> str | None:
+  """`path`/checkpoints when `path` is a pretraining workdir, else None."""
+  if not path:
+    return None
+  ckpts = os.path.join(path, "checkpoints")
+  return ckpts if os.path.isdir(ckpts) and not orbax_io.looks_like_orbax(path) else None
+
+
+def _workdir_tokenizer(workdir: str, ckpts: str):
+  """The tokenizer a pretraining run trained with: data.tokenizer recorded in its latest checkpoint
+  ("bytes", "bpe" = WORKDIR/tokenizer.json, or a path); None for pre-tokenized data."""
+  step = int(os.path.basename(orbax_io.resolve(ckpts)))
+  ckpt = Checkpointer(workdir, every_steps=0, keep=None, async_save=False)
+  try:
+    config = ckpt.read_json(step, "meta").get("config", {})
+  finally:
+    ckpt.close()
+  data = config.get("data", {})
+  if data.get("source") == "tokens" or not data.get("tokenizer"):
+    return None
+  return get_tokenizer(data["tokenizer"], workdir=workdir)
+
+
+def _load_tokenizer(args):
+  """--tokenizer, else one in the checkpoint directory, else a pretraining workdir's (None if none)."""
+  if args.tokenizer == "bytes":
+    return get_tokenizer("bytes")
+  if args.tokenizer:
+    return load_tokenizer(args.tokenizer)
+  if not args.checkpoint:
+    return None
+  found = find_tokenizer_file(args.checkpoint)
+  if found:
+    return load_tokenizer(found)
+  ckpts = _workdir_checkpoints(args.checkpoint)
+  return _workdir_tokenizer(args.checkpoint, ckpts) if ckpts else None
+
+
 def _load_model(args):
   if args.demo:
     # Random weights with a large init scale, so the (meaningless) output is not just the
@@ -94,7 +144,8 @@ def _load_model(args):
     cfg = ModelConfig.tiny_moe(dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl,
                                initializer_range=0.3)
     return ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
-  return from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl)
+  path = _workdir_checkpoints(args.checkpoint) or args.checkpoint
+  return from_pretrained(path, dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl)
 
 
 def main(argv=None) -> int:
@@ -105,19 +156,16 @@ def main(argv=None) -> int:
   if args.max_new_tokens < 0:
     parser.error("--max-new-tokens must be >= 0")
 
-  tok = None
-  tok_path = args.tokenizer or (find_tokenizer_file(args.checkpoint) if args.checkpoint else None)
   try:
-    if tok_path:
-      tok = load_tokenizer(tok_path)
-    elif args.prompt:
-      parser.error("--prompt needs a tokenizer: pass --tokenizer PATH (no tokenizer.model or "
-                   "tokenizer.json in the checkpoint directory)")
-  except TokenizerError as e:
+    tok = _load_tokenizer(args)
+  except (TokenizerError, CheckpointError) as e:
     if args.prompt or args.tokenizer:
       print(f"error: {e}", file=sys.stderr)
       return 1
     tok = None  # only used to show text next to --tokens
+  if tok is None and args.prompt:
+    parser.error("--prompt needs a tokenizer: pass --tokenizer PATH or --tokenizer bytes (no tokenizer.model "
+                 "or tokenizer.json in the checkpoint directory)")
 
   prompts = [list(t) for t in args.tokens]
   if args.prompt:

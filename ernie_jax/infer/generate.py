@@ -16,6 +16,10 @@ cached by jax.jit on the model's graph definition and the static settings (batch
 and cache lengths, top_k, whether sampling / top-p is on); the model weights, temperature, top_p,
 seed, max_new_tokens and stop tokens are runtime arguments and never trigger a recompile.
 
+Non-finite logits (a NaN / Inf weight, an overflow) never pass silently: the loop carries one flag,
+"every logit of every unfinished row was finite", and `generate` / `generate_array` raise
+`NonFiniteLogitsError` (a ValueError, one line) when it is false; the tokens are not returned.
+
 The lower-level pieces `prefill` and `decode_step` (jitted, cache donated) are exposed for tests and
 custom loops; `generate` uses the same step functions inside its loop.
 """
@@ -33,6 +37,27 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.infer.sampling import check_sampling_args, sample
+
+class NonFiniteLogitsError(ValueError):
+  """The model produced NaN / Inf logits during generation (its weights or inputs are broken)."""
+
+
+def all_finite(logits: jax.Array, finished: jax.Array | None = None) -> jax.Array:
+  """Scalar bool: every logit [B, V] of the rows not `finished` [B] is finite."""
+  ok = jnp.isfinite(logits)
+  if finished is not None:
+    ok = ok | finished[:, None]
+  return jnp.all(ok)
+
+
+def raise_if_non_finite(finite, model) -> None:
+  """The one-line error for a generation whose `finite` flag came back false."""
+  if not bool(finite):
+    raise NonFiniteLogitsError(
+      f"the model produced non-finite (NaN/Inf) logits while generating ({type(model).__name__}, "
+      f"dtype {model.config.dtype}): a weight holds NaN/Inf or the activations overflow; check the "
+      "checkpoint (loading warns about non-finite parameters) or generate in float32")
+
 
 # Prompt and cache lengths are rounded up to a multiple of this, so nearby lengths share a program.
 LENGTH_BUCKET = 16
@@ -111,25 +136,27 @@ def _generate_jit(state, tokens, lengths, max_new, temperature, top_p, key, stop
   cache = model.init_cache(b, max_len)
   logits, cache = _prefill_impl(model, tokens, lengths, cache)
   tok = pick(logits, 0)
+  finite = all_finite(logits)
   out = jnp.full((b, max_len), pad, jnp.int32).at[:, 0].set(tok)
   finished = is_stop(tok)
 
   def cond(carry):
-    step, _, finished, _, _, _ = carry
-    return (step < max_new) & ~jnp.all(finished)
+    step, _, finished, _, _, _, finite = carry
+    return (step < max_new) & ~jnp.all(finished) & finite
 
   def body(carry):
     # The (loop-invariant) weights travel in the carry so the model is rebuilt from variables of
     # the loop's own trace level; nnx refuses graph nodes closed over from the outer trace.
-    step, tok, finished, cache, out, st = carry
+    step, tok, finished, cache, out, st, finite = carry
     logits, cache = _step_impl(nnx.merge(graphdef, st), tok, lengths + step - 1, cache)
+    finite = finite & all_finite(logits, finished)
     new = jnp.where(finished, pad, pick(logits, step))
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
-    return step + 1, new, finished | is_stop(new), cache, out, st
+    return step + 1, new, finished | is_stop(new), cache, out, st, finite
 
-  init = (jnp.int32(1), tok, finished, cache, out, state)
-  steps, _, _, _, out, _ = jax.lax.while_loop(cond, body, init)
-  return out, steps
+  init = (jnp.int32(1), tok, finished, cache, out, state, finite)
+  steps, _, _, _, out, _, finite = jax.lax.while_loop(cond, body, init)
+  return out, steps, finite
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,11 +275,12 @@ def generate_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 
   greedy = temperature == 0
   graphdef, state = nnx.split(model)
-  out, steps = _generate_jit(
+  out, steps, finite = _generate_jit(
     state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(max_new_tokens),
     jnp.float32(temperature), jnp.float32(top_p), jax.random.key(seed), jnp.asarray(stops),
     graphdef=graphdef, max_len=int(max_len), greedy=bool(greedy), top_k=int(top_k),
     use_top_p=bool(not greedy and top_p < 1.0))
+  raise_if_non_finite(finite, model)
   out = np.array(jax.device_get(out))[:, :max_new_tokens]
   steps = int(steps)
   hit = np.isin(out, stops) & (np.arange(out.shape[1]) < steps)[None]
@@ -269,7 +297,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
 
   Returns the NEW tokens of each prompt (the prompt is not repeated). Generation of a row ends
   after its first stop token, which IS included in its output (like transformers' `generate`);
-  rows without a stop token get exactly `max_new_tokens` tokens.
+  rows without a stop token get exactly `max_new_tokens` tokens. Raises `NonFiniteLogitsError`
+  when the model produces NaN / Inf logits.
 
   temperature: 0 = greedy (default); top_k: 0 = off; top_p: 1 = off (see `sampling.sample`).
   stop_tokens: ids that end a row; None (default) = (config.eos_token_id,), () = never stop early.

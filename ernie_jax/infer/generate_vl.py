@@ -6,7 +6,7 @@ host. One jitted program then prefills the prompts (vision tower + resampler fea
 the placeholders, vision tokens routed to the vision experts) and decodes in a `lax.while_loop`:
 each new token is routed as text, is written to cache slot len_b + step - 1 and gets the text
 position slot + rope_delta_b (as in transformers). Greedy by default; temperature / top-k / top-p
-sampling as in `ernie_jax.infer.generate`.
+sampling as in `ernie_jax.infer.generate`; non-finite logits raise `NonFiniteLogitsError` as there.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.infer.generate import (LENGTH_BUCKET, Generation, _check_prompts, _check_stop_tokens,
-                                      _round_up, pad_prompts)
+                                      _round_up, all_finite, pad_prompts, raise_if_non_finite)
 from ernie_jax.infer.sampling import check_sampling_args, sample
 from ernie_jax.model.vl import rope3d
 from ernie_jax.model.vl.lm_vl import prepare_inputs, static_grids
@@ -68,19 +68,20 @@ def _generate_jit(state, tokens, lengths, positions, types, deltas, pixel_values
   out = jnp.full((b, max_len), pad, jnp.int32).at[:, 0].set(tok)
 
   def cond(carry):
-    step, _, finished, _, _, _ = carry
-    return (step < max_new) & ~jnp.all(finished)
+    step, _, finished, _, _, _, finite = carry
+    return (step < max_new) & ~jnp.all(finished) & finite
 
   def body(carry):
-    step, tok, finished, cache, out, st = carry
+    step, tok, finished, cache, out, st, finite = carry
     logits, cache = _step(nnx.merge(graphdef, st), tok, lengths + step - 1, deltas, cache)
+    finite = finite & all_finite(logits, finished)
     new = jnp.where(finished, pad, pick(logits, step))
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
-    return step + 1, new, finished | is_stop(new), cache, out, st
+    return step + 1, new, finished | is_stop(new), cache, out, st, finite
 
-  init = (jnp.int32(1), tok, is_stop(tok), cache, out, state)
-  steps, _, _, _, out, _ = jax.lax.while_loop(cond, body, init)
-  return out, steps
+  init = (jnp.int32(1), tok, is_stop(tok), cache, out, state, all_finite(logits))
+  steps, _, _, _, out, _, finite = jax.lax.while_loop(cond, body, init)
+  return out, steps, finite
 
 
 def generate_vl_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -113,13 +114,14 @@ def generate_vl_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens
   greedy = temperature == 0
   graphdef, state = nnx.split(model)
   asarr = lambda a: None if a is None else jnp.asarray(a)
-  out, steps = _generate_jit(
+  out, steps, finite = _generate_jit(
     state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(prep["positions"]),
     jnp.asarray(prep["token_types"]), jnp.asarray(prep["rope_deltas"]), asarr(pixel_values),
     asarr(pixel_values_videos), jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.float32(top_p),
     jax.random.key(seed), jnp.asarray(stops), graphdef=graphdef, max_len=int(max_len), greedy=bool(greedy),
     top_k=int(top_k), use_top_p=bool(not greedy and top_p < 1.0), image_grid=static_grids(image_grid_thw),
     video_grid=static_grids(video_grid_thw))
+  raise_if_non_finite(finite, model)
   out = np.array(jax.device_get(out))[:, :max_new_tokens]
   steps = int(steps)
   hit = np.isin(out, stops) & (np.arange(out.shape[1]) < steps)[None]

@@ -224,3 +224,41 @@ def test_long_frames_attend_in_query_chunks():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 37, 2, 8)) for i in range(3))
   np.testing.assert_allclose(frame_attend(q, k, v, chunk=16), _dense_attend(q, k, v), rtol=1e-5, atol=1e-6)
   assert frame_runs([(1, 4, 4), (1, 4, 6), (1, 6, 4), (2, 4, 4)]) == [(0, 1, 16), (16, 2, 24), (64, 2, 16)]
+
+
+def test_call_with_images_and_no_positions_derives_them(pair):
+  """transformers' way of calling the VL model (ids + pixels + grids, no positions) gives the reference
+  logits (issue 14 item 7: it used to fall back to text positions silently); traced ids are refused."""
+  torch_model, model, _ = pair
+  ids = np.array([[5] + ref.image_span(WIDE) + [6, 7] + ref.video_span(VIDEO) + [8, 3]])
+  pv, pvv = ref.pixels([WIDE], seed=5), ref.pixels([VIDEO], seed=6)
+  want = ref.forward(torch_model, ids, pixel_values=pv, image_grid=[WIDE], videos=pvv, video_grid=[VIDEO])
+  got = model(jnp.asarray(ids), pixel_values=jnp.asarray(pv), image_grid_thw=[WIDE],
+              pixel_values_videos=jnp.asarray(pvv), video_grid_thw=[VIDEO])
+  assert rel(got.logits, want) <= 1e-5
+  full = forward(model, ids, pixel_values=pv, image_grid_thw=[WIDE], pixel_values_videos=pvv, video_grid_thw=[VIDEO])
+  assert rel(got.logits, full.logits) <= 1e-6
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def traced(state, ids, pv, pvv):
+    return nnx.merge(graphdef, state)(ids, pixel_values=pv, image_grid_thw=[WIDE], pixel_values_videos=pvv,
+                                      video_grid_thw=[VIDEO]).logits
+
+  with pytest.raises(ValueError, match="pass positions="):
+    traced(state, jnp.asarray(ids), jnp.asarray(pv), jnp.asarray(pvv))
+  with pytest.raises(ValueError, match="image_grid_thw"):
+    model(jnp.asarray(ids), image_embeds=jnp.zeros((4, model.config.hidden_size)))
+
+
+def test_generate_vl_reports_non_finite_logits(pair):
+  """A NaN weight makes generation with an image raise one error instead of decoding token 0 (issue 14 item 6)."""
+  from ernie_jax.infer.generate import NonFiniteLogitsError
+
+  _, model, _ = pair
+  broken = nnx.clone(model)
+  broken.norm.weight.value = broken.norm.weight.value.at[0].set(np.nan)
+  prompt = [[5] + ref.image_span(SQUARE) + [6]]
+  with pytest.raises(NonFiniteLogitsError, match="non-finite"):
+    generate_vl(broken, prompt, max_new_tokens=3, pixel_values=ref.pixels([SQUARE], seed=7),
+                image_grid_thw=[SQUARE], stop_tokens=())

@@ -62,6 +62,22 @@ class Ernie45VLForConditionalGeneration(DecoderLM):
     self.resampler = Resampler(cfg, rngs=rngs)
 
   # ------------------------------------------------------------------------------------------------
+  def _derive_positions(self, tokens, image_grid_thw, video_grid_thw, images: bool, videos: bool) -> jax.Array:
+    """The (t, h, w) positions of image / video inputs given without positions (host-side, concrete ids)."""
+    for given, grid, name in ((images, image_grid_thw, "image"), (videos, video_grid_thw, "video")):
+      if given and grid is None:
+        raise ValueError(f"{name} inputs without positions need {name}_grid_thw to derive the 3-D positions; "
+                         "pass positions= (see prepare_inputs)")
+    try:
+      ids = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:
+      raise ValueError("image / video inputs without positions: the 3-D (t, h, w) positions are derived from "
+                       "the token ids, which are traced here (inside jit / grad); pass positions= and "
+                       "token_types= from prepare_inputs(...), or call ernie_jax.model.vl.forward") from None
+    prep = prepare_inputs(self.config, ids, image_grid_thw=image_grid_thw if images else None,
+                          video_grid_thw=video_grid_thw if videos else None)
+    return jnp.asarray(prep["positions"], jnp.int32)
+
   def encode_vision(self, pixel_values: jax.Array, grid_thw: Grid) -> jax.Array:
     """Patches [N, C*p*p] of images / videos with static grids -> LM embeddings [M, hidden]."""
     return self.resampler(self.vision_model(pixel_values, grid_thw), grid_thw)
@@ -79,7 +95,10 @@ class Ernie45VLForConditionalGeneration(DecoderLM):
                cache_positions: jax.Array | None = None) -> VLOutput:
     """tokens [B, S] -> VLOutput.
 
-    positions: [B, S, 3] (t, h, w) from `prepare_inputs` (default: text positions 0..S-1).
+    positions: [B, S, 3] (t, h, w) from `prepare_inputs`. Default: text positions 0..S-1 without
+      image / video inputs; with them (transformers' way of calling the model) the 3-D positions are
+      derived here with `prepare_inputs` from the ids and grids, which needs concrete ids: under a
+      jax transform (traced ids) pass positions explicitly, or use `forward`.
     token_types: [B, S] MoE modality (0 text, 1 image, 2 video); default: from the token ids (the
       placeholders and the image/video start/end tokens are vision). text_only=True routes every
       token as text and skips the vision experts (generated tokens).
@@ -91,7 +110,13 @@ class Ernie45VLForConditionalGeneration(DecoderLM):
     c = self.config
     b, s = tokens.shape
     if positions is None:
-      positions = rope3d.text_positions(b, s)
+      vision_inputs = (pixel_values, pixel_values_videos, image_embeds, video_embeds)
+      if all(v is None for v in vision_inputs):
+        positions = rope3d.text_positions(b, s)
+      else:
+        positions = self._derive_positions(tokens, image_grid_thw, video_grid_thw,
+                                           pixel_values is not None or image_embeds is not None,
+                                           pixel_values_videos is not None or video_embeds is not None)
     if positions.shape != (b, s, 3):
       raise ValueError(f"positions must be [batch, seq, 3] (t, h, w), got {positions.shape}")
     x = self.embed_tokens(tokens)
