@@ -173,3 +173,16 @@ def test_no_intact_checkpoint_is_one_line_error(tmp_path, tiny_state):
       ck.restore_intact(1, _target(tiny_state[1]))
   assert "\n" not in str(e.value)
   assert os.path.isdir(tmp_path / "checkpoints" / "1")  # nothing moved when nothing restores
+
+
+def test_resume_after_damaged_latest_checkpoint(tmp_path, xla_cache, capfd):
+  """End to end: the run resumes from the newest intact step, with one warning line naming the damaged one."""
+  over = {**MICRO, "checkpoint.every_steps": 1, "checkpoint.keep": 5}
+  pretrain.train(_config(tmp_path, xla_cache, **over, steps=2))
+  _garble_arrays(tmp_path / "checkpoints" / "2")
+  capfd.readouterr()
+  summary = pretrain.train(_config(tmp_path, xla_cache, **over, steps=3))
+  err = capfd.readouterr().err
+  assert summary["resumed_from"] == 1 and summary["step"] == 3, summary
+  assert "warning: checkpoint step 2 is damaged" in err and "Traceback" not in err
+  assert any(d.startswith("2.damaged-") for d in os.listdir(tmp_path / "checkpoints"))
