@@ -26,6 +26,7 @@ line; when no step is intact the error is one line.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -61,6 +62,24 @@ ITEMS = (MODEL_ITEM, CONFIG_ITEM, "train", "meta")
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split())
   return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
+
+
+def _quiet_closed_loop_errors() -> None:
+  """After a restore fails on damaged data, tensorstore still completes the other reads and calls back
+  into orbax's closed asyncio loop, which prints one "Event loop is closed" traceback per array; those
+  are noise (the failure is reported in one line), so drop exactly them."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _split(pure: dict) -> tuple[dict, dict]:
@@ -159,15 +178,15 @@ class Checkpointer:
       try:
         out = self.restore(s, target)
       except Exception as e:  # noqa: BLE001 -- damaged data raises orbax / tensorstore errors of any type
-        errors.append((s, e))
+        _quiet_closed_loop_errors()
+        errors.append((s, e.__cause__ or e))
         continue
       for bad, e in errors:  # a later step failed where this one restores: it is damaged
         self.set_aside(bad, _one_line(e), warn)
       return out
     bad, e = errors[0]
-    if isinstance(e, CheckpointError):
-      raise e
-    raise CheckpointError(f"cannot restore {self.directory}/{bad} (damaged, and no earlier checkpoint restores): "
+    raise CheckpointError(f"cannot restore {self.directory}/{bad}: it is damaged, or it does not fit this run's "
+                          f"train state (another model or optimizer config?), and no earlier step restores: "
                           f"{_one_line(e)}; move it aside or use a new workdir") from e
 
   def wait(self) -> None:
