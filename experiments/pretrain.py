@@ -184,7 +184,7 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
   """Steps 2 (cont.) to 5 of `train`, with the checkpoint manager open."""
   run = cfg.run
   warn = lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None  # noqa: E731
-  latest = ckpt.latest_intact_step(warn) if is_main else ckpt.latest_step()  # damaged steps moved aside
+  latest = ckpt.latest_intact_step(warn)  # damaged newer steps are moved aside (by process 0)
   model_cfg, pretrained = _model_config(cfg, ckpt, latest, mesh)
   eos_id = resolve_eos(cfg.data, tokenizer, model_cfg.eos_token_id)
   _check_vocab(cfg.data, tokenizer, model_cfg, eos_id)

@@ -153,7 +153,8 @@ class Checkpointer:
     """Move a damaged step directory aside (`<step>.damaged-<time>`, kept) and report it in one line."""
     src = os.path.join(self.directory, str(step))
     dst = f"{src}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-    os.rename(src, dst)
+    if jax.process_index() == 0:  # (with several processes on a shared filesystem, process 0 moves it)
+      os.rename(src, dst)
     self.manager.reload()
     warn(f"warning: checkpoint step {step} is damaged ({why}); moved it to {dst} and using the previous one")
     return dst
