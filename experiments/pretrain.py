@@ -7,7 +7,11 @@ model_family="vl") from scratch or from a checkpoint.
       --config.workdir=/tmp/run2 --config.optim.lr=1e-3
 
 Starting in a workdir that holds checkpoints resumes from the latest one (parameters, optimizer,
-step, RNG and data position). SIGTERM saves a checkpoint and exits 0. Every field of the config is
+step, RNG and data position); a damaged latest checkpoint is moved aside (`<step>.damaged-<time>`)
+and the newest intact one is used. SIGTERM or Ctrl-C (SIGINT) saves a checkpoint and exits 0; a second
+Ctrl-C aborts at once (exit 130, no save; the previous checkpoint stays). The workdir is locked
+(`<workdir>/.lock`) for the run's lifetime: a second run on it stops with one line naming the holder.
+A start that fails before training leaves no workdir it created behind. Every field of the config is
 documented in `ernie_jax/train/config.py` (and the dataclasses it lists).
 
 The loop, top to bottom: validate config -> tokenizer + data checks -> mesh -> train state (restored,
@@ -17,9 +21,11 @@ step -> non-finite check -> metrics -> checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -41,6 +47,7 @@ from ernie_jax.train.checkpoint import Checkpointer
 from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl
 from ernie_jax.train.optimizer import make_optimizer
 from ernie_jax.train.tasks import task_for
+from ernie_jax.train.workdir import WorkdirLock, WorkdirLockedError
 from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,
                                   create_train_state, make_train_step, put_batch)
 
@@ -57,21 +64,31 @@ class NonFiniteError(RuntimeError):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint at the end of the current step and exits."""
+  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves a checkpoint at the end of the current step
+  and exits. A second SIGINT aborts at once (exit 130; the previous checkpoint stays intact)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = None
+    self._previous = {}
 
   def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      print("second Ctrl-C: aborting without saving", file=sys.stderr, flush=True)
+      os._exit(130)
     self.requested = True
+    self.signal_name = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _check_vocab(data_cfg, tokenizer, model_cfg, eos_id: int) -> None:
@@ -120,8 +137,33 @@ def train(config) -> dict[str, Any]:
   cfg = config_lib.parse(config)
   run = cfg.run
   workdir = os.path.abspath(run.workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.TrainConfigError("workdir", f"{workdir} exists and is not a directory")
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  lock = WorkdirLock(workdir) if is_main else contextlib.nullcontext()  # only process 0 locks
+  try:
+    with lock:
+      summary = _start(config, cfg, workdir, is_main)
+  except BaseException:
+    if created and is_main and not _has_progress(workdir):  # a failed start leaves no workdir it created
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+  if is_main:
+    print("done: " + json.dumps({k: v for k, v in summary.items() if v is not None}), flush=True)
+  return summary
+
+
+def _has_progress(workdir: str) -> bool:
+  """Whether a run wrote checkpoints or metrics into `workdir`."""
+  ckpts = os.path.join(workdir, "checkpoints")
+  return os.path.exists(os.path.join(workdir, "metrics.jsonl")) or (os.path.isdir(ckpts) and bool(os.listdir(ckpts)))
+
+
+def _start(config, cfg, workdir, is_main) -> dict[str, Any]:
+  """`train` with the workdir locked: tokenizer, mesh, checkpoints, then `_train`."""
+  run = cfg.run
   if run.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(run.compilation_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -135,16 +177,14 @@ def train(config) -> dict[str, Any]:
   config_lib.check_batch_layout(cfg, mesh, jax.process_count())
   with Checkpointer(workdir, every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
                     async_save=cfg.checkpoint.async_save) as ckpt:  # closed (saves finished) on any exit
-    summary = _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main)
-  if is_main:
-    print("done: " + json.dumps({k: v for k, v in summary.items() if v is not None}), flush=True)
-  return summary
+    return _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main)
 
 
 def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, Any]:
   """Steps 2 (cont.) to 5 of `train`, with the checkpoint manager open."""
   run = cfg.run
-  latest = ckpt.latest_step()
+  warn = lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None  # noqa: E731
+  latest = ckpt.latest_intact_step(warn)  # damaged newer steps are moved aside (by process 0)
   model_cfg, pretrained = _model_config(cfg, ckpt, latest, mesh)
   eos_id = resolve_eos(cfg.data, tokenizer, model_cfg.eos_token_id)
   _check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
@@ -164,9 +204,9 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
       raise CheckpointError(f"{ckpt.directory} was written with another data stream (its data position "
                             f"would not apply): checkpoint {saved_stream} vs config {_data_stream(cfg)}; "
                             "use a new workdir or restore those settings")
-    state, meta = ckpt.restore(latest, target)
+    state, meta = ckpt.restore_intact(latest, target, warn)  # (falls back when the arrays are damaged)
     data.set_state(meta["data"])
-    start_step = int(meta["step"])
+    start_step = latest = int(meta["step"])
   else:
     graphdef, state = create_train_state(model_cfg, tx, seed=run.seed, mesh=mesh, pretrained=pretrained)
     del pretrained
@@ -276,7 +316,7 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
           last_log_time, last_log_step = time.perf_counter(), step
 
         if preemption.requested:
-          writer.print(f"SIGTERM: saving a checkpoint at step {step} and exiting")
+          writer.print(f"{preemption.signal_name}: saving a checkpoint at step {step} and exiting")
           save(step, state, step_data_state, force=True)
           last_saved, preempted = step, True
           break
@@ -347,11 +387,19 @@ def main(argv):
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
+  if _CONFIG.value is None:
+    print("error: --config is required, e.g. python experiments/pretrain.py "
+          "--config=experiments/configs/tiny.py (see --help)", file=sys.stderr, flush=True)
+    sys.exit(2)
   try:
     train(_CONFIG.value)
-  except (config_lib.TrainConfigError, DataError, TokenizerError, CheckpointError, NonFiniteError) as e:
+  except (config_lib.TrainConfigError, DataError, TokenizerError, CheckpointError, NonFiniteError,
+          WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except KeyboardInterrupt:  # Ctrl-C before the training loop (during start-up): nothing to save
+    print("interrupted during start-up; nothing saved", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,20 @@ step directory is committed atomically, so a run killed mid-save resumes from th
 Restoring takes target shardings, so a checkpoint loads onto any mesh. A checkpoint that does not fit
 this run's train state raises `CheckpointError` (`ernie_jax.interop.safetensors_io`, the one checkpoint
 error of the package).
+
+Damaged checkpoints (an item directory missing, an unreadable JSON item, a truncated or garbled array
+file): `latest_intact_step` skips the steps whose structure or JSON items are damaged and
+`restore_intact` falls back from a step whose arrays do not read to the previous one; each damaged
+step directory is moved aside to `<step>.damaged-<time>` (kept, not deleted) and reported in one
+line; when no step is intact the error is one line.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -46,6 +54,32 @@ def _like(tree, reference):
   if not isinstance(reference, dict):
     return tree
   return {k: _like(tree[str(k)], v) for k, v in reference.items()}
+
+
+ITEMS = (MODEL_ITEM, CONFIG_ITEM, "train", "meta")
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
+
+
+def _quiet_closed_loop_errors() -> None:
+  """After a restore fails on damaged data, tensorstore still completes the other reads and calls back
+  into orbax's closed asyncio loop, which prints one "Event loop is closed" traceback per array; those
+  are noise (the failure is reported in one line), so drop exactly them."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _split(pure: dict) -> tuple[dict, dict]:
@@ -92,7 +126,7 @@ class Checkpointer:
     except (ValueError, KeyError) as e:
       raise CheckpointError(f"cannot restore {self.directory}/{step} into this run's train state "
                             f"(was it written with another model or optimizer config? use a new workdir): "
-                            f"{type(e).__name__}: {e}") from e
+                            f"{_one_line(e)}") from e
     state = jax.tree.map(lambda x: x, target)  # a copy to fill
     nnx.replace_by_pure_dict(state, {"model": _like(out[MODEL_ITEM], pure["model"]), **out["train"]})
     return state, dict(out["meta"])
@@ -101,6 +135,60 @@ class Checkpointer:
     """A JSON item of a checkpoint ("meta" or "model_config") without restoring arrays."""
     out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     return dict(out[item])
+
+  def damage(self, step: int) -> str | None:
+    """Why the step directory is damaged (an item missing, a JSON item unreadable), or None."""
+    path = os.path.join(self.directory, str(step))
+    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(path, item))]
+    if missing:
+      return f"missing {', '.join(missing)}"
+    for item in ("meta", CONFIG_ITEM):
+      try:
+        self.read_json(step, item)
+      except Exception as e:  # orbax / tensorstore / json errors alike
+        return f"{item} unreadable ({_one_line(e)})"
+    return None
+
+  def set_aside(self, step: int, why: str, warn: Callable[[str], None] = print) -> str:
+    """Move a damaged step directory aside (`<step>.damaged-<time>`, kept) and report it in one line."""
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    if jax.process_index() == 0:  # (with several processes on a shared filesystem, process 0 moves it)
+      os.rename(src, dst)
+    self.manager.reload()
+    warn(f"warning: checkpoint step {step} is damaged ({why}); moved it to {dst} and using the previous one")
+    return dst
+
+  def latest_intact_step(self, warn: Callable[[str], None] = print) -> int | None:
+    """The newest step whose items are all present and whose JSON items read; damaged newer steps are
+    moved aside."""
+    for step in sorted(self.all_steps(), reverse=True):
+      why = self.damage(step)
+      if why is None:
+        return step
+      self.set_aside(step, why, warn)
+    return None
+
+  def restore_intact(self, step: int, target, warn: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
+    """`restore(step, target)`, falling back to earlier steps when the arrays of a step do not read
+    (moving it aside). A step that fails like every earlier one is not damaged but does not fit this
+    run: its error is raised (one line) and nothing is moved."""
+    steps = [s for s in sorted(self.all_steps(), reverse=True) if s <= step]
+    errors = []
+    for s in steps:
+      try:
+        out = self.restore(s, target)
+      except Exception as e:  # noqa: BLE001 -- damaged data raises orbax / tensorstore errors of any type
+        _quiet_closed_loop_errors()
+        errors.append((s, e.__cause__ or e))
+        continue
+      for bad, e in errors:  # a later step failed where this one restores: it is damaged
+        self.set_aside(bad, _one_line(e), warn)
+      return out
+    bad, e = errors[0]
+    raise CheckpointError(f"cannot restore {self.directory}/{bad}: it is damaged, or it does not fit this run's "
+                          f"train state (another model or optimizer config?), and no earlier step restores: "
+                          f"{_one_line(e)}; move it aside or use a new workdir") from e
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
