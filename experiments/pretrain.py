@@ -348,7 +348,7 @@ def _data_stream(cfg: config_lib.TrainConfig) -> dict[str, Any]:
   """The settings that define the sequence of batches (a saved data position is only valid for them)."""
   d = dataclasses.asdict(cfg.data)
   unused = () if d["source"] in VL_SOURCES else VL_FIELDS  # (text checkpoints predate the VL fields)
-  for k in ("read_threads", "worker_processes", "bpe_train_documents") + unused:
+  for k in ("read_threads", "worker_processes", "bpe_train_documents", "bad_rows") + unused:  # (no effect on order)
     d.pop(k)
   return {**d, "global_batch_size": cfg.run.global_batch_size, "processes": jax.process_count()}
 
