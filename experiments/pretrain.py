@@ -40,6 +40,7 @@ from ernie_jax.data.sources import TokenWindows, expand_paths
 from ernie_jax.data.vl import text_only_bound
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
+from ernie_jax.parallel import ShardingError
 from ernie_jax.data.tokenizers import TokenizerError
 from ernie_jax.train import config as config_lib
 from ernie_jax.train import flops as flops_lib
@@ -207,6 +208,10 @@ def _train(config, cfg, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, An
     state, meta = ckpt.restore_intact(latest, target, warn)  # (falls back when the arrays are damaged)
     data.set_state(meta["data"])
     start_step = latest = int(meta["step"])
+    saved_steps = (meta.get("config") or {}).get("steps")
+    if saved_steps is not None and int(saved_steps) != run.steps:
+      warn(f"note: steps changed from {saved_steps} (checkpoint) to {run.steps}: the learning-rate schedule "
+           f"(warmup / decay) now runs over {run.steps} steps, so the LR from step {start_step} on differs")
   else:
     graphdef, state = create_train_state(model_cfg, tx, seed=run.seed, mesh=mesh, pretrained=pretrained)
     del pretrained
@@ -392,14 +397,62 @@ def main(argv):
           "--config=experiments/configs/tiny.py (see --help)", file=sys.stderr, flush=True)
     sys.exit(2)
   try:
-    train(_CONFIG.value)
+    config = _CONFIG.value
+    config.keys()  # (a lazily reported load failure surfaces here)
+  except OSError as e:  # ml-collections reports a config file that failed to load only when it is read
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f"error: --config: {lines[-1] if lines else e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  try:
+    train(config)
   except (config_lib.TrainConfigError, DataError, TokenizerError, CheckpointError, NonFiniteError,
-          WorkdirLockedError) as e:
+          WorkdirLockedError, ShardingError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  except PermissionError as e:  # a read-only workdir / output directory
+    print(f"error: {e.strerror}: {e.filename} (choose a writable --config.workdir)", file=sys.stderr, flush=True)
     sys.exit(1)
   except KeyboardInterrupt:  # Ctrl-C before the training loop (during start-up): nothing to save
     print("interrupted during start-up; nothing saved", file=sys.stderr, flush=True)
     sys.exit(130)
+
+
+def _flat_fields(tree, prefix: str = "") -> list[str]:
+  """`--config.a.b=value` lines for every field of a config tree (its defaults)."""
+  out = []
+  for k in sorted(tree.keys()):
+    v = tree[k]
+    if hasattr(v, "keys"):
+      out += _flat_fields(v, f"{prefix}{k}.")
+    else:
+      out.append(f"  --config.{prefix}{k}={v!r}")
+  return out
+
+
+def _root_message(e: BaseException) -> str:
+  """The innermost message of a flag-parsing error, on one line (ml-collections nests the original
+  KeyError inside an AttributeError inside the flag error)."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  msg = str(e.args[0]) if e.args else str(e)
+  return " ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors for a bad `--config` file or override, and a `--help`
+  that lists every config field with its default."""
+  from absl import flags
+
+  if any(a in ("--help", "-h", "--helpshort") for a in argv[1:]):
+    print(__doc__.strip() + "\n\nConfig fields (defaults of ernie_jax.train.config.default_config(); an experiment "
+          "config changes some):\n" + "\n".join(_flat_fields(config_lib.default_config())))
+    sys.exit(0)
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    unknown = "unknown config field " if isinstance(e.__cause__ or e.__context__, (AttributeError, KeyError)) else ""
+    print(f"error: {unknown}{_root_message(e)} (see --help for the config fields)", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
@@ -407,4 +460,4 @@ if __name__ == "__main__":
   from ml_collections import config_flags
 
   _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/configs/*.py)")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,7 @@
 """Fault injection for training runs (issue 14): the workdir lock (two runs on one workdir), Ctrl-C saves
 and exits cleanly, a damaged latest checkpoint falls back to the newest intact one, a failed start leaves
-no workdir behind, a missing --config is one line."""
+no workdir behind, a missing --config / typo'd field / missing config file is one line, --help lists
+the config fields, changing `steps` on resume is reported."""
 
 import errno
 import json
@@ -72,6 +73,26 @@ def test_missing_config_is_one_line():
   out = subprocess.run([sys.executable, PRETRAIN], env=_env(), capture_output=True, text=True)
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "--config is required" in out.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+  (["--config=experiments/configs/tiny.py", "--config.optim.lrr=1"], 'Did you mean "lr"'),
+  (["--config=experiments/configs/nope.py"], "No such file or directory"),
+  (["--config=experiments/configs/tiny.py", "--config.steps=abc"], "--config.steps=abc"),
+])
+def test_bad_config_flags_are_one_line(args, expect):
+  """A typo'd field, a missing config file or a bad value: one line naming it (no 50-line trace)."""
+  out = subprocess.run([sys.executable, PRETRAIN, *args], env=_env(), capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(PRETRAIN)))
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.strip().splitlines() == [out.stderr.strip()] and expect in out.stderr, out.stderr
+
+
+def test_help_lists_the_config_fields():
+  out = subprocess.run([sys.executable, PRETRAIN, "--help"], env=_env(), capture_output=True, text=True)
+  assert out.returncode == 0
+  for field in ("--config.optim.lr=", "--config.data.seq_len=", "--config.mesh.expert=", "--config.steps="):
+    assert field in out.stdout, field
 
 
 # ---------------------------------------------------------------------------------------------------- Ctrl-C
@@ -185,4 +206,5 @@ def test_resume_after_damaged_latest_checkpoint(tmp_path, xla_cache, capfd):
   err = capfd.readouterr().err
   assert summary["resumed_from"] == 1 and summary["step"] == 3, summary
   assert "warning: checkpoint step 2 is damaged" in err and "Traceback" not in err
+  assert "note: steps changed from 2 (checkpoint) to 3" in err  # the LR schedule changes: say so
   assert any(d.startswith("2.damaged-") for d in os.listdir(tmp_path / "checkpoints"))
