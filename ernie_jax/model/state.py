@@ -2,8 +2,7 @@
 
 A parameter path is the '/'-joined key path of a variable in `nnx.state(model)` (list indices as
 decimal strings), e.g. "groups/1/blocks/layers/0/mlp/experts/gate": the key of checkpoint tables,
-Orbax items and sharding rules alike. `path_str` (defined in `parallel.sharding`, the lowest layer that
-needs it, and re-exported here) is the one place such a path is joined.
+Orbax items and sharding rules alike. `path_str` is the one place such a path is joined.
 """
 
 from __future__ import annotations
@@ -14,7 +13,12 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.model import fp8, model_class
-from ernie_jax.parallel.sharding import path_str  # (re-exported: model.state.path_str)
+
+
+def path_str(keypath) -> str:
+  """'/'-joined path of an nnx flat-state key tuple (strings, ints) or a jax tree key path
+  (DictKey, SequenceKey, GetAttrKey)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath)
 
 
 def flat_state(state) -> dict[str, Any]:

@@ -102,10 +102,8 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Rul
   return P(*spec)
 
 
-def path_str(keypath) -> str:
-  """'/'-joined path of an nnx flat-state key tuple (strings, ints) or a jax tree key path
-  (DictKey, SequenceKey, GetAttrKey): the one spelling of a parameter path in errors and tables."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath)
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, skip_non_arrays: bool = False):
@@ -122,7 +120,7 @@ def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, skip_non
     shape = value.shape
     if axes is None:
       axes = (None,) * len(shape)
-    sharding = NamedSharding(mesh, logical_to_spec(axes, shape, rules, mesh, path_str(path)))
+    sharding = NamedSharding(mesh, logical_to_spec(axes, shape, rules, mesh, _path_str(path)))
     return var.replace(sharding) if isinstance(var, nnx.Variable) else sharding
 
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -17,15 +17,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ernie_jax.model.fp8 import Fp8Meta, is_fp8_path
-from ernie_jax.parallel.sharding import path_str
+from ernie_jax.model.fp8 import Fp8Meta
 
 #: what to differentiate with respect to, and what the optimizer owns, when training with FP8
 FP8_WRT = nnx.Any(nnx.Param, Fp8Meta)
 
 
 def _is_fp8_path(path) -> bool:
-  return is_fp8_path(path_str(path))  # (one rule for FP8 state: `ernie_jax.model.fp8.is_fp8_path`)
+  return any(getattr(k, "key", None) == "fp8" for k in path)
 
 
 def fp8_labels(tree):
