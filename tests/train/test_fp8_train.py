@@ -68,7 +68,11 @@ def test_fp8_state_is_max_combined_over_micro_batches_and_replicas():
   fp8_keys = [k for k in a if fp8.is_fp8_path(k)]
   assert len(fp8_keys) > 50
   for k in fp8_keys:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=k)
+    # Forward-side state (inputs, weights) matches to 1e-5. Gradient-side amaxes come from a backward pass
+    # through E5M2-quantized gradients (2 mantissa bits: steps of 12.5-25%) of the later layers, where a
+    # reduction order that differs between 1 and 8 devices can flip a rounding; they agree within one
+    # E5M2 step (seen on this CPU: 0.35% for o, 4% for q; 0 on the machine this test was written on).
+    np.testing.assert_allclose(b[k], a[k], rtol=0.25 if "/grad/" in k else 1e-5, err_msg=k)
     if k.endswith("history"):
       assert np.all(a[k][..., 0] > 0) and np.all(a[k][..., 1:] == 0), k  # one amax recorded per step
   for flat in (a, b):
