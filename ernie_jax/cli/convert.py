@@ -99,6 +99,13 @@ _HELP_OVERWRITE = ("replace --output if it exists; the old directory is removed 
                    "is complete. Without it an existing --output is an error.")
 
 
+def _report(result) -> None:
+  """Print a `--verify` result; a failed one aborts the conversion before its output is committed."""
+  print(f"verify: {result}")
+  if not result.ok:
+    raise VerificationFailed(str(result))
+
+
 def main_to_orbax(fmt: str, description: str, argv=None) -> int:
   """`tools/convert/{hf,paddle}_to_orbax.py`."""
   what = "Hugging Face" if fmt == "hf" else "Paddle"
@@ -131,10 +138,7 @@ def main_to_orbax(fmt: str, description: str, argv=None) -> int:
       ref = paddle_reference(args.input, report.config, allow_pickle=args.allow_pickle,
                              near=os.path.dirname(out))
     with ref as ref_dir:
-      result = verify(out, ref_dir, lossy=report.lossy, tolerance=args.tolerance)
-    print(f"verify: {result}")
-    if not result.ok:
-      raise VerificationFailed(str(result))
+      _report(verify(out, ref_dir, lossy=report.lossy, tolerance=args.tolerance))
 
   def run():
     if args.verify:
@@ -174,10 +178,7 @@ def main_to_hf(description: str, argv=None) -> int:
   limit_heap_retention()
 
   def check(out: str, report: dict):
-    result = verify(args.input, out, lossy=report["lossy"], tolerance=args.tolerance)
-    print(f"verify: {result}")
-    if not result.ok:
-      raise VerificationFailed(str(result))
+    _report(verify(args.input, out, lossy=report["lossy"], tolerance=args.tolerance))
 
   def run():
     if args.verify:
