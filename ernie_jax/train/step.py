@@ -46,23 +46,32 @@ def uses_fp8(cfg: ModelConfig) -> bool:
   return getattr(cfg, "fp8_recipe", "none") != "none"
 
 
-def trainable(cfg: ModelConfig):
-  """What gets a gradient: the Params, plus the FP8 scaling state with FP8 (its "gradient" is its
-  new value, see `ernie_jax.train.fp8_optim`)."""
+def trainable(cfg: ModelConfig, wrt=None):
+  """What gets a gradient: `wrt` (an nnx filter, e.g. `nnx.LoRAParam` for LoRA, or the Params outside
+  frozen modules) when given, else the Params, plus the FP8 scaling state with FP8 (its "gradient" is
+  its new value, see `ernie_jax.train.fp8_optim`)."""
+  if wrt is not None:
+    if uses_fp8(cfg):
+      raise ValueError("FP8 training trains every Param (its scaling state is written by the optimizer): "
+                       "it cannot be combined with frozen parameters or LoRA")
+    return wrt
   return fp8_optim.FP8_WRT if uses_fp8(cfg) else nnx.Param
 
 
 class TrainState(nnx.Module):
   """What a step changes: the model (Params + Buffers), the optimizer (moments, step count) and an
   RNG key (reserved for stochastic layers; ERNIE 4.5 pretraining uses none). With FP8 the optimizer
-  is an `Fp8Optimizer`: FP8 state is overwritten with its new values, never seen by AdamW / clipping."""
+  is an `Fp8Optimizer`: FP8 state is overwritten with its new values, never seen by AdamW / clipping.
+  wrt: what trains (`trainable`); the optimizer holds state for those variables only (a frozen base
+  under LoRA has no moments)."""
 
-  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int):
+  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int, wrt=None):
     self.model = model
     if uses_fp8(model.config):
+      trainable(model.config, wrt)  # (refuses wrt with FP8)
       self.opt = fp8_optim.Fp8Optimizer(model, fp8_optim.with_fp8_overwrite(tx), wrt=fp8_optim.FP8_WRT)
     else:
-      self.opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      self.opt = nnx.Optimizer(model, tx, wrt=trainable(model.config, wrt))
     self.rng = RngKey(jax.random.PRNGKey(seed))
 
 
@@ -75,11 +84,16 @@ def build_mesh(mesh_cfg: dict | MeshConfig | None = None, devices=None):
   return make_mesh(mesh_cfg, devices)
 
 
-def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES):
+def _fresh_model(model_cfg, seed: int, rules, adapt):
+  model = model_lib.model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(seed))
+  return with_rules(model if adapt is None else adapt(model), rules)
+
+
+def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES, *, wrt=None, adapt=None):
   """(graphdef, abstract state with shardings as values, ShapeDtypeStruct state for restoring).
-  model_cfg: a ModelConfig (text) or a VLConfig (VL)."""
-  model_class = model_lib.model_class(model_cfg)
-  abstract = nnx.eval_shape(lambda: TrainState(with_rules(model_class(model_cfg, rngs=nnx.Rngs(seed)), rules), tx, seed))
+  model_cfg: a ModelConfig (text) or a VLConfig (VL). wrt: what trains (`trainable`). adapt: applied
+  to the freshly built model (e.g. adding LoRA adapters; must be hashable, e.g. a frozen dataclass)."""
+  abstract = nnx.eval_shape(lambda: TrainState(_fresh_model(model_cfg, seed, rules, adapt), tx, seed, wrt))
   graphdef, abs_state = nnx.split(abstract)
   shardings = state_shardings(abs_state, mesh, rules, skip_non_arrays=True)  # (optax MaskedNodes with FP8)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
@@ -87,28 +101,29 @@ def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES):
 
 
 def create_train_state(model_cfg, tx, *, seed: int, mesh, rules=DEFAULT_RULES,
-                       pretrained: nnx.Module | None = None):
+                       pretrained: nnx.Module | None = None, wrt=None, adapt=None):
   """(graphdef, state) created directly in the sharded layout inside one jitted function.
 
-  `pretrained`: a model whose parameters replace the random initialisation (`init_from`).
+  `pretrained`: a model whose parameters replace the random initialisation (`init_from`); `adapt` is
+  applied to it too (unless it already has the adapted structure, e.g. LoRA already applied).
+  wrt / adapt: as in `abstract_train_state`.
   """
   if pretrained is None:
-    graphdef, init = _jitted_init(model_cfg, tx, seed, mesh, tuple(rules))
+    graphdef, init = _jitted_init(model_cfg, tx, seed, mesh, tuple(rules), wrt, adapt)
     with jax.set_mesh(mesh):
       return graphdef, init()
-  graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules)
+  graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules, wrt=wrt, adapt=adapt)
   mgraph, mstate = nnx.split(pretrained)
-  make = lambda ms: nnx.split(TrainState(with_rules(nnx.merge(mgraph, ms), rules), tx, seed))[1]
+  make = lambda ms: nnx.split(TrainState(with_rules(nnx.merge(mgraph, ms), rules), tx, seed, wrt))[1]
   with jax.set_mesh(mesh):
     return graphdef, jax.jit(make, out_shardings=shardings)(mstate)
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_init(model_cfg: ModelConfig, tx, seed: int, mesh, rules):
+def _jitted_init(model_cfg: ModelConfig, tx, seed: int, mesh, rules, wrt=None, adapt=None):
   """(graphdef, jitted fresh-state builder), cached so building the same state twice compiles once."""
-  graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules)
-  model_class = model_lib.model_class(model_cfg)
-  make = lambda: nnx.split(TrainState(with_rules(model_class(model_cfg, rngs=nnx.Rngs(seed)), rules), tx, seed))[1]
+  graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules, wrt=wrt, adapt=adapt)
+  make = lambda: nnx.split(TrainState(_fresh_model(model_cfg, seed, rules, adapt), tx, seed, wrt))[1]
   return graphdef, jax.jit(make, out_shardings=shardings)
 
 
@@ -132,10 +147,11 @@ def put_batch(batch: dict[str, np.ndarray], grad_accum: int, sharding: NamedShar
 # ------------------------------------------------------------------------------------------------
 # The step.
 def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: Callable, *,
-                    grad_accum: int = 1, donate: bool = True, task: tasks.Task | None = None):
+                    grad_accum: int = 1, donate: bool = True, task: tasks.Task | None = None, wrt=None):
   """jitted (state, batch [A, b, S, ...] dict) -> (state, metrics dict of device scalars / arrays).
   task: the objective (a `tasks.Task`; default `tasks.TextLM`). loss_cfg: coefficients given to a
-  built-in task (`tasks.with_loss`); None keeps the task's own."""
+  built-in task (`tasks.with_loss`); None keeps the task's own. wrt: what trains (`trainable`; the
+  same filter the train state was made with)."""
   task = task or tasks.TEXT
   if loss_cfg is not None:
     task = tasks.with_loss(task, loss_cfg)
@@ -145,9 +161,9 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: 
     ts = nnx.merge(graphdef, state)
     model = ts.model
     cfg = model.config
-    wrt = trainable(cfg)
-    param_shardings = nnx.filter_state(shardings["model"], wrt)
-    gdef, params, rest = nnx.split(model, wrt, ...)
+    wrt_filter = trainable(cfg, wrt)
+    param_shardings = nnx.filter_state(shardings["model"], wrt_filter)
+    gdef, params, rest = nnx.split(model, wrt_filter, ...)
 
     # normalisers over the whole batch (all micro-batches)
     rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}

@@ -113,7 +113,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, xla_cache):
 def test_second_ctrl_c_aborts_at_once(monkeypatch):
   exits = []
   monkeypatch.setattr(pretrain.os, "_exit", lambda code: exits.append(code))
-  with pretrain._Preemption() as p:
+  with pretrain.Preemption() as p:
     os.kill(os.getpid(), signal.SIGINT)  # handled, no KeyboardInterrupt
     assert p.requested and p.signal_name == "SIGINT" and exits == []
     os.kill(os.getpid(), signal.SIGINT)
