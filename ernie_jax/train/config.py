@@ -215,8 +215,10 @@ def _check(ok: bool, field: str, message: str):
     raise TrainConfigError(field, message)
 
 
-def validate(c: TrainConfig) -> None:
-  r, o, l, d = c.run, c.optim, c.loss, c.data
+def validate_common(c) -> None:
+  """The checks of the sections every training config shares (run, optim, loss, checkpoint, metrics,
+  mesh); `c` is a TrainConfig or an SFTConfig."""
+  r, o, l = c.run, c.optim, c.loss
   _check(bool(r.workdir), "workdir", "must be a directory path")
   _check(r.steps > 0, "steps", f"must be > 0, got {r.steps}")
   _check(r.global_batch_size > 0, "global_batch_size", f"must be > 0, got {r.global_batch_size}")
@@ -243,6 +245,19 @@ def validate(c: TrainConfig) -> None:
     v = getattr(l, f.name)
     _check(math.isfinite(v) and v >= 0, f"loss.{f.name}", f"must be a finite number >= 0, got {v}")
 
+  ck = c.checkpoint
+  _check(ck.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {ck.every_steps}")
+  _check(ck.keep >= 1, "checkpoint.keep", f"must be >= 1, got {ck.keep}")
+  _check(c.metrics.log_every >= 1, "metrics.log_every", f"must be >= 1, got {c.metrics.log_every}")
+  sizes = {k: getattr(c.mesh, k) for k in ("data", "fsdp", "tensor", "expert")}
+  for k, v in sizes.items():
+    _check(v == -1 or v > 0, f"mesh.{k}", f"must be a positive size or -1 (all remaining devices), got {v}")
+  _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
+
+
+def validate(c: TrainConfig) -> None:
+  validate_common(c)
+  r, d = c.run, c.data
   _check(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
   if r.model_family == "vl":
     _check(d.source in VL_SOURCES, "data.source", f"model_family='vl' trains on image-caption data: one of "
@@ -269,15 +284,6 @@ def validate(c: TrainConfig) -> None:
       np.dtype(d.token_dtype)
     except TypeError:
       raise TrainConfigError("data.token_dtype", f"not a numpy dtype: {d.token_dtype!r}") from None
-
-  ck = c.checkpoint
-  _check(ck.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {ck.every_steps}")
-  _check(ck.keep >= 1, "checkpoint.keep", f"must be >= 1, got {ck.keep}")
-  _check(c.metrics.log_every >= 1, "metrics.log_every", f"must be >= 1, got {c.metrics.log_every}")
-  sizes = {k: getattr(c.mesh, k) for k in ("data", "fsdp", "tensor", "expert")}
-  for k, v in sizes.items():
-    _check(v == -1 or v > 0, f"mesh.{k}", f"must be a positive size or -1 (all remaining devices), got {v}")
-  _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
 
 
 def validate_vl(c: TrainConfig) -> None:

@@ -104,8 +104,8 @@ def create_train_state(model_cfg, tx, *, seed: int, mesh, rules=DEFAULT_RULES,
                        pretrained: nnx.Module | None = None, wrt=None, adapt=None):
   """(graphdef, state) created directly in the sharded layout inside one jitted function.
 
-  `pretrained`: a model whose parameters replace the random initialisation (`init_from`); `adapt` is
-  applied to it too (unless it already has the adapted structure, e.g. LoRA already applied).
+  `pretrained`: a model whose parameters replace the random initialisation (`init_from`); it must
+  already have the adapted structure (`adapt` is not applied to it, e.g. LoRA added by the caller).
   wrt / adapt: as in `abstract_train_state`.
   """
   if pretrained is None:

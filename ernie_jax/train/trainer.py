@@ -102,6 +102,7 @@ class Setup:
   eos_id: int
   info: dict[str, Any]  # extra run_info.json fields
   lines: list[str]  # extra start-up lines
+  tokenizer: Any = None
 
 
 class Pretraining:
@@ -134,7 +135,7 @@ class Pretraining:
     if cfg.data.source == "shapes":  # the best caption loss without looking at the images
       info["text_only_bound"] = text_only_bound(tokenizer)
       line += f"; text-only bound {info['text_only_bound']:.3f} nats/caption token"
-    return Setup(model_cfg, pretrained, data, eos_id, info, [line])
+    return Setup(model_cfg, pretrained, data, eos_id, info, [line], tokenizer)
 
   def task(self, cfg, model_cfg):
     return task_for(model_cfg, cfg.data, cfg.loss)  # text LM, or VL (image grid from data.image_size)

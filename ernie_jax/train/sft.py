@@ -1,0 +1,211 @@
+"""Supervised fine-tuning: the `FineTuning` recipe of the shared training loop
+(`ernie_jax.train.trainer`), used by `experiments/sft.py`.
+
+What it changes against pretraining:
+* data: chat conversations rendered with the ERNIE 4.5 chat template, loss on assistant tokens only
+  (`ernie_jax.data.sft`), packed into the same rows as pretraining, so the objective is the text
+  task (`TextLM`) unchanged;
+* model: the base comes from `run.init_from` (HF / Paddle / Orbax), or is randomly initialised from
+  `model` (the tiny demo); with `finetune.method="lora"` LoRA adapters are added
+  (`ernie_jax.model.lora`) and only they train;
+* optimizer: parameter groups (`ernie_jax.train.param_groups`): frozen routers / vision tower, their
+  learning-rate ratios, LoRA+;
+* checkpoints of a LoRA run hold only what changes (adapters, buffers such as the MoE correction bias,
+  optimizer, step, RNG) and name their base by path and content fingerprint (`fingerprint`, a hash of
+  every base parameter's bits); resuming against another base is a `CheckpointError`;
+* evaluation: the held-out assistant loss (`eval_loss`) at the start, every `finetune.eval_every`
+  steps and at the end; after the last step one greedy sample answer is printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ernie_jax import model as model_lib
+from ernie_jax.config import LoraConfig
+from ernie_jax.data.sft import load_chat_tokenizer, make_chat_eval_batches, make_chat_pipeline, render_prompt
+from ernie_jax.infer.generate import generate
+from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.loading import from_pretrained
+from ernie_jax.model.lora import apply_lora
+from ernie_jax.train import trainer
+from ernie_jax.train.losses import lm_loss_sum
+from ernie_jax.train.param_groups import make_finetune_optimizer, trained_filter
+from ernie_jax.train.sft_config import parse_sft
+from ernie_jax.train.step import batch_sharding, put_batch
+
+# data fields that do not change the sequence of batches
+_NOT_STREAM = ("bad_rows", "eval_paths", "eval_fraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class AddLora:
+  """`adapt` of the train state: LoRA adapters on a freshly built model (hashable, so the jitted
+  state builder is cached)."""
+
+  cfg: LoraConfig
+  seed: int
+
+  def __call__(self, model):
+    return apply_lora(model, self.cfg, rngs=nnx.Rngs(self.seed + 1))
+
+
+def fingerprint(model_or_state) -> str:
+  """A content hash of the Params of a model (or an nnx.State): sha256 over each parameter's path,
+  shape, dtype and a position-weighted checksum of its bits (computed on device, one pass)."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+  flat = sorted(((".".join(map(str, p)), v) for p, v in nnx.to_flat_state(state)), key=lambda kv: kv[0])
+  arrays = [v.get_value() if hasattr(v, "get_value") else v[...] for _, v in flat]
+  sums = jax.device_get(_checksums(arrays))
+  h = hashlib.sha256()
+  for (path, _), a, s in zip(flat, arrays, sums):
+    h.update(f"{path}:{tuple(a.shape)}:{a.dtype}:{int(s[0])}:{int(s[1])};".encode())
+  return h.hexdigest()
+
+
+@jax.jit
+def _checksums(arrays):
+  out = []
+  for a in arrays:
+    a = a.reshape(-1)
+    bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32) if a.dtype.itemsize != 4 else a, jnp.uint32)
+    idx = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+    out.append(jnp.stack([jnp.sum(bits), jnp.sum(bits * (idx * jnp.uint32(2654435761) + jnp.uint32(1)))]))
+  return out
+
+
+def _is_base(path, v) -> bool:
+  """A frozen base parameter of a LoRA train state (under `model`, a Param but not a LoRAParam)."""
+  return bool(path) and path[0] == "model" and isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)
+
+
+class FineTuning(trainer.Pretraining):
+  name = "sft"
+
+  def __init__(self):
+    self.base_fingerprint = None
+
+  def parse(self, config):
+    return parse_sft(config)
+
+  def tokenizer(self, cfg, workdir):
+    return load_chat_tokenizer(cfg.data, workdir)
+
+  def model_config(self, cfg, ckpt, latest, mesh):
+    if cfg.finetune.method != "lora":
+      return trainer.model_config(cfg, ckpt, latest, mesh)
+    # LoRA: checkpoints hold no base, so the base is always loaded (or rebuilt from the seed)
+    runtime = {k: getattr(cfg.model, k) for k in trainer.RUNTIME_FIELDS}
+    if cfg.run.init_from:
+      base = from_pretrained(cfg.run.init_from, mesh=mesh, **runtime)
+    else:
+      with jax.set_mesh(mesh):
+        base = model_lib.model_class(cfg.model)(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
+    self.base_fingerprint = fingerprint(base)
+    return base.config, AddLora(cfg.lora, cfg.run.seed)(base)
+
+  def setup(self, cfg, tokenizer, model_cfg, pretrained, ckpt, latest, mesh, workdir):
+    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model_cfg.eos_token_id
+    trainer.check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
+    rows = cfg.run.global_batch_size // jax.process_count()
+    data = make_chat_pipeline(cfg.data, tokenizer, batch_size=rows, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    info = {"tokenizer": getattr(tokenizer, "path", "") or tokenizer.kind, "finetune": cfg.finetune.method,
+            "base_fingerprint": self.base_fingerprint}
+    what = ("LoRA " + f"rank {cfg.lora.rank}, targets {','.join(cfg.lora.targets)}"
+            if cfg.finetune.method == "lora" else "full fine-tuning")
+    lines = [f"data: {cfg.data.paths or 'embedded stdlib Q&A'}, tokenizer {info['tokenizer']}, "
+             f"{cfg.run.global_batch_size * cfg.data.seq_len} tokens/step; {what}"]
+    return trainer.Setup(model_cfg, pretrained, data, eos_id, info, lines, tokenizer)
+
+  def optimizer(self, cfg, model_cfg):
+    return make_finetune_optimizer(cfg.optim, cfg.finetune, cfg.run.steps)
+
+  def wrt(self, cfg, model_cfg):
+    return trained_filter(cfg.finetune)
+
+  def adapt(self, cfg, model_cfg):
+    return AddLora(cfg.lora, cfg.run.seed) if cfg.finetune.method == "lora" else None
+
+  def saved(self, cfg, state):
+    if cfg.finetune.method != "lora":
+      return state
+    _, changing = nnx.split_state(state, _is_base, ...)
+    return changing
+
+  def restore(self, cfg, base_state, restored):
+    if cfg.finetune.method != "lora":
+      return restored
+    base, _ = nnx.split_state(base_state, _is_base, ...)
+    return nnx.merge_state(base, restored)
+
+  def meta(self, cfg):
+    return {"base": {"init_from": cfg.run.init_from, "fingerprint": self.base_fingerprint}}
+
+  def check_resume(self, cfg, meta, ckpt):
+    saved = (meta.get("base") or {}).get("fingerprint")
+    if cfg.finetune.method == "lora" and saved != self.base_fingerprint:
+      was = (meta.get("base") or {}).get("init_from") or "a random initialisation"
+      now = cfg.run.init_from or "a random initialisation"
+      raise CheckpointError(f"{ckpt.directory} holds LoRA adapters trained on another base model ({was}, "
+                            f"fingerprint {str(saved)[:12]}) than run.init_from ({now}, fingerprint "
+                            f"{str(self.base_fingerprint)[:12]}); use that base or a new workdir")
+
+  def data_stream(self, cfg):
+    d = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_STREAM}
+    return {**d, "global_batch_size": cfg.run.global_batch_size, "processes": jax.process_count()}
+
+  def evaluate_every(self, cfg):
+    return cfg.finetune.eval_every
+
+  def evaluator(self, cfg, setup, graphdef, mesh):
+    micro = cfg.run.global_batch_size // cfg.run.grad_accum_steps // jax.process_count()
+    batches = make_chat_eval_batches(cfg.data, setup.tokenizer, batch_size=micro)
+    if cfg.finetune.eval_batches:
+      batches = batches[:cfg.finetune.eval_batches]
+    if not batches:
+      return None
+    sharding = batch_sharding(mesh)
+
+    @jax.jit
+    def sums(state, batch):
+      model = nnx.merge(graphdef, state).model
+      out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+      return lm_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
+
+    placed = [jax.tree.map(lambda v: v[0], put_batch(b, 1, sharding)) for b in batches]
+
+    def evaluate(state) -> dict[str, float]:
+      total, count = 0.0, 0.0
+      for b in placed:
+        s, c = jax.device_get(sums(state, b))
+        total, count = total + float(s), count + float(c)
+      return {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
+
+    return evaluate
+
+  def finish(self, cfg, setup, graphdef, state, summary, writer):
+    if not cfg.finetune.sample_tokens:
+      return
+    tok = setup.tokenizer
+    question = cfg.finetune.sample_prompt or self.sample_question(cfg)
+    if not question:
+      return
+    ids = np.asarray(render_prompt([{"role": "user", "content": question}], tok, cfg.data.template))
+    model = nnx.merge(graphdef, state).model
+    shards = int(np.prod([v for k, v in jax.sharding.get_abstract_mesh().shape.items() if k != "tensor"]))
+    out = generate(model, [ids.tolist()] * shards, max_new_tokens=cfg.finetune.sample_tokens,
+                   stop_tokens=(setup.eos_id,))[0]
+    answer = tok.decode([t for t in out if t != setup.eos_id])
+    writer.print(f"sample: User: {question}\n        Assistant: {answer}")
+    summary.update(sample_question=question, sample_answer=answer)
+
+  def sample_question(self, cfg) -> str:
+    return ""
+

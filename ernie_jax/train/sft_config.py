@@ -1,0 +1,118 @@
+"""The supervised fine-tuning config (`experiments/sft.py`): the pretraining config's sections
+(`ernie_jax.train.config`: run, model, train, mesh, optim, loss, checkpoint, metrics) with
+  data      ChatDataConfig   chat JSONL / the embedded stdlib Q&A (`ernie_jax.data.sft`)
+  lora      LoraConfig       rank, alpha, rsLoRA, dropout, targets (`ernie_jax.config.lora`); used
+                             when finetune.method="lora"
+  finetune  FinetuneConfig   full / LoRA, frozen or slower groups, evaluation, a sample answer
+                             (`ernie_jax.train.param_groups`)
+`run.init_from` names the base model (HF / Paddle / Orbax directory); empty = a randomly initialised
+`model` (the tiny demo). Defaults follow ERNIEKit's SFT recipes (spec §7): AdamW b2 0.95, cosine
+decay, warmup 20, weight decay 0.1; lr 1e-5 for full fine-tuning, 1e-4 for LoRA (set by the configs).
+`parse_sft(config)` builds and validates it; a problem raises `TrainConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from ernie_jax.config import LoraConfig, ModelConfig
+from ernie_jax.data.sft import ChatDataConfig
+from ernie_jax.parallel import MeshConfig
+from ernie_jax.train import config as config_lib
+from ernie_jax.train.config import (CheckpointConfig, MetricsConfig, PrecisionConfig, RunConfig, TrainConfigError,
+                                    _build, _check, apply_precision, model_from_dict, validate_common)
+from ernie_jax.train.losses import LossConfig
+from ernie_jax.train.optimizer import OptimConfig
+from ernie_jax.train.param_groups import METHODS, FinetuneConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  run: RunConfig
+  model: Any  # ModelConfig | VLConfig
+  mesh: MeshConfig
+  data: ChatDataConfig
+  optim: OptimConfig
+  loss: LossConfig
+  checkpoint: CheckpointConfig
+  metrics: MetricsConfig
+  lora: LoraConfig
+  finetune: FinetuneConfig
+  train: PrecisionConfig = PrecisionConfig()
+
+
+_SECTIONS = {"train": PrecisionConfig, "mesh": MeshConfig, "data": ChatDataConfig, "optim": OptimConfig,
+             "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "lora": LoraConfig,
+             "finetune": FinetuneConfig}
+
+
+def default_sft_config(model=None) -> ml_collections.ConfigDict:
+  """Every field with its default (ERNIEKit's SFT defaults); experiment configs change a few."""
+  c = ml_collections.ConfigDict(dataclasses.asdict(RunConfig()))
+  c.workdir = "/tmp/ernie_jax/sft"
+  c.steps = 500
+  c.model = config_lib.model_fields(model or ModelConfig.tiny_dense())
+  for name, cls in _SECTIONS.items():
+    setattr(c, name, dataclasses.asdict(cls()))
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 20
+  c.optim.min_lr_ratio = 0.01
+  c.checkpoint.every_steps = 100
+  c.loss.moe_aux_coef = 0.0  # ERNIEKit's SFT recipes fine-tune without the balance loss...
+  c.loss.moe_z_coef = 0.0
+  c.loss.moe_orth_coef = 0.0  # ... and the router orthogonal loss; the correction bias still updates
+  return c
+
+
+def parse_sft(config: ml_collections.ConfigDict | dict) -> SFTConfig:
+  """Typed, validated SFT config (raises TrainConfigError naming the field)."""
+  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  sections = {k: dict(d.pop(k, {}) or {}) for k in ("model",) + tuple(_SECTIONS)}
+  run = _build(RunConfig, d, "")
+  model = model_from_dict(sections.pop("model"), run.model_family)
+  if "targets" in sections["lora"] and isinstance(sections["lora"]["targets"], (list, str)):
+    t = sections["lora"]["targets"]
+    sections["lora"]["targets"] = tuple(x.strip() for x in t.split(",") if x.strip()) if isinstance(t, str) else tuple(t)
+  parts = {name: _build(cls, sections[name], f"{name}.") for name, cls in _SECTIONS.items()}
+  if not parts["data"].tokenizer:  # "" = the base model's tokenizer (and chat template)
+    _check(bool(run.init_from), "data.tokenizer", "set a tokenizer ('bytes', 'bpe' or a path), or run.init_from "
+           "(its directory holds the base model's tokenizer)")
+    parts["data"] = dataclasses.replace(parts["data"], tokenizer=run.init_from)
+  model = apply_precision(parts["train"].precision, model)
+  cfg = SFTConfig(run=run, model=model, **parts)
+  validate_sft(cfg)
+  return cfg
+
+
+def validate_sft(c: SFTConfig) -> None:
+  validate_common(c)
+  ft, lo, d = c.finetune, c.lora, c.data
+  _check(ft.method in METHODS, "finetune.method", f"must be one of {METHODS}, got {ft.method!r}")
+  for name in ("router_lr_ratio", "vision_lr_ratio", "lora_plus_ratio"):
+    v = getattr(ft, name)
+    _check(math.isfinite(v) and v > 0, f"finetune.{name}", f"must be > 0, got {v}")
+  _check(ft.eval_every >= 0, "finetune.eval_every", f"must be >= 0, got {ft.eval_every}")
+  _check(ft.eval_batches >= 0, "finetune.eval_batches", f"must be >= 0, got {ft.eval_batches}")
+  _check(ft.sample_tokens >= 0, "finetune.sample_tokens", f"must be >= 0, got {ft.sample_tokens}")
+  if not c.model.is_vl:
+    _check(not (ft.freeze_vision or ft.vision_lr_ratio != 1.0), "finetune.freeze_vision",
+           "the vision tower settings need model_family='vl'")
+  if ft.method == "lora":
+    _check(not (ft.freeze_router or ft.freeze_vision), "finetune.method",
+           "with LoRA the whole base is frozen already; freeze_router / freeze_vision apply to method='full'")
+    _check(lo.rank > 0, "lora.rank", f"must be > 0, got {lo.rank}")
+    _check(getattr(c.model, "fp8_recipe", "none") == "none", "train.precision",
+           "FP8 trains every Param; use 'bf16' or 'fp32' with LoRA")
+  else:
+    _check(ft.lora_plus_ratio == 1.0, "finetune.lora_plus_ratio", "applies to method='lora' only")
+    _check(getattr(c.model, "fp8_recipe", "none") == "none" or not (ft.freeze_router or ft.freeze_vision),
+           "train.precision", "FP8 trains every Param: it cannot be combined with frozen groups")
+  _check(d.seq_len <= c.model.max_position_embeddings, "data.seq_len",
+         f"{d.seq_len} exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
+  if c.model.is_vl:
+    raise TrainConfigError("model_family", "SFT on chat data trains the text models (ModelConfig); VL chat SFT "
+                           "is not supported yet (the VL knobs of `finetune` apply to VL training)")
