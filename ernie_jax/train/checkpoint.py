@@ -11,7 +11,10 @@
   meta          JSON: step, data iterator position, the full training config.
 
 Saves are asynchronous (the device->host copy blocks, the write runs in the background) and every
-step directory is committed atomically, so a run killed mid-save resumes from the previous one.
+step directory is committed atomically, so a run killed mid-save resumes from the previous one. A save
+is reported only once it has committed (`poll` / `wait` return the committed steps); a background
+save that fails (e.g. the disk is full) raises `CheckpointError` at the next `poll` in one line naming
+the step, the directory and the cause (orbax's own traceback of the failed write thread is dropped).
 Restoring takes target shardings, so a checkpoint loads onto any mesh. A checkpoint that does not fit
 this run's train state raises `CheckpointError` (`ernie_jax.interop.safetensors_io`, the one checkpoint
 error of the package).
@@ -25,7 +28,9 @@ line; when no step is intact the error is one line.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -64,6 +69,13 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")
 
 
+def _os_reason(e: BaseException) -> str:
+  """"<OS error text> (" + ... for a tensorstore write error that carries one (e.g. "No space left on
+  device"), so the cause leads the one-line message; "" otherwise."""
+  m = re.search(r":\s*([^:\[\]]+?)\s*\[os_error_code", str(e))
+  return f"{m.group(1)} -- " if m else ""
+
+
 def _quiet_closed_loop_errors() -> None:
   """After a restore fails on damaged data, tensorstore still completes the other reads and calls back
   into orbax's closed asyncio loop, which prints one "Event loop is closed" traceback per array; those
@@ -76,10 +88,23 @@ def _quiet_closed_loop_errors() -> None:
     e = unraisable.exc_value
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
       return
+    if isinstance(e, ImportError) and "sys.meta_path is None" in str(e):  # orbax writes cut off at exit
+      return
     previous(unraisable)
 
   hook._drops_closed_loop = True
   sys.unraisablehook = hook
+
+
+class _DropOrbaxThreadTracebacks(logging.Filter):
+  """Orbax logs a failed background save as ERRORs with long tracebacks (write thread, commit thread,
+  finalize thread); the Checkpointer reports the same failure in one line, so those records are dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_ORBAX_FILTER = _DropOrbaxThreadTracebacks()
 
 
 def _split(pure: dict) -> tuple[dict, dict]:
@@ -94,6 +119,8 @@ class Checkpointer:
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
       save_interval_steps=max(every_steps, 1))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.pending: list[int] = []  # saved steps not yet known to be committed
+    logging.getLogger("absl").addFilter(_ORBAX_FILTER)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -106,13 +133,43 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict[str, Any], model_config: ModelConfig | VLConfig, *,
            force: bool = False) -> bool:
-    """Save the train state (an nnx.State of TrainState) of a `model_config` model at `step`;
-    returns whether it saved."""
+    """Start saving the train state (an nnx.State of TrainState) of a `model_config` model at `step`;
+    returns whether a save started (it is committed when `poll` / `wait` return the step)."""
     model, train = _split(nnx.to_pure_dict(state))
     args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardSave(model),
                                  CONFIG_ITEM: ocp.args.JsonSave(model_info(model_config, step)),
                                  "train": ocp.args.StandardSave(train), "meta": ocp.args.JsonSave(meta)})
-    return self.manager.save(step, args=args, force=force)
+    try:
+      started = self.manager.save(step, args=args, force=force)
+    except Exception as e:  # noqa: BLE001 -- a failure of an earlier background save surfaces here too
+      raise self._failed(self.pending + [step], e) from e
+    if started:
+      self.pending.append(step)
+    return started
+
+  def _failed(self, steps: list[int], e: BaseException) -> CheckpointError:
+    self.pending = []
+    _quiet_closed_loop_errors()
+    cause = e.__cause__ or e
+    where = f"{self.directory}/{steps[-1]}" if len(steps) == 1 else f"{self.directory} (steps {steps})"
+    return CheckpointError(f"checkpoint step {steps[-1]} was NOT saved to {where}: {_os_reason(cause)}"
+                           f"{_one_line(cause)}")
+
+  def poll(self) -> list[int]:
+    """The steps whose saves have committed since the last call (without waiting for one in
+    progress); a failed save raises CheckpointError (one line: step, directory, cause)."""
+    if not self.pending or self.manager.is_saving_in_progress():
+      return []
+    return self.wait()
+
+  def wait(self) -> list[int]:
+    """Wait for the saves in progress; the steps committed since the last call, or CheckpointError."""
+    steps, self.pending = self.pending, []
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 -- orbax / tensorstore errors of any type
+      raise self._failed(steps, e) from e
+    return steps
 
   def restore(self, step: int, target) -> tuple[Any, dict[str, Any]]:
     """Restore into `target` (an nnx.State of ShapeDtypeStructs with shardings); returns
@@ -190,15 +247,18 @@ class Checkpointer:
                           f"train state (another model or optimizer config?), and no earlier step restores: "
                           f"{_one_line(e)}; move it aside or use a new workdir") from e
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    try:
+      self.close()
+    except CheckpointError:
+      if exc_type is None:  # (do not hide the error that is already propagating)
+        raise
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

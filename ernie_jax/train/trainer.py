@@ -43,6 +43,7 @@ from ernie_jax.loading import from_pretrained
 from ernie_jax.train import config as config_lib
 from ernie_jax.train import flops as flops_lib
 from ernie_jax.train.checkpoint import Checkpointer
+from ernie_jax.train.memory import check_step_fits
 from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl
 from ernie_jax.train.optimizer import make_optimizer
 from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,
@@ -344,6 +345,16 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
     "backend": jax.default_backend(), "peak_flops": peak_total, "peak_flops_source": peak_source,
     **setup.info, "resumed_from": latest, "init_from": run.init_from or None, "model_config": model_cfg.to_dict(),
   }
+  # compile ahead of the first step and check that it fits in memory (before anything is written)
+  def next_batch():
+    batch = put_batch(next(data), run.grad_accum_steps, batch_sh)
+    return batch, data.get_state()  # the data position after this batch
+
+  batch, data_state = next_batch()
+  with jax.set_mesh(mesh):
+    train_step = train_step.lower(state, batch).compile()
+  memory_line = check_step_fits(train_step)
+
   writer = MetricWriter(workdir, total_steps=run.steps, start_step=start_step,
                         tensorboard=cfg.metrics.tensorboard, progress_bar=cfg.metrics.progress_bar,
                         enabled=is_main)
@@ -365,15 +376,17 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
     meta = {"step": step, "data": data_state, "data_stream": recipe.data_stream(cfg), **recipe.meta(cfg),
             "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
     saved = ckpt.save(step, recipe.saved(cfg, state), meta, model_cfg, force=force)
-    if saved:
-      writer.print(f"checkpoint: step {step} -> {ckpt.directory}")
+    if saved and force:  # the last / preemption save: wait until it has committed
+      report(ckpt.wait())
     return saved
 
-  # 5. The loop. Metrics are averaged over each logging interval.
-  def next_batch():
-    batch = put_batch(next(data), run.grad_accum_steps, batch_sh)
-    return batch, data.get_state()  # the data position after this batch
+  def report(committed: list[int]) -> None:  # only saves that committed are reported
+    nonlocal last_saved
+    for s in committed:
+      writer.print(f"checkpoint: step {s} -> {ckpt.directory}")
+      last_saved = s
 
+  # 5. The loop. Metrics are averaged over each logging interval.
   step, skipped, last_saved, preempted = start_step, 0, latest, False
   interval = Interval()
   last_log_time, last_log_step, last_metrics, last_eval = None, start_step, {}, {}
@@ -382,7 +395,7 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
       if evaluate is not None and start_step == 0:
         last_eval = evaluate(state)
         writer.write(0, last_eval, {})
-      batch, data_state = next_batch()
+      writer.print(memory_line)
       while step < run.steps:
         state, metrics = train_step(state, batch)  # dispatched asynchronously
         step += 1
@@ -398,6 +411,7 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
                  f"({float(host['grad_norm'])}) or parameters; the update was not applied")
           if run.nonfinite == "stop" or skipped >= run.max_skipped_steps:
             why = "" if run.nonfinite == "stop" else f" ({skipped} consecutive skipped steps)"
+            report(ckpt.wait())
             raise NonFiniteError(msg + f". Stopping{why}; the last checkpoint is step {last_saved}. "
                                  "Lower optim.lr, enable optim.clip_norm, or set nonfinite='skip'.")
           writer.print("warning: " + msg + "; skipping it")
@@ -428,14 +442,14 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
         elif last_log_time is None:
           last_log_time, last_log_step = time.perf_counter(), step
 
+        report(ckpt.poll())  # background saves that committed (a failed one raises here, in one line)
         if preemption.requested:
           writer.print(f"{preemption.signal_name}: saving a checkpoint at step {step} and exiting")
           save(step, state, step_data_state, force=True)
-          last_saved, preempted = step, True
+          preempted = True
           break
-        if (ckpt.should_save(step) or step == run.steps) and save(step, state, step_data_state,
-                                                                  force=step == run.steps):
-          last_saved = step
+        if ckpt.should_save(step) or step == run.steps:
+          save(step, state, step_data_state, force=step == run.steps)
     summary = {"step": step, "preempted": preempted, "resumed_from": latest, "last_checkpoint": last_saved,
                "loss": last_metrics.get("loss"), "lm_loss": last_metrics.get("lm_loss"),
                "tokens_per_sec": last_metrics.get("tokens_per_sec"), "mfu": last_metrics.get("mfu"),

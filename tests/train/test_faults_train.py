@@ -208,3 +208,53 @@ def test_resume_after_damaged_latest_checkpoint(tmp_path, xla_cache, capfd):
   assert "warning: checkpoint step 2 is damaged" in err and "Traceback" not in err
   assert "note: steps changed from 2 (checkpoint) to 3" in err  # the LR schedule changes: say so
   assert any(d.startswith("2.damaged-") for d in os.listdir(tmp_path / "checkpoints"))
+
+
+# --- a full disk during an asynchronous save --------------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path):
+  """A 256 KiB tmpfs (needs root and mount; skipped with the reason otherwise)."""
+  path = tmp_path / "disk"
+  path.mkdir()
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)], capture_output=True, text=True)
+  if proc.returncode:
+    pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}")
+  yield path
+  subprocess.run(["umount", str(path)], check=False)
+
+
+def test_disk_full_during_async_save_is_reported_once_in_one_line(tiny_disk, capfd):
+  import time
+
+  from ernie_jax.config import ModelConfig
+  from ernie_jax.interop.safetensors_io import CheckpointError
+  from ernie_jax.train.checkpoint import Checkpointer
+  from ernie_jax.train.optimizer import OptimConfig, make_optimizer
+  from ernie_jax.train.step import build_mesh, create_train_state
+
+  cfg = ModelConfig.tiny_dense()
+  _, state = create_train_state(cfg, make_optimizer(OptimConfig(), 10)[0], seed=0, mesh=build_mesh())
+  ckpt = Checkpointer(str(tiny_disk / "run"), every_steps=1, keep=3, async_save=True)
+  assert ckpt.save(1, state, {"step": 1}, cfg)  # started in the background: not reported as saved
+  with pytest.raises(CheckpointError) as e:
+    for _ in range(600):  # what the loop does after every step
+      assert ckpt.poll() == [], "a save that cannot have committed was reported"
+      time.sleep(0.05)
+  msg = str(e.value)
+  assert "\n" not in msg and "step 1 was NOT saved" in msg and str(tiny_disk) in msg, msg
+  assert "No space left on device" in msg, msg
+  ckpt.close()
+  assert "Traceback" not in capfd.readouterr().err  # orbax's thread traceback is not printed
+  assert 1 not in ckpt.all_steps()  # nothing committed
+
+
+# --- a step that cannot fit in memory ------------------------------------------------------------
+def test_a_step_that_does_not_fit_is_refused_before_it_runs(tmp_path, xla_cache, monkeypatch):
+  from ernie_jax.train import memory
+
+  monkeypatch.setattr(memory, "_host_available", lambda: 1 << 20)  # pretend 1 MiB of free RAM
+  with pytest.raises(config_lib.TrainConfigError, match=r"global_batch_size.*the step needs ~.* GiB.*"
+                                                        r"available host memory: 0\.00 GiB\. It does not fit") as e:
+    pretrain.train(_config(tmp_path / "run", xla_cache, **MICRO, steps=2))
+  assert "\n" not in str(e.value) and "grad_accum_steps" in str(e.value)
+  assert not (tmp_path / "run").exists()  # refused before the first step: no workdir left behind
