@@ -19,12 +19,18 @@ and whatever the template closes the turn with (`<|end_of_sentence|>` for ERNIE)
 is a prompt piece. A template whose renderings of successive prefixes are not prefixes of each other (e.g. one that
 drops earlier reasoning) is refused with a `ChatTemplateError`.
 
-Tokenization. Each piece is tokenised on its own and the ids are concatenated (as ERNIEKit does: it tokenises the
-query and the answer of every turn separately), so a training sample's prompt tokens are exactly what
+Tokenization. Each piece is tokenised on its own and the ids are concatenated (as ERNIEKit does: its
+`encode_chat_inputs` tokenises the query and the answer of every turn separately), so a training sample's prompt tokens are exactly what
 `render_prompt` gives at generation time, and no token straddles the prompt / target boundary. Inside a piece the
 special tokens (`<|begin_of_sentence|>`, `<|end_of_sentence|>` and the tokenizer's named special tokens) are cut
 out and mapped to their ids (`Tokenizer.special_id`: the byte-level and trained BPE tokenizers map ERNIE's two
-tokens to their BOS / EOS); the text between them goes through `tokenizer.encode` (no BOS added).
+tokens to their BOS / EOS); the text between them goes through `tokenizer.encode` (no BOS added) -- as ERNIE's
+own tokenizer does (it splits on its special tokens, then SentencePiece-encodes each run).
+
+Differences from ERNIEKit (`ernie/dataset/finetuning.py` @fec4aa6), by choice: its labels replace the
+`<|end_of_sentence|>` target by `</s>`, ours are the real next tokens (what the template renders and what
+generation stops on); it truncates an overlong conversation by dropping its first turns, we drop its last ones
+(`ernie_jax.data.sft`).
 
 Loss mask (`mask[i]` = 1: token i is trained as a prediction target, so the model learns to produce it):
 * 0 on every prompt piece (system, user turns, the "User: " / "Assistant: " markup, the leading

@@ -26,16 +26,29 @@ CONV = [
   {"role": "user", "content": "Thanks!"},
   {"role": "assistant", "content": "You are welcome.", "loss": False},
 ]
-# ERNIE 4.5's template (spec §6) written as jinja, the way a tokenizer directory would carry it
-ERNIE_JINJA = (
-  "{{- cls_token -}}"
-  "{%- for message in messages -%}"
-  "{%- if message['role'] == 'system' -%}{{- message['content'] + '\\n' -}}"
-  "{%- elif message['role'] == 'user' -%}{{- 'User: ' + message['content'] + '\\n' -}}"
-  "{%- elif message['role'] == 'assistant' -%}{{- 'Assistant: ' + message['content'] + sep_token -}}"
-  "{%- else -%}{{- raise_exception('unknown role ' + message['role']) -}}{%- endif -%}"
-  "{%- endfor -%}"
-  "{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}{%- endif -%}")
+# ERNIE 4.5's template (spec §6) written as jinja in the layout of the HF ERNIE tokenizer_config's template
+# (indented blocks with whitespace control, defaults for undefined variables)
+ERNIE_JINJA = """{%- if not add_generation_prompt is defined -%}
+    {%- set add_generation_prompt = true -%}
+{%- endif -%}
+{%- if not cls_token is defined -%}
+    {%- set cls_token = "<|begin_of_sentence|>" -%}
+{%- endif -%}
+{{- cls_token -}}
+{%- for message in messages -%}
+    {%- if message["role"] == "system" -%}
+        {{- message["content"] + "\n" -}}
+    {%- elif message["role"] == "user" -%}
+        {{- "User: " + message["content"] + "\n" -}}
+    {%- elif message["role"] == "assistant" -%}
+        {{- "Assistant: " + message["content"] + sep_token -}}
+    {%- else -%}
+        {{- raise_exception("unknown role " + message["role"]) -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "Assistant: " -}}
+{%- endif -%}"""
 # a block-style template: its output depends on trim_blocks / lstrip_blocks, and it uses bos_token and tojson
 CHATML_JINJA = """{{ bos_token }}
 {% for message in messages %}
@@ -236,3 +249,26 @@ def test_bad_rows_name_file_and_line(tmp_path):
     ChatRows([first_bad], "auto")
   with pytest.raises(DataError, match="no field 'messages'"):
     ChatRows([_write_jsonl(tmp_path / "ek.jsonl", [{"src": "a", "tgt": "b"}])], "messages")
+
+
+def test_sentencepiece_special_tokens(tmp_path):
+  """ERNIE ships a SentencePiece model whose chat markers are control symbols (not matched inside text by
+  SentencePiece): they are cut out and mapped to their own ids, the runs between them SentencePiece-encoded."""
+  spm = pytest.importorskip("sentencepiece")
+  text = [m["content"] for m in CONV] + ["User: Assistant: think"]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(text * 4), model_prefix=str(tmp_path / "tokenizer"),
+                                 vocab_size=120, model_type="bpe", character_coverage=1.0, hard_vocab_limit=False,
+                                 control_symbols=[BOS, EOS], minloglevel=2)
+  tok = load_tokenizer(str(tmp_path / "tokenizer.model"))
+  sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+  assert tok.special_id(BOS) == sp.PieceToId(BOS) != tok.bos_id and tok.special_id(EOS) == sp.PieceToId(EOS)
+  ids, mask = render_chat(CONV, tok)
+  want_ids, want_mask = [], []
+  for piece, m in _golden_pieces():
+    for j, part in enumerate(piece.replace(BOS, "\0B\0").replace(EOS, "\0E\0").split("\0")):
+      run = [sp.PieceToId(BOS)] if part == "B" and j % 2 else [sp.PieceToId(EOS)] if part == "E" and j % 2 else \
+        (sp.EncodeAsIds(part) if part else [])
+      want_ids += run
+      want_mask += [m] * len(run)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(mask, want_mask)
