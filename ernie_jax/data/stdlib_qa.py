@@ -33,9 +33,9 @@ MODULES = ("base64", "binascii", "bisect", "calendar", "cmath", "colorsys", "cop
            "random", "re", "secrets", "shlex", "shutil", "statistics", "string", "struct", "tempfile", "textwrap",
            "unicodedata", "urllib.parse", "uuid", "zlib")
 MAX_ANSWER = 100
-MAX_ANSWER_MULTI = 60  # multi-turn rows only pair functions with answers this short (rows fit 256 bytes)
+MAX_ANSWER_MULTI = 60  # multi-turn rows only pair functions with answers this short (most fit 256 bytes)
 HELDOUT_EVERY = 8
-THINK_SYSTEM = "Think step by step, then answer."
+THINK_SYSTEM = "Think first, then answer."
 BRIEF_SYSTEM = "Answer in one sentence."
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 QUESTIONS = ("What does `{}` do?", "What is `{}` for?", "Explain `{}` briefly.", "Describe `{}`.")
@@ -104,7 +104,7 @@ def _question(qual: str, k: int) -> str:
 
 
 def _thinking(module: str, qual: str, sig: str, answer: str) -> str:
-  return f"<think>\n{qual} is in {module}, called as {sig}.\n</think>\n\n{answer}"
+  return f"<think>\nIn module {module}, signature {sig}.\n</think>\n\n{answer}"
 
 
 def _pair(qual: str, answer: str, k: int) -> list[dict]:
