@@ -7,11 +7,12 @@ A conversation is a list of messages `{"role": "system" | "user" | "assistant", 
   a message are ignored). A system message may only come first; there must be at least one assistant turn, the last
   message must be an assistant turn, and no assistant content may be empty or whitespace.
 * ERNIEKit SFT (the `erniekit` dataset type of PaddlePaddle/ERNIE: fields from `docs/datasets.md` @da43914, the
-  conversion below read from `ernie/dataset/finetuning.py::process_example` @fec4aa6): `{"system": str?, "src": [user turns], "tgt": [assistant turns],
-  "label": [1 | 0 per turn]?, "is_system": 0 | 1?}`. As ERNIEKit does: a `src` / `tgt` string is one turn; `label`
-  defaults to all 1; `src`, `tgt` and `label` must have the same length; no `src` / `tgt` item may be empty or
-  whitespace; with `is_system: 1` the first `src` item is the system prompt and the first `tgt` / `label` items are
-  dropped; every user / assistant text is `.strip()`ped (the system prompt is not). The row becomes the messages
+  conversion below read from `ernie/dataset/finetuning.py::process_example` @fec4aa6):
+  `{"system": str?, "src": [user turns], "tgt": [assistant turns], "label": [1 | 0 per turn]?, "is_system": 0 | 1?}`.
+  As ERNIEKit does: a `src` / `tgt` string is one turn; `label` defaults to all 1; `src`, `tgt` and `label` must
+  have the same length; no `src` / `tgt` item may be empty or whitespace; with `is_system: 1` the first `src` item
+  is the system prompt and the first `tgt` / `label` items are dropped; every user / assistant text is
+  `.strip()`ped (the system prompt is not). The row becomes the messages
   `[system], user src[0], assistant tgt[0] (loss = label[0] == 1), user src[1], ...`.
 
 `parse_row(obj, fmt)` turns one decoded JSON object into a conversation or raises `BadRow` (a one-line reason, see

@@ -20,8 +20,9 @@ is a prompt piece. A template whose renderings of successive prefixes are not pr
 drops earlier reasoning) is refused with a `ChatTemplateError`.
 
 Tokenization. Each piece is tokenised on its own and the ids are concatenated (as ERNIEKit does: its
-`encode_chat_inputs` tokenises the query and the answer of every turn separately), so a training sample's prompt tokens are exactly what
-`render_prompt` gives at generation time, and no token straddles the prompt / target boundary. Inside a piece the
+`encode_chat_inputs` tokenises the query and the answer of every turn separately), so a training sample's prompt
+tokens are exactly what `render_prompt` gives at generation time, and no token straddles the prompt / target
+boundary. Inside a piece the
 special tokens (`<|begin_of_sentence|>`, `<|end_of_sentence|>` and the tokenizer's named special tokens) are cut
 out and mapped to their ids (`Tokenizer.special_id`: the byte-level and trained BPE tokenizers map ERNIE's two
 tokens to their BOS / EOS); the text between them goes through `tokenizer.encode` (no BOS added) -- as ERNIE's
@@ -38,9 +39,10 @@ Loss mask (`mask[i]` = 1: token i is trained as a prediction target, so the mode
 * 1 on every target piece -- the assistant content and its end-of-turn token -- of every assistant turn, except
   * a turn with `"loss": false` (ERNIEKit `label` 0): 0 on its whole target piece;
   * the empty think tag of a non-thinking answer: when the assistant content starts with `<think>`, only
-    whitespace, `</think>` (regex `<think>\\s*</think>\\s*` at the start of the content; e.g. `<think>\\n\\n</think>\\n\\n`),
-    that text, including the whitespace after `</think>`, is its own piece with mask 0; the answer after it keeps
-    mask 1. A non-empty `<think>...</think>` block (thinking data) is part of the target and trained.
+    whitespace, `</think>` (regex `<think>\\s*</think>\\s*` at the start of the content, e.g.
+    `<think>\\n\\n</think>\\n\\n`), that text, including the whitespace after `</think>`, is its own piece with
+    mask 0; the answer after it keeps mask 1. A non-empty `<think>...</think>` block (thinking data) is part of
+    the target and trained.
 """
 
 from __future__ import annotations

@@ -41,9 +41,9 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"
 QUESTIONS = ("What does `{}` do?", "What is `{}` for?", "Explain `{}` briefly.", "Describe `{}`.")
 # summaries that differ between Python 3.11, 3.12 and 3.13
 # (or that exist only in some of them): kept out so the data do not depend on the version
-UNSTABLE = frozenset(("base64.z85encode", "calendar.monthrange", "copy.replace", "glob.translate", "math.fma", "math.fsum",
-                      "math.isclose", "math.nextafter", "math.sumprod", "os.path.isdevdrive", "os.path.splitroot",
-                      "shutil.chown", "uuid.main"))
+UNSTABLE = frozenset(("base64.z85encode", "calendar.monthrange", "copy.replace", "glob.translate", "math.fma",
+                      "math.fsum", "math.isclose", "math.nextafter", "math.sumprod", "os.path.isdevdrive",
+                      "os.path.splitroot", "shutil.chown", "uuid.main"))
 
 
 def _clean(text: str) -> str:

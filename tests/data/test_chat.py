@@ -139,7 +139,8 @@ def test_masks_token_by_token_hf_tokenizer(tmp_path):
   np.testing.assert_array_equal(mask, want_mask)
   assert ids.dtype == mask.dtype == np.int32
   assert hf.decode(ids) == hf.apply_chat_template(CONV, tokenize=False)
-  assert hf.decode(ids[mask == 1]) == "It serializes obj to a JSON string." + EOS + THINK + "To store data as text." + EOS
+  trained = "It serializes obj to a JSON string." + EOS + THINK + "To store data as text." + EOS
+  assert hf.decode(ids[mask == 1]) == trained
   # the built-in template gives the same tokens with this tokenizer (its specials map to their own ids)
   ids_b, mask_b = render_chat(CONV, tok, "builtin")
   np.testing.assert_array_equal(ids_b, ids)
