@@ -28,6 +28,9 @@ SPM_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_sentence|>")
+# ERNIE 4.5's chat-template tokens (spec §6); `Tokenizer.special_id` maps them to BOS / EOS where the vocabulary
+# lacks them (the byte-level and trained BPE tokenizers)
+BEGIN_OF_SENTENCE, END_OF_SENTENCE = "<|begin_of_sentence|>", "<|end_of_sentence|>"
 _BOS_NAMES = ("<s>", "<bos>", "<|begin_of_sentence|>", "<|startoftext|>")
 
 
@@ -49,6 +52,17 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     raise NotImplementedError
+
+  def special_id(self, token: str) -> int | None:
+    """The id of a special token such as "<|end_of_sentence|>" (None if unknown). `BEGIN_OF_SENTENCE` /
+    `END_OF_SENTENCE` fall back to bos_id / eos_id when the vocabulary lacks them."""
+    i = self._token_id(token)
+    if i is None:
+      i = {BEGIN_OF_SENTENCE: self.bos_id, END_OF_SENTENCE: self.eos_id}.get(token)
+    return i
+
+  def _token_id(self, token: str) -> int | None:
+    return None
 
   def __repr__(self):
     return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
@@ -95,6 +109,10 @@ class SentencePieceTokenizer(Tokenizer):
         run.append(i)
     return "".join(parts + [self._sp.DecodeIds(run)])
 
+  def _token_id(self, token: str) -> int | None:
+    i = int(self._sp.PieceToId(token))
+    return i if 0 <= i < self.vocab_size and (not self._sp.IsUnknown(i) or self._sp.IdToPiece(i) == token) else None
+
 
 class HFTokenizer(Tokenizer):
   kind = "tokenizers"
@@ -131,6 +149,10 @@ class HFTokenizer(Tokenizer):
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def _token_id(self, token: str) -> int | None:
+    i = self._tok.token_to_id(token)
+    return None if i is None else int(i)
 
 
 def _or_none(i: int) -> int | None:
@@ -241,6 +263,9 @@ class ByteTokenizer(Tokenizer):
       elif not skip_special_tokens and 0 <= i < self.offset:
         out += SPECIAL_TOKENS[i].encode()
     return out.decode("utf-8", errors="replace")
+
+  def _token_id(self, token: str) -> int | None:
+    return {name: i for i, name in enumerate(SPECIAL_TOKENS)}.get(token)
 
 
 def encode(tokenizer: Tokenizer, doc: str | bytes) -> np.ndarray:
