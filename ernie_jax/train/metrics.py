@@ -16,7 +16,7 @@ import numpy as np
 _CONSOLE = (("loss", "loss", "{:.4f}"), ("lm_loss", "lm", "{:.4f}"), ("mtp_loss", "mtp", "{:.4f}"),
             ("moe_aux_loss", "aux", "{:.4f}"), ("moe_z_loss", "z", "{:.3g}"),
             ("moe_orth_loss", "orth", "{:.3g}"), ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.2e}"),
-            ("tokens_per_sec", "tok/s", "{:,.0f}"), ("mfu", "MFU", "{:.2%}"))
+            ("tokens_per_sec", "tok/s", "{:,.0f}"), ("mfu", "MFU", "{:.2%}"), ("eval_loss", "eval", "{:.4f}"))
 
 
 def summarize_expert_usage(usage: np.ndarray) -> dict[str, Any]:

@@ -54,8 +54,8 @@ def _names(path) -> list[str]:
 
 def group_of(path) -> str:
   """The parameter group of a state path: "lora_b", "router", "vision" or "default"."""
-  names = _names(path)
-  if names and names[-1].endswith("_lora_b"):
+  names = _names(path)  # (a tree of Variables adds a trailing "value" key)
+  if any(n.endswith("_lora_b") for n in names):
     return LORA_B
   if any(n.endswith("router") for n in names):
     return ROUTER

@@ -29,7 +29,9 @@ from flax import nnx
 
 from ernie_jax import model as model_lib
 from ernie_jax.config import LoraConfig
-from ernie_jax.data.sft import load_chat_tokenizer, make_chat_eval_batches, make_chat_pipeline, render_prompt
+from ernie_jax.data import stdlib_qa
+from ernie_jax.data.chat_template import render_prompt
+from ernie_jax.data.sft import load_chat_tokenizer, make_chat_eval_batches, make_chat_pipeline
 from ernie_jax.infer.generate import generate
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
@@ -207,5 +209,8 @@ class FineTuning(trainer.Pretraining):
     summary.update(sample_question=question, sample_answer=answer)
 
   def sample_question(self, cfg) -> str:
-    return ""
+    """The first user message of the training data (the embedded set's first question by default)."""
+    if cfg.data.paths:
+      return ""
+    return next(m["content"] for m in stdlib_qa.conversations("train")[0] if m["role"] == "user")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from ernie_jax.config import LoraConfig, ModelConfig
+from ernie_jax.config import ConfigError, LoraConfig, ModelConfig
 from ernie_jax.data.sft import ChatDataConfig
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train import config as config_lib
@@ -77,7 +77,12 @@ def parse_sft(config: ml_collections.ConfigDict | dict) -> SFTConfig:
   if "targets" in sections["lora"] and isinstance(sections["lora"]["targets"], (list, str)):
     t = sections["lora"]["targets"]
     sections["lora"]["targets"] = tuple(x.strip() for x in t.split(",") if x.strip()) if isinstance(t, str) else tuple(t)
-  parts = {name: _build(cls, sections[name], f"{name}.") for name, cls in _SECTIONS.items()}
+  try:
+    parts = {name: _build(cls, sections[name], f"{name}.") for name, cls in _SECTIONS.items()}
+  except ConfigError as e:  # raised by a section's own checks (e.g. LoraConfig)
+    if isinstance(e, TrainConfigError):
+      raise
+    raise TrainConfigError(e.field, str(e).split(": ", 1)[-1]) from None
   if not parts["data"].tokenizer:  # "" = the base model's tokenizer (and chat template)
     _check(bool(run.init_from), "data.tokenizer", "set a tokenizer ('bytes', 'bpe' or a path), or run.init_from "
            "(its directory holds the base model's tokenizer)")

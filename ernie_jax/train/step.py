@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ernie_jax import model as model_lib
 from ernie_jax.config import ModelConfig
+from ernie_jax.model import lora as lora_lib
 from ernie_jax.parallel import DEFAULT_RULES, MeshConfig, batch_spec, make_mesh, state_shardings, with_rules
 from ernie_jax.train import fp8_optim, tasks
 from ernie_jax.train.losses import LossConfig
@@ -169,20 +170,26 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: 
     rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
     norms = task.normalisers(rows, cfg)
     grad_fn = jax.value_and_grad(task.loss_fn(gdef, rest, grad_accum, norms), has_aux=True)
+    lora = lora_lib.lora_config(model)
+    if lora is not None and lora.dropout > 0:  # LoRA dropout: a fresh key every step (and micro-batch)
+      grad_fn = _with_dropout(grad_fn, jax.random.fold_in(ts.rng[...], ts.opt.step[...]))
+    else:
+      grad_fn = functools.partial(_without_index, grad_fn)
 
     # FP8 "gradients" are new scales / amax histories: combined by maximum
     combine = fp8_optim.accumulate if uses_fp8(cfg) else (lambda a, g: jax.tree.map(jnp.add, a, g))
     if grad_accum == 1:
-      (_, aux), grads = grad_fn(params, jax.tree.map(lambda v: v[0], batch))
+      (_, aux), grads = grad_fn(params, jax.tree.map(lambda v: v[0], batch), 0)
     else:
-      def body(acc, micro):
+      def body(acc, xs):
+        micro, i = xs
         p = jax.lax.with_sharding_constraint(params, param_shardings)
-        (_, aux), g = grad_fn(p, micro)
+        (_, aux), g = grad_fn(p, micro, i)
         g = jax.lax.with_sharding_constraint(g, param_shardings)  # keep the accumulator in the param layout
         return combine(acc, g), aux
 
       zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), param_shardings)
-      grads, auxs = jax.lax.scan(body, zeros, batch)
+      grads, auxs = jax.lax.scan(body, zeros, (batch, jnp.arange(grad_accum)))
       aux = jax.tree.map(lambda a: jnp.sum(a, axis=0), auxs)
 
     grad_norm = global_norm(nnx.filter_state(grads, nnx.Param))
@@ -202,6 +209,20 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: 
     return new_state, metrics
 
   return jax.jit(step, out_shardings=(shardings, None), donate_argnums=(0,) if donate else ())
+
+
+def _without_index(grad_fn, params, micro, i):
+  return grad_fn(params, micro)
+
+
+def _with_dropout(grad_fn, key):
+  """grad_fn(params, micro, i) with LoRA dropout keyed by fold_in(key, i) (`model.lora.dropout_key`)."""
+
+  def fn(params, micro, i):
+    with lora_lib.dropout_key(jax.random.fold_in(key, i)):
+      return grad_fn(params, micro)
+
+  return fn
 
 
 def all_finite(state) -> bool:

@@ -308,7 +308,8 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
     recipe.check_resume(cfg, meta_json, ckpt)
     base = None
     if pretrained is not None:  # the part a checkpoint does not hold (e.g. a frozen base under LoRA)
-      graphdef, base = create_train_state(model_cfg, tx, seed=run.seed, mesh=mesh, pretrained=pretrained, wrt=wrt)
+      graphdef, base = create_train_state(model_cfg, tx, seed=run.seed, mesh=mesh, pretrained=pretrained, wrt=wrt,
+                                          adapt=adapt)
     del pretrained
     restored, meta = ckpt.restore_intact(latest, recipe.saved(cfg, target), warn)  # (falls back when damaged)
     state = recipe.restore(cfg, base, restored)
@@ -389,11 +390,12 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
   # 5. The loop. Metrics are averaged over each logging interval.
   step, skipped, last_saved, preempted = start_step, 0, latest, False
   interval = Interval()
-  last_log_time, last_log_step, last_metrics, last_eval = None, start_step, {}, {}
+  last_log_time, last_log_step, last_metrics, last_eval, first_eval = None, start_step, {}, {}, {}
   try:
     with jax.set_mesh(mesh), Preemption() as preemption:
-      if evaluate is not None and start_step == 0:
+      if evaluate is not None and start_step == 0:  # the base model's figures
         last_eval = evaluate(state)
+        first_eval = {f"{k}_at_start": v for k, v in last_eval.items()}
         writer.write(0, last_eval, {})
       writer.print(memory_line)
       while step < run.steps:
@@ -453,7 +455,7 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
     summary = {"step": step, "preempted": preempted, "resumed_from": latest, "last_checkpoint": last_saved,
                "loss": last_metrics.get("loss"), "lm_loss": last_metrics.get("lm_loss"),
                "tokens_per_sec": last_metrics.get("tokens_per_sec"), "mfu": last_metrics.get("mfu"),
-               **{k: v for k, v in setup.info.items() if k == "unigram_entropy"}, **last_eval,
+               **{k: v for k, v in setup.info.items() if k == "unigram_entropy"}, **first_eval, **last_eval,
                "workdir": workdir}
     if not preempted:
       with jax.set_mesh(mesh):
