@@ -1,0 +1,172 @@
+"""Supervised fine-tuning end to end (experiments/sft.py, `ernie_jax.train.sft`): a tiny run lowers the
+held-out assistant loss well below the base's and answers a trained prompt with the trained answer;
+LoRA trains only the adapters (base bit-identical, no optimizer state for it); a LoRA run resumed after
+SIGKILL reproduces every step's loss; a LoRA checkpoint refuses another base; bad LoRA targets are
+named before anything compiles."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ernie_jax.config import LoraConfig, ModelConfig
+from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.train.config import TrainConfigError
+from ernie_jax.train.metrics import read_jsonl
+from ernie_jax.train.optimizer import OptimConfig
+from ernie_jax.train.param_groups import FinetuneConfig, make_finetune_optimizer, optimizer_state_bytes, trained_filter
+from ernie_jax.train.sft import AddLora, FineTuning
+from ernie_jax.train.step import (abstract_train_state, batch_sharding, build_mesh, create_train_state,
+                                  make_train_step, put_batch)
+from ernie_jax.train.trainer import train
+from tests.helpers import REPO_ROOT
+from tests.train.test_pretrain import _env, _last_step, _start_and_wait
+
+SFT = os.path.join(REPO_ROOT, "experiments", "sft.py")
+TINY = os.path.join(REPO_ROOT, "experiments", "configs", "sft_tiny.py")
+sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
+from configs import sft_tiny  # noqa: E402
+
+QA = [("What does `len` return?", "The number of items."),
+      ("What does `abs` return?", "The absolute value."),
+      ("What does `sorted` return?", "A new sorted list."),
+      ("What does `repr` return?", "A printable string."),
+      ("What does `hash` return?", "An integer hash."),
+      ("What does `id` return?", "The identity of an object.")]
+HELDOUT = [("What does `len` give?", "The number of items."), ("What does `sorted` give?", "A new sorted list.")]
+
+MICRO = {"model.hidden_size": 64, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
+         "model.num_key_value_heads": 2, "model.head_dim": 32, "model.intermediate_size": 128,
+         "data.seq_len": 64, "global_batch_size": 8, "metrics.log_every": 1, "metrics.progress_bar": False,
+         "metrics.tensorboard": False, "optim.warmup_steps": 2, "finetune.sample_tokens": 0}
+
+
+def _jsonl(path, pairs):
+  with open(path, "w") as f:
+    for q, a in pairs:
+      f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+  return str(path)
+
+
+def _config(workdir, xla_cache, **overrides):
+  c = sft_tiny.get_config()
+  c.workdir = str(workdir)
+  c.compilation_cache_dir = xla_cache
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_tiny_sft_lowers_heldout_loss_and_answers_a_trained_prompt(tmp_path, xla_cache):
+  data, heldout = _jsonl(tmp_path / "train.jsonl", QA), _jsonl(tmp_path / "heldout.jsonl", HELDOUT)
+  summary = train(_config(tmp_path / "run", xla_cache, **{
+    **MICRO, "steps": 150, "metrics.log_every": 50, "finetune.eval_every": 50, "data.paths": data,
+    "data.eval_paths": heldout, "optim.lr": 3e-3, "optim.warmup_steps": 10,
+    "finetune.sample_prompt": QA[2][0], "finetune.sample_tokens": 40}), FineTuning())
+  start, end = summary["eval_loss_at_start"], summary["eval_loss"]
+  assert start > 4.5  # a random base: ~ln(259) nats per assistant byte
+  assert end < 0.4 * start, summary  # the held-out assistant loss falls well below the base's (~3x)
+  assert summary["sample_answer"] == QA[2][1], summary  # the trained answer, then <|end_of_sentence|>
+  records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+  assert [r["step"] for r in records] == [0, 50, 100, 150]
+
+
+def _lora_state(cfg, lora, mesh):
+  ft = FinetuneConfig(method="lora")
+  tx, schedule = make_finetune_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), ft, 10)
+  wrt = trained_filter(ft)
+  adapt = AddLora(lora, 0)
+  graphdef, state = create_train_state(cfg, tx, seed=0, mesh=mesh, wrt=wrt, adapt=adapt)
+  _, shardings, _ = abstract_train_state(cfg, tx, 0, mesh, wrt=wrt, adapt=adapt)
+  return graphdef, state, make_train_step(graphdef, shardings, None, schedule, wrt=wrt)
+
+
+def test_lora_steps_change_only_the_adapters_and_hold_no_base_optimizer_state():
+  cfg = ModelConfig.tiny_moe()
+  mesh = build_mesh(None, jax.devices()[:1])
+  graphdef, state, step = _lora_state(cfg, LoraConfig(rank=4, dropout=0.1), mesh)
+  base_before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state["model"])
+                 if isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)}  # (the bias Buffer moves)
+  lora_before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state["model"])
+                 if isinstance(v, nnx.LoRAParam)}
+  assert lora_before and any("experts" in "/".join(map(str, p)) for p in lora_before)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, cfg.vocab_size, (4, 16)).astype(np.int32)
+  batch = {"inputs": ids, "targets": np.roll(ids, -1, 1), "segment_ids": np.ones_like(ids),
+           "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)), "loss_mask": np.ones_like(ids)}
+  with jax.set_mesh(mesh):
+    placed = put_batch(batch, 1, batch_sharding(mesh))
+    for _ in range(3):
+      state, metrics = step(state, placed)
+      assert bool(metrics["finite"])
+  after = dict(nnx.to_flat_state(state["model"]))
+  for p, v in base_before.items():  # the base Params (incl. experts, routers) are bit-identical
+    np.testing.assert_array_equal(np.asarray(after[p].get_value()), v, err_msg=str(p))
+  changed = [p for p, v in lora_before.items() if not np.array_equal(np.asarray(after[p].get_value()), v)]
+  assert len(changed) == len(lora_before)  # every adapter (A and B) moved
+  # the optimizer holds moments for the adapters only
+  lora_bytes = sum(v.nbytes for v in lora_before.values())
+  full_bytes = sum(v.nbytes for v in base_before.values() if v.dtype == np.float32) + lora_bytes
+  opt = optimizer_state_bytes(nnx.to_pure_dict(state))
+  assert 2 * lora_bytes <= opt < 2 * lora_bytes + 1024, (opt, lora_bytes)
+  assert opt < 0.5 * 2 * full_bytes
+
+
+def test_bad_lora_target_is_named_before_compiling(tmp_path, xla_cache):
+  with pytest.raises((TrainConfigError, ValueError), match="attn.qq"):
+    train(_config(tmp_path / "bad", xla_cache, **MICRO, steps=1, **{"finetune.method": "lora",
+                                                                    "lora.targets": ("attn.qq",)}), FineTuning())
+  assert not (tmp_path / "bad").exists()
+  with pytest.raises(TrainConfigError, match="lora.rank"):
+    train(_config(tmp_path / "bad", xla_cache, **MICRO, steps=1, **{"finetune.method": "lora", "lora.rank": 0}),
+          FineTuning())
+
+
+def _cli(workdir, xla_cache, overrides):
+  args = [sys.executable, SFT, f"--config={TINY}", f"--config.workdir={workdir}",
+          f"--config.compilation_cache_dir={xla_cache}"]
+  return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
+
+
+def test_lora_sft_resume_after_sigkill_is_exact_and_refuses_another_base(tmp_path, xla_cache):
+  steps = 16
+  over = {**MICRO, "steps": steps, "data.paths": _jsonl(tmp_path / "train.jsonl", QA + HELDOUT), "checkpoint.every_steps": 4, "finetune.method": "lora", "lora.dropout": 0.1,
+          "model.moe_num_experts": 4, "model.moe_k": 2, "model.moe_intermediate_size": 32,
+          "model.moe_layer_start_index": 1, "model.moe_num_shared_experts": 1}
+  ref = tmp_path / "ref"
+  subprocess.run(_cli(ref, xla_cache, over), env=_env(), check=True, capture_output=True)
+  expected = _losses(ref)
+  assert sorted(expected) == list(range(1, steps + 1))
+
+  run = tmp_path / "killed"
+  proc = _start_and_wait(_cli(run, xla_cache, over), run, until_step=9)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert _last_step(run) < steps, "the run finished before it could be killed"
+  out = subprocess.run(_cli(run, xla_cache, over), env=_env(), check=True, capture_output=True, text=True)
+  info = json.load(open(run / "run_info.json"))
+  assert info["resumed_from"] is not None and 4 <= info["resumed_from"] < steps, out.stdout
+  assert _losses(run) == expected  # bit-identical, every step (adapters, optimizer, dropout keys, data)
+  state_dir = run / "checkpoints" / str(steps) / "state"
+  assert state_dir.is_dir()  # the checkpoint holds the adapters and buffers only: far smaller than the base
+  # another base (a different seed of the random base) is refused, in one line
+  other = subprocess.run(_cli(run, xla_cache, {**over, "seed": 7, "steps": steps + 4}), env=_env(),
+                         capture_output=True, text=True)
+  assert other.returncode == 1 and "trained on another base model" in other.stderr, other.stderr[-2000:]
+  assert "Traceback" not in other.stderr
+  with pytest.raises(CheckpointError, match="another base model"):
+    train(_config(run, xla_cache, **{**over, "seed": 7, "steps": steps + 4}), FineTuning())
