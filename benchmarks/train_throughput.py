@@ -12,7 +12,9 @@ forward + backward + global-norm clip + AdamW, fp32, for
   * torch: transformers' Ernie4_5(_Moe)ForCausalLM with the same shapes, loss from `labels`,
            `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()` (no MTP, no MoE aux loss).
 MFU = model FLOPs (ernie_jax.train.flops: 6 x active matmul params + causal attention, per token)
-/ (time x peak). On CPU the peak is the measured FLOP/s of a large fp32 matmul on this machine.
+/ (time x peak). On CPU the peak is the measured FLOP/s of a large fp32 matmul on this machine, measured
+before and after the runs (the larger is used; a difference is flagged). The load average is printed
+(a busy machine is flagged) and each row gives the median step time with its spread over the runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_util import CpuPeak, machine_line, spread  # noqa: E402
 
 DEFAULT_SHAPES = {"tiny": (8, 256), "100m": (4, 512)}
 CONFIG_FILES = {"tiny": "tiny", "100m": "ernie45_100m"}
@@ -137,7 +142,9 @@ def main():
 
   from ernie_jax.train import flops
 
-  peak, source = flops.peak_flops_per_device()
+  cpu_peak = CpuPeak() if jax.default_backend() == "cpu" else None
+  peak, source = (cpu_peak.value, "measured fp32 matmul (CPU)") if cpu_peak else flops.peak_flops_per_device()
+  print(machine_line())
   try:
     import torch
     torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
@@ -162,7 +169,12 @@ def main():
       tokens = rows * seq
       mfu = flops.train_flops_per_token(mcfg, seq) * tokens / t / peak
       print(f"{name:8} {impl:14} {flops.total_params(mcfg) / 1e6:7.1f}M {rows:>4}x{seq:<4} {t:8.3f} "
-            f"{tokens / t:10,.0f} {mfu:7.1%}", flush=True)
+            f"{tokens / t:10,.0f} {mfu:7.1%}  {spread(times)}", flush=True)
+  if cpu_peak is not None:
+    print(cpu_peak.finish())
+    if cpu_peak.value > peak:
+      print(f"(MFU above uses {peak / 1e9:.0f} GFLOP/s; with the larger peak it is x {peak / cpu_peak.value:.2f})")
+  print(machine_line())
 
 
 if __name__ == "__main__":
