@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.infer.sampling import check_sampling_args, sample
+from ernie_jax.parallel.sharding import batch_shards
 
 class NonFiniteLogitsError(ValueError):
   """The model produced NaN / Inf logits during generation (its weights or inputs are broken)."""
@@ -259,6 +260,8 @@ def generate_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
   if max_new_tokens == 0:
     return Generation(np.zeros((len(ps), 0), np.int32), np.zeros((len(ps),), np.int32), 0)
 
+  n_rows = len(ps)
+  ps = ps + [ps[-1]] * (-n_rows % batch_shards(model.sharding_rules))  # rows the mesh does not divide: padded
   longest = max(len(p) for p in ps)
   need = longest + max_new_tokens - 1  # cache slots written: the last new token is never fed back
   if need > cfg.max_position_embeddings:
@@ -286,7 +289,7 @@ def generate_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
   hit = np.isin(out, stops) & (np.arange(out.shape[1]) < steps)[None]
   n = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, steps).astype(np.int32)
   out[np.arange(out.shape[1])[None] >= n[:, None]] = cfg.pad_token_id
-  return Generation(out, n, steps)
+  return Generation(out[:n_rows], n[:n_rows], steps)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

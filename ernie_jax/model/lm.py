@@ -20,7 +20,7 @@ from ernie_jax.model.attention import KVCache
 from ernie_jax.model.decoder import FFN, DecoderLayer, LayerGroup, layer_groups, layer_locations, text_ffn
 from ernie_jax.model.layers import RMSNorm, make_param, normal, rope_angles
 from ernie_jax.model.moe.router import RouterOutput
-from ernie_jax.parallel.sharding import constrain
+from ernie_jax.parallel.sharding import batch_shards, constrain
 
 
 @struct.dataclass
@@ -128,6 +128,12 @@ class ErnieForCausalLM(DecoderLM):
       _check_same_shape(segment_ids, tokens, "segment_ids")
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+    pad = -b % batch_shards(self.sharding_rules) if cache is None else 0
+    if pad:  # rows the mesh does not divide (e.g. inference on 2 rows over 8 data shards): padded, then dropped
+      rows = lambda a, fill: jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill)  # noqa: E731
+      out = self(rows(tokens, self.config.pad_token_id), rows(positions, 0),
+                 rows(jnp.ones_like(tokens) if segment_ids is None else segment_ids, 0))
+      return unpad_rows(out, b, s)
     cos, sin = self._rope(positions)
     x = constrain(self.embed_tokens(tokens), ("batch", "length", "act_embed"), self.sharding_rules)
     x, router, cache = self.decode_layers(x, cos, sin, positions, segment_ids, cache)
@@ -156,6 +162,15 @@ class ErnieForCausalLM(DecoderLM):
       h, _, _ = m.block(z, cos, sin, positions=positions, segment_ids=segment_ids, rules=self.sharding_rules)
       out.append(self.head(h))
     return out
+
+
+def unpad_rows(out: CausalLMOutput, b: int, s: int) -> CausalLMOutput:
+  """The first `b` rows of an output computed on padded rows (router outputs: the first b*s tokens;
+  `dropped` keeps its count over all rows)."""
+  router = out.router
+  if router is not None:
+    router = jax.tree.map(lambda a: a[:, :b * s] if a.ndim >= 2 else a, router)
+  return out.replace(logits=out.logits[:b], hidden=out.hidden[:b], router=router)
 
 
 def lm_logits(model, h: jax.Array) -> jax.Array:

@@ -136,6 +136,19 @@ def shard_model(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAU
   return with_rules(nnx.merge(graphdef, state), rules)
 
 
+def batch_shards(rules: Rules | None = None) -> int:
+  """How many ways the current mesh (`jax.set_mesh`) splits the logical `batch` axis (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return 1
+  target = _lookup(DEFAULT_RULES if rules is None else rules, "batch")
+  names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  n = 1
+  for name in names:
+    n *= mesh.shape.get(name, 1)
+  return n
+
+
 def batch_spec(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> P:
   """PartitionSpec of a [batch, seq, ...] input."""
   target = _lookup(rules, "batch")

@@ -188,6 +188,20 @@ class Checkpointer:
     nnx.replace_by_pure_dict(state, {"model": _like(out[MODEL_ITEM], pure["model"]), **out["train"]})
     return state, dict(out["meta"])
 
+  def restore_model(self, step: int, target) -> Any:
+    """Only the model variables of a checkpoint, into `target` (an nnx.State of the model, or of the
+    part of it a checkpoint holds, with ShapeDtypeStructs or arrays as values); returns a filled copy."""
+    pure = _str_keys(nnx.to_pure_dict(target))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            pure)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardRestore(abstract)}))
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(f"cannot restore the model of {self.directory}/{step}: {_one_line(e)}") from e
+    state = jax.tree.map(lambda x: x, target)
+    nnx.replace_by_pure_dict(state, _like(out[MODEL_ITEM], nnx.to_pure_dict(target)))
+    return state
+
   def read_json(self, step: int, item: str = "meta") -> dict[str, Any]:
     """A JSON item of a checkpoint ("meta" or "model_config") without restoring arrays."""
     out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))

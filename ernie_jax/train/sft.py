@@ -201,9 +201,7 @@ class FineTuning(trainer.Pretraining):
       return
     ids = np.asarray(render_prompt([{"role": "user", "content": question}], tok, cfg.data.template))
     model = nnx.merge(graphdef, state).model
-    shards = int(np.prod([v for k, v in jax.sharding.get_abstract_mesh().shape.items() if k != "tensor"]))
-    out = generate(model, [ids.tolist()] * shards, max_new_tokens=cfg.finetune.sample_tokens,
-                   stop_tokens=(setup.eos_id,))[0]
+    out = generate(model, [ids.tolist()], max_new_tokens=cfg.finetune.sample_tokens, stop_tokens=(setup.eos_id,))[0]
     answer = tok.decode([t for t in out if t != setup.eos_id])
     writer.print(f"sample: User: {question}\n        Assistant: {answer}")
     summary.update(sample_question=question, sample_answer=answer)

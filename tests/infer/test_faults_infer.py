@@ -113,3 +113,27 @@ def test_cli_help_names_the_checkpoint_formats(capsys):
     cli.main(["--help"])
   out = " ".join(capsys.readouterr().out.split())
   assert "Orbax" in out and "pretraining workdir" in out and "'bytes'" in out
+
+
+def test_inference_on_rows_the_mesh_does_not_divide_is_padded_not_refused():
+  """2 rows on a data2 x expert4 mesh (8 batch shards): the forward pads to 8 rows and returns the 2
+  rows' logits and router outputs, equal to one device's; generation pads its prompts the same way."""
+  import jax
+  import jax.numpy as jnp
+
+  from ernie_jax.parallel import MeshConfig, make_mesh, shard_model
+
+  cfg = ModelConfig.tiny_moe(moe_transport="allgather")
+  ref = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 8)), jnp.int32)
+  want = ref(ids)
+  mesh = make_mesh(MeshConfig(data=2, expert=4))
+  model = shard_model(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
+  with jax.set_mesh(mesh):
+    got = nnx.jit(lambda m, t: m(t))(model, ids)
+  assert got.logits.shape == want.logits.shape
+  np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(got.router.indices), np.asarray(want.router.indices))
+  with jax.set_mesh(mesh):
+    tokens = generate(model, PROMPTS + [[7, 7, 9]], max_new_tokens=4, stop_tokens=())
+  assert tokens == generate(ref, PROMPTS + [[7, 7, 9]], max_new_tokens=4, stop_tokens=())
