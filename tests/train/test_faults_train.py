@@ -112,7 +112,9 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, xla_cache):
 
 def test_second_ctrl_c_aborts_at_once(monkeypatch):
   exits = []
-  monkeypatch.setattr(pretrain.os, "_exit", lambda code: exits.append(code))
+  from ernie_jax.train import trainer
+
+  monkeypatch.setattr(trainer.os, "_exit", lambda code: exits.append(code))
   with pretrain.Preemption() as p:
     os.kill(os.getpid(), signal.SIGINT)  # handled, no KeyboardInterrupt
     assert p.requested and p.signal_name == "SIGINT" and exits == []
