@@ -1,0 +1,201 @@
+"""PEFT adapters <-> our LoRA, against peft 0.21 on transformers' ERNIE 4.5 classes.
+
+The golden references are peft's own: adapters made by `get_peft_model(..., init_lora_weights=False)`
+(random non-zero A and B) and saved with `save_pretrained`, and the logits of peft models on
+transformers. The mapping (`peft_format`) is checked on its own first (our weights + scale * A.B merged
+with numpy equal peft's logits; our export of a peft adapter loads in peft with its logits), then the
+model-level API (`interop.peft`) on LoRA'd models and the merged export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ernie_jax
+from ernie_jax.interop import peft_format as pf
+from ernie_jax.interop import safetensors_writer as stw
+from ernie_jax.interop.safetensors_io import SafetensorsReader
+from ernie_jax.model.state import flat_state
+from tests import hf_reference as ref
+from tests.helpers import rel
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+TOKENS = ref.random_tokens(128, (2, 10), seed=21)
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# name -> (model kind, peft LoraConfig kwargs)
+PEFT_CASES = {
+  "dense": ("dense", dict(r=4, lora_alpha=8, target_modules=ATTN + ["gate_proj", "up_proj", "down_proj"],
+                          rank_pattern={"o_proj": 2}, alpha_pattern={"v_proj": 3.0})),
+  "dense_rslora": ("dense", dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "down_proj"])),
+  # what users write: peft itself turns gate/up/down_proj into the fused routed experts (rank 2r gate_up)
+  "moe": ("moe", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])),
+  "moe_params": ("moe", dict(r=3, lora_alpha=5, use_rslora=True, target_modules=ATTN,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+  "moe_down_only": ("moe", dict(r=2, lora_alpha=4, target_modules=["k_proj"],
+                                target_parameters=["mlp.experts.down_proj"])),
+}
+SEEDS = {"dense": 4, "moe": 3}
+
+
+def base_hf(kind):
+  return ref.build(kind, seed=SEEDS[kind])
+
+
+def peft_logits(model) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.as_tensor(TOKENS, dtype=torch.long)).logits.float().numpy()
+
+
+def read_adapter(d) -> tuple[dict, dict[str, np.ndarray]]:
+  r = SafetensorsReader(os.path.join(d, pf.ADAPTER_WEIGHTS))
+  try:
+    tensors = {n: r.get(n) for n in r.keys()}
+  finally:
+    r.close()
+  return json.load(open(os.path.join(d, pf.ADAPTER_CONFIG))), tensors
+
+
+def write_adapter(d, config, tensors) -> str:
+  os.makedirs(d, exist_ok=True)
+  specs = [stw.TensorSpec(n, stw.tag_of(x.dtype), tuple(x.shape)) for n, x in sorted(tensors.items())]
+  stw.write_file(os.path.join(d, pf.ADAPTER_WEIGHTS), specs, tensors.__getitem__, {"format": "pt"})
+  with open(os.path.join(d, pf.ADAPTER_CONFIG), "w") as f:
+    json.dump(config, f)
+  return str(d)
+
+
+def merged(model, arrays, settings):
+  """`model` with W + scale * A.B for every LoRA array pair (numpy, independent of ernie_jax.model.lora)."""
+  s = pf.scale_of(settings.rank, settings.alpha, settings.rslora)
+  state = nnx.state(model)
+  flat = flat_state(state)
+  for p in [p[:-len("_lora_a")] for p in arrays if p.endswith("_lora_a")]:
+    w = np.asarray(flat[p].get_value(), np.float64)
+    a, b = arrays[p + "_lora_a"].astype(np.float64), arrays[p + "_lora_b"].astype(np.float64)
+    lead = a.ndim + b.ndim - 2 - w.ndim
+    n = int(np.prod(w.shape[:lead]))
+    delta = np.matmul(a.reshape(n, -1, a.shape[-1]), b.reshape(n, b.shape[lead], -1))
+    flat[p].set_value(jnp.asarray((w + s * delta.reshape(w.shape)).astype(np.float32)))
+  nnx.update(model, state)
+  return model
+
+
+def ours(model) -> np.ndarray:
+  return np.asarray(model(jnp.asarray(TOKENS)).logits)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+  d = tmp_path_factory.mktemp("peft_bases")
+  return {k: ref.save(base_hf(k), d / k) for k in SEEDS}
+
+
+@pytest.fixture(scope="module")
+def peft_made(tmp_path_factory):
+  """{case: (adapter dir, transformers + peft logits)} for adapters made and saved by peft."""
+  d = tmp_path_factory.mktemp("peft_made")
+  out = {}
+  for case, (kind, kw) in PEFT_CASES.items():
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(base_hf(kind), peft.LoraConfig(init_lora_weights=False, **kw)).eval()
+    pm.save_pretrained(str(d / case))
+    out[case] = (str(d / case), peft_logits(pm))
+  return out
+
+
+def shapes_of(model):
+  return {p: tuple(v.shape) for p, v in flat_state(nnx.state(model)).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The mapping alone
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_made_adapter_maps_onto_our_weights(bases, peft_made, case):
+  """(b) at the mapping level: peft's adapter as our A / B, merged into our model, gives peft's logits."""
+  kind = PEFT_CASES[case][0]
+  adapter, reference = peft_made[case]
+  model = ernie_jax.from_pretrained(bases[kind])
+  base_logits = ours(model)
+  config, tensors = read_adapter(adapter)
+  settings, targets, arrays = pf.from_peft(model.config, config, tensors, shapes_of(model))
+  assert targets, targets
+  assert rel(base_logits, reference) > 1e-3  # the adapter changes the logits
+  assert rel(ours(merged(model, arrays, settings)), reference) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["dense", "moe", "moe_params", "moe_down_only"])
+def test_our_export_of_a_peft_adapter_loads_in_peft(bases, peft_made, tmp_path, case):
+  """to_peft(from_peft(x)): peft loads the result (rank 2r fused experts, rank / alpha patterns) with the
+  original adapter's logits."""
+  kind = PEFT_CASES[case][0]
+  adapter, reference = peft_made[case]
+  cfg = ernie_jax.from_pretrained(bases[kind]).config
+  from ernie_jax.interop.convert import abstract_params
+  shapes = {p: s for p, (s, _) in abstract_params(cfg).items()}
+  settings, _, arrays = pf.from_peft(cfg, *read_adapter(adapter), shapes)
+  tensors, config = pf.to_peft(cfg, arrays, settings)
+  out = write_adapter(tmp_path / "ours", config, tensors)
+  loaded = peft.PeftModel.from_pretrained(base_hf(kind), out).eval()
+  assert rel(peft_logits(loaded), reference) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors (one line naming the tensor / module / field)
+def _error(bases, tmp_path, edit, match):
+  model = ernie_jax.from_pretrained(bases["dense"])
+  pm = peft.get_peft_model(base_hf("dense"), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+  pm.save_pretrained(str(tmp_path / "a"))
+  config, tensors = read_adapter(tmp_path / "a")
+  edit(config, tensors)
+  with pytest.raises(pf.PeftFormatError, match=match) as e:
+    pf.from_peft(model.config, config, tensors, shapes_of(model))
+  assert "\n" not in str(e.value)
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("edit,match", [
+  (lambda c, t: t.update({Q0.replace("q_proj", "qq_proj") + ".lora_A.weight": t.pop(Q0 + ".lora_A.weight"),
+                          Q0.replace("q_proj", "qq_proj") + ".lora_B.weight": t.pop(Q0 + ".lora_B.weight")}),
+   r"'base_model\.model\.model\.layers\.0\.self_attn\.qq_proj\.lora_A\.weight'.*not a LoRA-able module"),
+  (lambda c, t: t.update({Q0.replace("layers.0", "layers.7") + ".lora_A.weight": t[Q0 + ".lora_A.weight"],
+                          Q0.replace("layers.0", "layers.7") + ".lora_B.weight": t[Q0 + ".lora_B.weight"]}),
+   r"layers\.7.*num_hidden_layers=2"),
+  (lambda c, t: t.update({Q0 + ".lora_B.weight": t[Q0 + ".lora_B.weight"][:-1]}),
+   r"'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_B\.weight' has shape \[95, 2\], expected \[96, 2\]"),
+  (lambda c, t: t.pop(Q0 + ".lora_B.weight"), r"q_proj\.lora_B\.weight' is missing"),
+  (lambda c, t: [t.pop(Q0 + ".lora_A.weight"), t.pop(Q0 + ".lora_B.weight")],
+   r"no LoRA tensors for 'model\.layers\.0\.self_attn\.q_proj'"),
+  (lambda c, t: c.update(use_dora=True), r"use_dora=True is not supported"),
+  (lambda c, t: c.update(bias="lora_only"), r"bias='lora_only'"),
+  (lambda c, t: c.update(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\] is not supported"),
+  (lambda c, t: c.update(peft_type="IA3"), r"peft_type is 'IA3'"),
+  (lambda c, t: t.update({Q0 + ".lora_magnitude_vector": np.ones(96, np.float32)}), r"DoRA magnitude"),
+  (lambda c, t: c.update(rank_pattern={"q_proj": 3}), r"rank 2 but adapter_config.json gives 3"),
+])
+def test_import_errors_name_the_problem(bases, tmp_path, edit, match):
+  _error(bases, tmp_path, edit, match)
+
+
+def test_export_refuses_what_peft_cannot_represent(bases):
+  """Shared experts and dense-layer MLPs of MoE models: peft 0.21 rewrites their targets into the routed
+  experts, so such an adapter is refused, naming the modules (never written lossy)."""
+  model = ernie_jax.from_pretrained(bases["moe"])
+  shapes = shapes_of(model)
+  lora = {}
+  for p in ("groups/0/blocks/layers/0/attn/q", "groups/1/blocks/layers/0/mlp/shared/up"):
+    w = shapes[p]
+    lead = 1
+    lora[p + "_lora_a"] = np.ones(w[:lead] + (w[lead],) + (2,), np.float32)
+    lora[p + "_lora_b"] = np.ones(w[:lead] + (2,) + w[lead + 1:], np.float32)
+  with pytest.raises(pf.PeftFormatError, match=r"model\.layers\.1\.mlp\.shared_experts\.up_proj.*cannot"):
+    pf.to_peft(model.config, lora, pf.Settings(2, 4.0))
