@@ -20,6 +20,7 @@ from flax import nnx
 from ernie_jax.model import fp8
 from ernie_jax.model.layers import make_param, normal
 from ernie_jax.model.layers import apply_rope
+from ernie_jax.model.lora_ops import adapter, add
 from ernie_jax.parallel.sharding import constrain
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -100,8 +101,10 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.fp8 = None if fp8_recipe is None else _AttnFp8(fp8_recipe)
 
-  def _proj(self, name, eq, x, w):
-    return fp8.einsum(None if self.fp8 is None else getattr(self.fp8, name), eq, x, w)
+  def _proj(self, name, eq, x, w, lora_eqs):
+    """x @ w (FP8 or not) + the LoRA branch of `name` when it has one."""
+    y = fp8.einsum(None if self.fp8 is None else getattr(self.fp8, name), eq, x, w)
+    return add(y, x, adapter(self, name, self.dtype), *lora_eqs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, positions: jax.Array,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -110,9 +113,10 @@ class Attention(nnx.Module):
     which slice `cache_index` is this layer's (updated in place)."""
     d = self.dtype
     x = x.astype(d)
-    q = self._proj("q", "bsh,hnd->bsnd", x, self.q[...].astype(d))
-    k = self._proj("k", "bsh,hnd->bsnd", x, self.k[...].astype(d))
-    v = self._proj("v", "bsh,hnd->bsnd", x, self.v[...].astype(d))
+    qkv = ("bsh,hr->bsr", "bsr,rnd->bsnd")
+    q = self._proj("q", "bsh,hnd->bsnd", x, self.q[...].astype(d), qkv)
+    k = self._proj("k", "bsh,hnd->bsnd", x, self.k[...].astype(d), qkv)
+    v = self._proj("v", "bsh,hnd->bsnd", x, self.v[...].astype(d), qkv)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     heads = ("batch", "length", "act_heads", None)
     q, k, v = (checkpoint_name(constrain(t, heads, rules), "qkv") for t in (q, k, v))
@@ -127,5 +131,6 @@ class Attention(nnx.Module):
       ck, cv = (cache.k, cache.v) if cache_index is None else (cache.k[cache_index], cache.v[cache_index])
       mask = cache_mask(positions, ck.shape[1])
       out = attend(q, ck.astype(d), cv.astype(d), mask)
-    y = checkpoint_name(self._proj("o", "bsnd,ndh->bsh", out, self.o[...].astype(d)), "attn_out")
+    o_eqs = ("bsnd,ndr->bsr", "bsr,rh->bsh")
+    y = checkpoint_name(self._proj("o", "bsnd,ndh->bsh", out, self.o[...].astype(d), o_eqs), "attn_out")
     return y, cache

@@ -7,7 +7,8 @@
 * rotary position embedding with ERNIE's interleaved (GPT-J) pairing: pair (2i, 2i+1) of each head
   is rotated by angle pos * theta^(-2i/d). This is NOT the NeoX half-rotation; the checkpoints' q/k
   rows are laid out for the interleaved form;
-* the SwiGLU feed-forward down(silu(gate(x)) * up(x)), no biases, optionally with FP8 matmuls.
+* the SwiGLU feed-forward down(silu(gate(x)) * up(x)), no biases, optionally with FP8 matmuls, or
+  with LoRA branches (`lora_ops`) on gate / up / down.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.model import fp8
+from ernie_jax.model.lora_ops import adapter, add
 
 Axes = Sequence[str | None]
 
@@ -89,9 +91,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------------
-def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-  h = checkpoint_name(jax.nn.silu(x @ gate) * (x @ up), "mlp_hidden")
-  return checkpoint_name(h @ down, "mlp_out")
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, loras=(None, None, None)) -> jax.Array:
+  """down(silu(x gate) * (x up)); `loras`: optional (gate, up, down) `lora_ops.Lora` branches."""
+  lg, lu, ld = loras
+  a_eq, b_eq = "...h,hr->...r", "...r,ri->...i"
+  h = checkpoint_name(jax.nn.silu(add(x @ gate, x, lg, a_eq, b_eq)) * add(x @ up, x, lu, a_eq, b_eq), "mlp_hidden")
+  return checkpoint_name(add(h @ down, h, ld, a_eq, b_eq), "mlp_out")
 
 
 class MLPFp8(nnx.Module):
@@ -112,8 +117,8 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d = self.dtype
     x, gate, up, down = x.astype(d), self.gate[...].astype(d), self.up[...].astype(d), self.down[...].astype(d)
-    if self.fp8 is None:
-      return swiglu(x, gate, up, down)
+    if self.fp8 is None:  # (LoRA refuses FP8 models: ernie_jax.model.lora)
+      return swiglu(x, gate, up, down, tuple(adapter(self, n, d) for n in ("gate", "up", "down")))
     q = self.fp8
     h = jax.nn.silu(q.gate.einsum("...h,hi->...i", x, gate)) * q.up.einsum("...h,hi->...i", x, up)
     return q.down.einsum("...i,ih->...h", h, down)

@@ -11,6 +11,10 @@ moe_num_shared_experts) run on every token with weight 1.
 
 Expert parallelism (`moe_transport` != "none" under a mesh with an `expert` axis) runs every set
 through one `shard_map` (`expert_parallel.py`).
+
+LoRA (`ernie_jax.model.lora`) on a set's routed experts lives on its `Experts` module (per-expert
+A/B stacked like the weights) and is applied inside the grouped matmul of every `moe_impl` and
+transport; shared experts are an `MLP` and carry their own LoRA.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flax import nnx
 
 from ernie_jax.model import fp8
 from ernie_jax.model.layers import MLP, make_param, normal
+from ernie_jax.model.lora_ops import expert_lora
 from ernie_jax.model.moe import expert_parallel
 from ernie_jax.model.moe.dispatch import mask_assignments, resolve_impl, routed_experts
 from ernie_jax.model.moe.router import Router, VLRouterOutput
@@ -126,10 +131,11 @@ class MoE(nnx.Module):
     d = self.dtype
     members, active = self._members(vision, b * s)
     routers = [getattr(self, _attr(n, "router")) for n in self.set_names]
-    weights = []
+    weights, loras = [], []
     for n in self.set_names:
       e = getattr(self, _attr(n, "experts"))
       weights.append((e.gate[...].astype(d), e.up[...].astype(d), e.down[...].astype(d)))
+      loras.append(expert_lora(e, d))
     xe, act = xt, None  # expert input (the routers always see xt in full precision)
     if self.fp8 is not None:
       q = self.fp8
@@ -138,8 +144,8 @@ class MoE(nnx.Module):
       act = lambda h, axes=(): q.operand("h", h, axes)
     used = [i for i in range(len(self.set_names)) if active[i]]
     if self.transport != "none" and expert_parallel.active_mesh() is not None:
-      inputs = [expert_parallel.ExpertSetInputs(routers[i].kernel[...], routers[i].bias(), *weights[i], members[i])
-                for i in used]
+      inputs = [expert_parallel.ExpertSetInputs(routers[i].kernel[...], routers[i].bias(), *weights[i], members[i],
+                                                loras[i]) for i in used]
       y, rs = expert_parallel.expert_parallel_moe(
         xe, inputs, k=self.k, norm_min=self.norm_min, transport=self.transport,
         impl=resolve_impl(self.impl), capacity_factor=self.capacity_factor, act=act, router_input=xt)
@@ -153,7 +159,7 @@ class MoE(nnx.Module):
         gate, up, down = weights[i]
         idx, w = mask_assignments(out[i].indices, out[i].weights, members[i], gate.shape[0], d)
         y = jnp.zeros_like(xt) if y is None and members[i] is not None else y
-        yi = routed_experts(xe, gate, up, down, idx, w, self.impl, act)
+        yi = routed_experts(xe, gate, up, down, idx, w, self.impl, act, loras[i])
         y = yi if y is None else y + yi
     if self.fp8 is not None:
       y = self.fp8.output(y)

@@ -12,12 +12,19 @@ All are dropless and differentiable.
 expert-parallel transports (`ernie_jax.model.moe.transports`) share. `mask_assignments` restricts an
 expert set to some tokens (the VL modalities): the others get an out-of-range expert id, so the sort
 puts them after the last group and the grouped matmul never computes them.
+
+LoRA on the routed experts (`lora`: an `ExpertLora` of per-expert A [E, H, r] / B [E, r, I]) adds
+`scale * ((x A_e) B_e)` to each projection inside the same grouping (`lora_ops`); `lora=None` runs
+exactly the code without LoRA.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from ernie_jax.model import lora_ops
+from ernie_jax.model.lora_ops import ExpertLora
 
 
 def silu_gate(a: jax.Array, b: jax.Array, act=None) -> jax.Array:
@@ -27,20 +34,26 @@ def silu_gate(a: jax.Array, b: jax.Array, act=None) -> jax.Array:
   return h if act is None else act(h)
 
 
-def experts_loop(x, gate, up, down, idx, weights, act=None):
+def _loop_proj(x, w, lora, e):
+  y = x @ w[e]
+  return y if lora is None else y + lora_ops.expert_delta(x, lora, e)
+
+
+def experts_loop(x, gate, up, down, idx, weights, act=None, lora: ExpertLora | None = None):
   """Oracle. x [T,H]; gate/up [E,H,I]; down [E,I,H]; idx/weights [T,k].
 
   `act` sees the whole intermediate at once (rows of unrouted tokens are zero)."""
+  lg, lu, ld = lora or (None, None, None)
   num_experts = gate.shape[0]
   routed = jnp.stack([jnp.any(idx == e, axis=-1) for e in range(num_experts)])  # [E, T]
-  h = jnp.stack([silu_gate(x @ gate[e], x @ up[e]) for e in range(num_experts)])  # [E, T, I]
-  h = jnp.where(routed[..., None], h, 0)
+  h = jnp.stack([silu_gate(_loop_proj(x, gate, lg, e), _loop_proj(x, up, lu, e)) for e in range(num_experts)])
+  h = jnp.where(routed[..., None], h, 0)  # [E, T, I]
   if act is not None:
     h = act(h)
   y = jnp.zeros(x.shape, jnp.float32)
   for e in range(num_experts):
     w_e = jnp.sum(jnp.where(idx == e, weights, 0), axis=-1)  # [T]
-    y = y + (w_e[:, None] * (h[e] @ down[e])).astype(jnp.float32)
+    y = y + (w_e[:, None] * _loop_proj(h[e], down, ld, e)).astype(jnp.float32)
   return y.astype(x.dtype)
 
 
@@ -87,30 +100,44 @@ def _blocked_layout(group_sizes: jax.Array, rows: int, block: int):
   return dest, jnp.minimum(block_group, num_groups - 1), num_blocks
 
 
-def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None):
+def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None, lora: ExpertLora | None = None):
   """SwiGLU of each row of `xs` with its group's weights; rows are sorted by group and rows past
-  sum(group_sizes) give zeros. xs [N, H]; gate/up [G, H, I]; down [G, I, H]; group_sizes [G]."""
+  sum(group_sizes) give zeros. xs [N, H]; gate/up [G, H, I]; down [G, I, H]; group_sizes [G];
+  lora: the groups' adapters (A/B stacked over the G groups like the weights; two extra grouped
+  matmuls through the rank per projection)."""
+  lg, lu, ld = lora or (None, None, None)
   if impl == "ragged_dot":
-    rd = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-    return rd(silu_gate(rd(xs, gate), rd(xs, up), act), down)
+    def proj(u, w, l):
+      y = jax.lax.ragged_dot(u, w, group_sizes)
+      return y if l is None else y + lora_ops.ragged_delta(u, l, group_sizes).astype(y.dtype)
+
+    return proj(silu_gate(proj(xs, gate, lg), proj(xs, up, lu), act), down, ld)
   if impl != "blocked":
     raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
+
+  def bproj(u, w, l, g, i):  # one block u [block, in], all rows of group g
+    y = u @ w[g]
+    return y if l is None else y + lora_ops.block_delta(u, l, g, i).astype(y.dtype)
+
   rows = xs.shape[0]
   block = _block_size(rows, gate.shape[0])
   dest, block_group, num_blocks = _blocked_layout(group_sizes, rows, block)
   buf = jnp.zeros((num_blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
   buf = buf.reshape(num_blocks, block, -1)
-  h = jax.lax.map(lambda a: silu_gate(a[0] @ gate[a[1]], a[0] @ up[a[1]]), (buf, block_group))
+  blocks = jnp.arange(num_blocks)
+  h = jax.lax.map(lambda a: silu_gate(bproj(a[0], gate, lg, a[1], a[2]), bproj(a[0], up, lu, a[1], a[2])),
+                  (buf, block_group, blocks))
   if act is not None:  # on the whole intermediate (padding rows are zero)
     h = act(h)
-  out = jax.lax.map(lambda a: a[0] @ down[a[1]], (h, block_group))
+  out = jax.lax.map(lambda a: bproj(a[0], down, ld, a[1], a[2]), (h, block_group, blocks))
   return jnp.take(out.reshape(num_blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
 
 
-def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot", act=None):
+def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot", act=None,
+                   lora: ExpertLora | None = None):
   """Dropless sorted dispatch. Same signature and result as `experts_loop`."""
   order, token_of, group_sizes = sort_by_expert(idx, gate.shape[0])
-  out = grouped_swiglu(x[token_of], group_sizes, gate, up, down, impl, act)
+  out = grouped_swiglu(x[token_of], group_sizes, gate, up, down, impl, act, lora)
   return combine(out, order, weights).astype(x.dtype)
 
 
@@ -121,11 +148,11 @@ def resolve_impl(impl: str) -> str:
   return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
-def routed_experts(x, gate, up, down, idx, weights, impl: str = "auto", act=None):
+def routed_experts(x, gate, up, down, idx, weights, impl: str = "auto", act=None, lora: ExpertLora | None = None):
   impl = resolve_impl(impl)
   if impl == "loop":
-    return experts_loop(x, gate, up, down, idx, weights, act)
-  return experts_sorted(x, gate, up, down, idx, weights, impl, act)
+    return experts_loop(x, gate, up, down, idx, weights, act, lora)
+  return experts_sorted(x, gate, up, down, idx, weights, impl, act, lora)
 
 
 def mask_assignments(idx, weights, member, num_experts: int, dtype):

@@ -5,7 +5,9 @@ the mesh's `expert` axis, with tokens also split over the data-like axes.
 One wrapper serves one or more expert sets (the text MoE has one, the VL MoE two: text and vision).
 A set may be restricted to some tokens (`member`); the other tokens' assignments go nowhere. The
 transport (how tokens travel) is chosen by name (`ModelConfig.moe_transport`), see
-`ernie_jax.model.moe.transports`.
+`ernie_jax.model.moe.transports`. A set's routed-expert LoRA adapters (`lora`) enter the shard_map
+split over the `expert` axis with their experts (`P("expert")`); LoRA dropout keys enter replicated
+and each device folds in its index.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ernie_jax.model import lora_ops
+from ernie_jax.model.lora_ops import ExpertLora
 from ernie_jax.model.moe.router import RouterOutput, route
 from ernie_jax.model.moe.transports import TRANSPORTS
 from ernie_jax.model.moe.transports.all_to_all import capacity, dispatch_ranks
@@ -26,8 +30,8 @@ TOKEN_AXES = ("data", "fsdp", "expert")  # tokens of one shard_map block: split 
 
 class ExpertSetInputs(NamedTuple):
   """One expert set's arrays: router kernel [H, E] and correction bias [E] (or None), stacked
-  expert weights gate/up [E, H, I], down [E, I, H], and the tokens it serves (member [T] bool,
-  None = all)."""
+  expert weights gate/up [E, H, I], down [E, I, H], the tokens it serves (member [T] bool,
+  None = all) and the experts' LoRA adapters (None: no LoRA)."""
 
   kernel: jax.Array
   bias: jax.Array | None
@@ -35,6 +39,35 @@ class ExpertSetInputs(NamedTuple):
   up: jax.Array
   down: jax.Array
   member: jax.Array | None = None
+  lora: ExpertLora | None = None
+
+
+def _lora_args(lora: ExpertLora | None, ex):
+  """shard_map arguments and specs of a set's adapters: A, B split like the experts, keys replicated."""
+  args, specs = [], []
+  for l in lora or ():
+    if l is not None:
+      args += [l.a, l.b] + ([] if l.key is None else [l.key])
+      specs += [ex, ex] + ([] if l.key is None else [P()])
+  return args, specs
+
+
+def _lora_rebuild(lora: ExpertLora | None, rest, i: int):
+  """Inverse of `_lora_args` inside shard_map: (local ExpertLora, next argument index)."""
+  if lora is None:
+    return None, i
+  out = []
+  for l in lora:
+    if l is None:
+      out.append(None)
+      continue
+    a, b = rest[i], rest[i + 1]
+    i += 2
+    key = None
+    if l.key is not None:
+      key, i = rest[i], i + 1
+    out.append(l.replace(a=a, b=b, key=key))
+  return ExpertLora(*out), i
 
 
 def active_mesh():
@@ -46,7 +79,7 @@ def active_mesh():
 
 
 def _masked_transport(fn, name, x, member, idx, weights, gate, up, down, *, axis, impl, capacity_factor,
-                      norm_min, act):
+                      norm_min, act, lora=None):
   """One expert set restricted to the tokens of `member`, inside shard_map (local tokens)."""
   n = jax.lax.axis_size(axis)
   num_experts = n * gate.shape[0]
@@ -56,14 +89,14 @@ def _masked_transport(fn, name, x, member, idx, weights, gate, up, down, *, axis
     # tokens (weight 0) only fill slots no real assignment wanted.
     perm = jnp.argsort(~member, stable=True)
     y, _ = fn(x[perm], idx[perm], weights[perm], gate, up, down, axis=axis, impl=impl,
-              capacity_factor=capacity_factor, norm_min=norm_min, act=act)
+              capacity_factor=capacity_factor, norm_min=norm_min, act=act, lora=lora)
     y = jnp.zeros_like(y).at[perm].set(y)
     c = capacity(x.shape[0], idx.shape[1], num_experts, capacity_factor)
     kept = (dispatch_ranks(idx[perm], num_experts) < c).reshape(idx.shape)
     return y, jnp.sum(~kept & member[perm][:, None]).astype(jnp.int32)
   idx = jnp.where(member[:, None], idx, num_experts)  # routed nowhere
   return fn(x, idx, weights, gate, up, down, axis=axis, impl=impl, capacity_factor=capacity_factor,
-            norm_min=norm_min, act=act)
+            norm_min=norm_min, act=act, lora=lora)
 
 
 def expert_parallel_moe(x, sets, *, k: int, norm_min: float, transport: str, impl: str,
@@ -103,6 +136,9 @@ def expert_parallel_moe(x, sets, *, k: int, norm_min: float, transport: str, imp
     if s.member is not None:
       args.append(s.member)
       specs.append(row)
+    lora_args, lora_specs = _lora_args(s.lora, ex)
+    args += lora_args
+    specs += lora_specs
 
   def local(x, xr, *rest):
     y, routers, i = None, [], 0
@@ -110,16 +146,20 @@ def expert_parallel_moe(x, sets, *, k: int, norm_min: float, transport: str, imp
       kernel, bias, gate, up, down = rest[i:i + 5]
       i += 5
       r = route(xr, kernel, None if s.bias is None else bias, k, norm_min)
+      member = None
+      if s.member is not None:
+        member, i = rest[i], i + 1
+      lora, i = _lora_rebuild(s.lora, rest, i)
+      lora = lora_ops.fold_devices(lora, token_axes)
       if s.member is None:
         yi, dropped = fn(x, r.indices, r.weights.astype(x.dtype), gate, up, down, axis=EXPERT_AXIS,
-                         impl=impl, capacity_factor=capacity_factor, norm_min=norm_min, act=local_act)
+                         impl=impl, capacity_factor=capacity_factor, norm_min=norm_min, act=local_act,
+                         lora=lora)
       else:
-        member = rest[i]
-        i += 1
         y = jnp.zeros_like(x) if y is None else y
         yi, dropped = _masked_transport(fn, transport, x, member, r.indices, r.weights, gate, up, down,
                                         axis=EXPERT_AXIS, impl=impl, capacity_factor=capacity_factor,
-                                        norm_min=norm_min, act=local_act)
+                                        norm_min=norm_min, act=local_act, lora=lora)
       y = yi if y is None else y + yi
       routers.append(r.replace(dropped=dropped.reshape(1)))
     return y, routers

@@ -1,7 +1,10 @@
 """Expert-parallel token transports. Each runs inside `jax.shard_map` on one device's tokens:
 
   fn(x [T, H], idx [T, k], weights [T, k], gate/up [E_local, H, I], down [E_local, I, H], *,
-     axis: str, impl: str, **options) -> (y [T, H], dropped: int32 scalar)
+     axis: str, impl: str, lora: ExpertLora | None = None, **options) -> (y [T, H], dropped: int32 scalar)
+
+`lora` holds the local experts' LoRA adapters (A [E_local, H, r], B [E_local, r, I], ...), applied
+inside the same grouped matmul / batched einsum as their experts.
 
 `idx` holds global expert ids; device d of the `axis` group owns experts [d*E_local, (d+1)*E_local).
 """

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ernie_jax.model import lora_ops
 from ernie_jax.model.moe.dispatch import silu_gate
 
 
@@ -34,8 +35,13 @@ def renormalise_kept(weights, keep, norm_min: float):
   return w / jnp.maximum(w.sum(-1, keepdims=True), norm_min)
 
 
+def _proj(x, w, lora, eq, eq_a, eq_b):
+  y = jnp.einsum(eq, x, w)
+  return y if lora is None else y + lora_ops.einsum_delta(x, lora, eq_a, eq_b).astype(y.dtype)
+
+
 def all_to_all_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
-                         capacity_factor: float = 2.0, norm_min: float = 1e-12, act=None):
+                         capacity_factor: float = 2.0, norm_min: float = 1e-12, act=None, lora=None):
   del impl  # capacity-padded buffers are dense: a batched matmul per local expert
   t, h = x.shape
   k = idx.shape[1]
@@ -53,8 +59,10 @@ def all_to_all_transport(x, idx, weights, gate, up, down, *, axis: str, impl: st
   recv = jax.lax.all_to_all(send.reshape(n, e_local * c, h), axis, 0, 0)
   xe = recv.reshape(n, e_local, c, h).transpose(1, 0, 2, 3).reshape(e_local, n * c, h)
   d = x.dtype
-  he = silu_gate(jnp.einsum("ech,ehi->eci", xe, gate.astype(d)), jnp.einsum("ech,ehi->eci", xe, up.astype(d)), act)
-  ye = jnp.einsum("eci,eih->ech", he, down.astype(d))
+  lg, lu, ld = lora or (None, None, None)
+  in_eqs, out_eqs = ("ech,ehi->eci", "ech,ehr->ecr", "ecr,eri->eci"), ("eci,eih->ech", "eci,eir->ecr", "ecr,erh->ech")
+  he = silu_gate(_proj(xe, gate.astype(d), lg, *in_eqs), _proj(xe, up.astype(d), lu, *in_eqs), act)
+  ye = _proj(he, down.astype(d), ld, *out_eqs)
   back = ye.reshape(e_local, n, c, h).transpose(1, 0, 2, 3).reshape(n, e_local * c, h)
   out = jax.lax.all_to_all(back, axis, 0, 0).reshape(num_experts * c, h)
   out = jnp.concatenate([out, jnp.zeros((1, h), out.dtype)])[slot].reshape(t, k, h)

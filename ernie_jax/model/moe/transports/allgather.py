@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from ernie_jax.model.moe.dispatch import combine, sort_by_expert, grouped_swiglu
 
 
-def allgather_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str, act=None, **_):
+def allgather_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str, act=None, lora=None, **_):
   e_local = gate.shape[0]
   me = jax.lax.axis_index(axis)
   xa = jax.lax.all_gather(x, axis, tiled=True)  # [n*T, H]
@@ -20,6 +20,6 @@ def allgather_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str
   mine = (local >= 0) & (local < e_local)
   local = jnp.where(mine, local, e_local)  # everything else -> group e_local, sorted last, not computed
   order, token_of, group_sizes = sort_by_expert(local, e_local + 1)
-  out = grouped_swiglu(xa[token_of], group_sizes[:e_local], gate, up, down, impl, act)
+  out = grouped_swiglu(xa[token_of], group_sizes[:e_local], gate, up, down, impl, act, lora)
   y = combine(out, order, jnp.where(mine, wa, 0)).astype(x.dtype)
   return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True), jnp.zeros((), jnp.int32)

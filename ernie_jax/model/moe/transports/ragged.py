@@ -45,7 +45,7 @@ def _primitive():
 
 
 def ragged_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
-                     buffer_factor: float = 1.0, primitive=None, act=None, **_):
+                     buffer_factor: float = 1.0, primitive=None, act=None, lora=None, **_):
   a2a = primitive or _primitive()
   t, h = x.shape
   k = idx.shape[1]
@@ -69,7 +69,7 @@ def ragged_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
   seg = jnp.repeat(jnp.arange(n * e_local) % e_local, recv_counts.reshape(-1), total_repeat_length=cap)
   seg = jnp.where(jnp.arange(cap) < recv_sizes.sum(), seg, e_local)
   perm = jnp.argsort(seg, stable=True)
-  ys = grouped_swiglu(recv[perm], recv_counts.sum(0), gate, up, down, impl, act)
+  ys = grouped_swiglu(recv[perm], recv_counts.sum(0), gate, up, down, impl, act, lora)
   ys = jnp.zeros_like(ys).at[perm].set(ys)  # back to (source, local expert) order
   # Return to the senders: chunk for source s goes to its buffer at s's input offset for me.
   recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
