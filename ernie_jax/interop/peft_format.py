@@ -173,13 +173,15 @@ def to_peft(cfg, lora: dict[str, np.ndarray], settings: Settings, *,
     inner = f"{PREFIX}{key}.base_layer" if gu and ex.down in have else outer
     if gu:  # fused gate_up: rank len(gu) * r, A stacked along the rank, B block-diagonal
       a = np.concatenate([np.asarray(lora[p + "_lora_a"][ex.index], np.float32) for p in gu], axis=-1)  # [E, H, R]
-      bs = [np.asarray(lora[p + "_lora_b"][ex.index], np.float32) for p in gu]  # [E, r, I]
       n_e, big_r = a.shape[0], a.shape[-1]
-      b = np.zeros((n_e, sum(x.shape[2] for x in bs), big_r), np.float32)  # [E, out, R]
-      o = k = 0
-      for x in bs:
-        b[:, o:o + x.shape[2], k:k + x.shape[1]] = x.transpose(0, 2, 1)
-        o, k = o + x.shape[2], k + x.shape[1]
+      inter = lora[gu[0] + "_lora_b"].shape[-1]
+      b = np.zeros((n_e, 2 * inter, big_r), np.float32)  # [E, out = gate rows | up rows, R]; absent one: zeros
+      k = 0
+      for p in gu:
+        x = np.asarray(lora[p + "_lora_b"][ex.index], np.float32)  # [E, r, I]
+        o = 0 if p == ex.gate else inter
+        b[:, o:o + inter, k:k + x.shape[1]] = x.transpose(0, 2, 1)
+        k += x.shape[1]
       tensors[f"{inner}.lora_A.weight"] = np.ascontiguousarray(a.transpose(0, 2, 1).reshape(n_e * big_r, -1))
       tensors[f"{inner}.lora_B.weight"] = np.ascontiguousarray(b.transpose(1, 2, 0).reshape(b.shape[1], -1))
       params.add("gate_up_proj")

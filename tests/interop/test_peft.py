@@ -18,9 +18,13 @@ import pytest
 from flax import nnx
 
 import ernie_jax
+from ernie_jax.config.lora import LoraConfig
 from ernie_jax.interop import peft_format as pf
+from ernie_jax.interop.export import export_model
+from ernie_jax.interop.peft import load_peft_adapter, save_peft_adapter
 from ernie_jax.interop import safetensors_writer as stw
-from ernie_jax.interop.safetensors_io import SafetensorsReader
+from ernie_jax.interop.safetensors_io import CheckpointError, SafetensorsReader
+from ernie_jax.model.lora import apply_lora, lora_config, merge_lora
 from ernie_jax.model.state import flat_state
 from tests import hf_reference as ref
 from tests.helpers import rel
@@ -199,3 +203,92 @@ def test_export_refuses_what_peft_cannot_represent(bases):
     lora[p + "_lora_b"] = np.ones(w[:lead] + (2,) + w[lead + 1:], np.float32)
   with pytest.raises(pf.PeftFormatError, match=r"model\.layers\.1\.mlp\.shared_experts\.up_proj.*cannot"):
     pf.to_peft(model.config, lora, pf.Settings(2, 4.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: save_peft_adapter / load_peft_adapter, merged export
+def lora_model(base_dir, lcfg, seed=1):
+  """Our model of `base_dir` with LoRA `lcfg` whose A and B are random and non-zero."""
+  model = ernie_jax.from_pretrained(base_dir)
+  apply_lora(model, lcfg, rngs=nnx.Rngs(seed))
+  rng = np.random.RandomState(seed)
+  state = nnx.state(model)
+  for p, v in flat_state(state).items():
+    if p.endswith(("_lora_a", "_lora_b")):
+      v.set_value(jnp.asarray(rng.normal(0, 0.1, v.shape).astype(np.float32)))
+  nnx.update(model, state)
+  return model
+
+
+OUR_CASES = {
+  "dense": ("dense", LoraConfig(rank=3, alpha=5.0, targets=("attn", "mlp"))),
+  "dense_rslora": ("dense", LoraConfig(rank=4, rslora=True, targets=("attn.v", "mlp.down"))),
+  "moe": ("moe", LoraConfig(rank=2, alpha=3.0, targets=("attn", "experts"))),
+  "moe_rslora": ("moe", LoraConfig(rank=3, alpha=2.0, rslora=True, dropout=0.1, targets=("attn.q", "mlp.experts.up",
+                                                                                         "mlp.experts.down"))),
+}
+
+
+@pytest.mark.parametrize("case", list(OUR_CASES))
+def test_our_adapter_loaded_by_peft_gives_our_logits(bases, tmp_path, case):
+  """(a) save_peft_adapter -> peft.PeftModel.from_pretrained on transformers' model: our logits."""
+  kind, lcfg = OUR_CASES[case]
+  model = lora_model(bases[kind], lcfg)
+  logits = ours(model)
+  assert rel(logits, ours(ernie_jax.from_pretrained(bases[kind]))) > 1e-3
+  config = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=bases[kind])
+  assert sorted(os.listdir(tmp_path)) == ["adapter"]
+  assert sorted(os.listdir(tmp_path / "adapter")) == [pf.ADAPTER_CONFIG, pf.ADAPTER_WEIGHTS]
+  assert config["peft_type"] == "LORA" and config["r"] == lcfg.rank and config["use_rslora"] == lcfg.rslora
+  loaded = peft.PeftModel.from_pretrained(base_hf(kind), str(tmp_path / "adapter")).eval()
+  assert rel(peft_logits(loaded), logits) < 1e-5
+  # and back: the adapter loads here with the same logits
+  again = load_peft_adapter(ernie_jax.from_pretrained(bases[kind]), tmp_path / "adapter")
+  assert rel(ours(again), logits) < 1e-5
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_adapter_loaded_here_gives_peft_logits(bases, peft_made, case):
+  """(b) a peft-made adapter applied to our model (apply_lora + values): transformers + peft's logits."""
+  kind = PEFT_CASES[case][0]
+  adapter, reference = peft_made[case]
+  model = load_peft_adapter(ernie_jax.from_pretrained(bases[kind]), adapter)
+  lcfg = lora_config(model)
+  assert lcfg is not None and lcfg.rslora == PEFT_CASES[case][1].get("use_rslora", False)
+  assert rel(ours(model), reference) < 1e-5
+  with pytest.raises(pf.PeftFormatError, match="already has LoRA"):
+    load_peft_adapter(model, adapter)
+
+
+def test_merged_export_hf_and_orbax(bases, tmp_path):
+  """(c) merge_lora + export_model: transformers loads the HF export with the LoRA model's logits, the
+  Orbax export loads back with them; tokenizer files and generation_config.json come along."""
+  import transformers
+
+  tok = tmp_path / "tok"
+  tok.mkdir()
+  (tok / "tokenizer.model").write_bytes(b"\x00spm" * 10)
+  (tok / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+  model = lora_model(bases["moe"], LoraConfig(rank=2, targets=("attn", "mlp", "shared", "experts")))
+  logits = ours(model)
+  with pytest.raises(CheckpointError, match="merge them first"):
+    export_model(model, tmp_path / "x")
+  plain = merge_lora(model)
+  export_model(plain, tmp_path / "hf", tokenizer_dir=tok)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+  assert rel(ref.logits(hf_model, TOKENS), logits) < 1e-5
+  export_model(plain, tmp_path / "ob", format="orbax", tokenizer_dir=tok)
+  assert rel(ours(ernie_jax.from_pretrained(tmp_path / "ob")), logits) < 1e-5
+  for d in ("hf", "ob"):
+    assert (tmp_path / d / "tokenizer.model").read_bytes() == (tok / "tokenizer.model").read_bytes()
+    gen = json.loads((tmp_path / d / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+  assert sorted(os.listdir(tmp_path)) == ["hf", "ob", "tok"]
+
+
+def test_save_refuses_shared_experts_and_writes_nothing(bases, tmp_path):
+  model = lora_model(bases["moe"], LoraConfig(rank=2))  # default targets include the shared experts
+  with pytest.raises(pf.PeftFormatError, match=r"mlp\.shared_experts\..*_proj") as e:
+    save_peft_adapter(model, tmp_path / "adapter")
+  assert "\n" not in str(e.value) and "model.layers.0.mlp.gate_proj" in str(e.value)
+  assert os.listdir(tmp_path) == []
