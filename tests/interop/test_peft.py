@@ -2,9 +2,9 @@
 
 The golden references are peft's own: adapters made by `get_peft_model(..., init_lora_weights=False)`
 (random non-zero A and B) and saved with `save_pretrained`, and the logits of peft models on
-transformers. The mapping (`peft_format`) is checked on its own first (our weights + scale * A.B merged
-with numpy equal peft's logits; our export of a peft adapter loads in peft with its logits), then the
-model-level API (`interop.peft`) on LoRA'd models and the merged export.
+transformers. The mapping (`peft_format`) is checked on its own (our export of a peft adapter loads in peft with its
+logits; a transformers-4 per-expert adapter merged into our weights with numpy gives peft's logits), then
+the model-level API (`interop.peft`) on LoRA'd models, and the merged export.
 """
 
 from __future__ import annotations
@@ -120,17 +120,6 @@ def shapes_of(model):
 
 # --------------------------------------------------------------------------------------------------
 # The mapping alone
-def test_peft_made_adapter_maps_onto_our_weights(bases, peft_made):
-  """(b) at the mapping level, without ernie_jax.model.lora: peft's adapter as our A / B, merged into our
-  model with numpy, gives peft's logits."""
-  adapter, reference = peft_made["moe_params"]
-  model = ernie_jax.from_pretrained(bases["moe"])
-  config, tensors = read_adapter(adapter)
-  settings, targets, arrays = pf.from_peft(model.config, config, tensors, shapes_of(model))
-  assert targets == ("attn.k", "attn.o", "attn.q", "attn.v", "mlp.experts.down", "mlp.experts.gate", "mlp.experts.up")
-  assert rel(ours(merged(model, arrays, settings)), reference) < 1e-5
-
-
 @pytest.mark.parametrize("case", ["dense", "moe", "moe_params", "moe_down_only"])
 def test_our_export_of_a_peft_adapter_loads_in_peft(bases, peft_made, tmp_path, case):
   """to_peft(from_peft(x)): peft loads the result (rank 2r fused experts, rank / alpha patterns) with the
@@ -284,3 +273,35 @@ def test_save_refuses_shared_experts_and_writes_nothing(bases, tmp_path):
     save_peft_adapter(model, tmp_path / "adapter")
   assert "\n" not in str(e.value) and "model.layers.0.mlp.gate_proj" in str(e.value)
   assert os.listdir(tmp_path) == []
+
+
+def test_transformers4_per_expert_adapter(bases, tmp_path):
+  """Adapters saved before transformers 5 fused the experts (`mlp.experts.E.gate_proj.lora_A.weight`):
+  built from a fused peft adapter by peft's layout, peft itself loads them (its v4 -> v5 conversion) with
+  the fused adapter's logits, and so does our import."""
+  torch.manual_seed(1)
+  pm = peft.get_peft_model(base_hf("moe"), peft.LoraConfig(
+    r=3, lora_alpha=5, target_modules=ATTN, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    init_lora_weights=False)).eval()
+  reference = peft_logits(pm)
+  pm.save_pretrained(str(tmp_path / "fused"))
+  config, t = read_adapter(tmp_path / "fused")
+  n_e, inter, h, r = 8, 32, 64, 3
+  v4 = {k: v for k, v in t.items() if ".mlp.experts." not in k}
+  for layer in (1, 2):
+    p = f"{pf.PREFIX}model.layers.{layer}.mlp.experts"
+    gu_a = t[p + ".base_layer.lora_A.weight"].reshape(n_e, r, h)
+    gu_b = t[p + ".base_layer.lora_B.weight"].reshape(2 * inter, r, n_e)
+    dn_a, dn_b = t[p + ".lora_A.weight"].reshape(n_e, r, inter), t[p + ".lora_B.weight"].reshape(h, r, n_e)
+    for e in range(n_e):
+      for name, x in (("gate_proj.lora_A", gu_a[e]), ("gate_proj.lora_B", gu_b[:inter, :, e]),
+                      ("up_proj.lora_A", gu_a[e]), ("up_proj.lora_B", gu_b[inter:, :, e]),
+                      ("down_proj.lora_A", dn_a[e]), ("down_proj.lora_B", dn_b[:, :, e])):
+        v4[f"{p}.{e}.{name}.weight"] = np.ascontiguousarray(x)
+  config = {**config, "target_modules": ATTN + ["gate_proj", "up_proj", "down_proj"], "target_parameters": None,
+            "rank_pattern": {}, "alpha_pattern": {}}
+  write_adapter(tmp_path / "v4", config, v4)
+  assert rel(peft_logits(peft.PeftModel.from_pretrained(base_hf("moe"), str(tmp_path / "v4")).eval()), reference) < 1e-5
+  model = ernie_jax.from_pretrained(bases["moe"])
+  settings, _, arrays = pf.from_peft(model.config, config, v4, shapes_of(model))
+  assert rel(ours(merged(model, arrays, settings)), reference) < 1e-5
