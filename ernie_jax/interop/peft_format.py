@@ -332,6 +332,8 @@ def from_peft(cfg, config: dict, tensors: dict[str, np.ndarray], shapes: dict[st
     n_e, h, inter = shapes[ex.gate][len(ex.index)], *shapes[ex.gate][len(ex.index) + 1:]
     if vm:  # transformers-4 per-expert Linear
       e, kind = int(vm.group(2)), vm.group(3)
+      if e >= n_e:
+        raise PeftFormatError(f"tensor '{a_name}' in {where}: expert {e} but the model has {n_e} experts")
       path = {"gate": ex.gate, "up": ex.up, "down": ex.down}[kind]
       fin, fout = (inter, h) if kind == "down" else (h, inter)
       rank = _rank_of(a_name, a.shape, 1)
@@ -339,8 +341,10 @@ def from_peft(cfg, config: dict, tensors: dict[str, np.ndarray], shapes: dict[st
       _expect(b_name, b, (fout, rank))
       pieces.append(_Piece(path, ex.index + (e,), a.T, b.T, scale(f"{mod}", rank), mod))
       continue
-    is_gu = bool(fm.group(2)) or (want_gu and not want_down)
-    if fm.group(2) and not (want_gu and want_down) or not (want_gu or want_down):
+    # nested wrappers: with both parameters targeted gate_up_proj is the inner one (`.base_layer`)
+    inner = bool(fm.group(2))
+    is_gu = inner or (want_gu and not want_down)
+    if (inner and not (want_gu and want_down)) or not (want_gu or want_down):
       raise PeftFormatError(f"tensor '{a_name}' in {where}: module '{mod}' does not match target_parameters={tparams}")
     pname = f"model.layers.{ex.layer}.mlp.experts.{'gate_up_proj' if is_gu else 'down_proj'}"
     rank = _rank_of(a_name, a.shape, n_e)

@@ -305,3 +305,25 @@ def test_transformers4_per_expert_adapter(bases, tmp_path):
   model = ernie_jax.from_pretrained(bases["moe"])
   settings, _, arrays = pf.from_peft(model.config, config, v4, shapes_of(model))
   assert rel(ours(merged(model, arrays, settings)), reference) < 1e-5
+
+
+def test_import_errors_on_fused_experts(bases, peft_made):
+  model = ernie_jax.from_pretrained(bases["moe"])
+  config, tensors = read_adapter(peft_made["moe_params"][0])
+  p = f"{pf.PREFIX}model.layers.1.mlp.experts"
+  cases = [
+    ({p + ".lora_B.weight": tensors[p + ".lora_B.weight"][:, :-1]},
+     r"'base_model\.model\.model\.layers\.1\.mlp\.experts\.lora_B\.weight' has shape \[64, 23\], expected \[64, 24\]"),
+    ({p + ".base_layer.lora_A.weight": tensors[p + ".base_layer.lora_A.weight"][:-1]},
+     r"experts\.base_layer\.lora_A\.weight' has shape \[23, 64\], expected \[8 \* rank, in\]"),
+    ({f"{p}.9.up_proj.lora_A.weight": np.zeros((3, 64), np.float32),
+      f"{p}.9.up_proj.lora_B.weight": np.zeros((32, 3), np.float32)}, r"expert 9 but the model has 8 experts"),
+    ({f"{pf.PREFIX}model.layers.0.mlp.experts.lora_A.weight": np.zeros((3, 64), np.float32),
+      f"{pf.PREFIX}model.layers.0.mlp.experts.lora_B.weight": np.zeros((64, 3), np.float32)},
+     r"layers\.0\.mlp\.experts' is not a LoRA-able module.*dense"),
+  ]
+  for change, match in cases:
+    with pytest.raises(pf.PeftFormatError, match=match):
+      pf.from_peft(model.config, config, {**tensors, **change}, shapes_of(model))
+  with pytest.raises(pf.PeftFormatError, match=r"does not match target_parameters=\['mlp\.experts\.down_proj'\]"):
+    pf.from_peft(model.config, {**config, "target_parameters": ["mlp.experts.down_proj"]}, tensors, shapes_of(model))
