@@ -197,7 +197,10 @@ def test_only_lora_params_get_gradients():
 
 def test_dropout_only_inside_dropout_key():
   model = randomize(_lora_model(MOE, LoraConfig(rank=4, dropout=0.5)))
-  merged = np.asarray(logits(lora.merge_lora(model), TOKENS))
+  merged_model = lora.merge_lora(model)
+  assert not [p for p, _ in nnx.to_flat_state(nnx.state(merged_model)) if lora.is_lora_path(p)]
+  assert any(p[-1] == "lora_salt" for p, _ in nnx.to_flat_state(nnx.state(model)))
+  merged = np.asarray(logits(merged_model, TOKENS))
   plain = np.asarray(logits(model, TOKENS))
   assert rel(plain, merged) <= 1e-6  # no dropout outside the context
 

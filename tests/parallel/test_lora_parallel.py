@@ -144,3 +144,24 @@ def test_vl_expert_sets_lora_match_single_device(transport):
   assert g.keys() == want_g.keys() and {"text_experts/down_lora_b", "vision_experts/gate_lora_a"} <= set(g)
   for p, v in g.items():
     assert rel(v, want_g[p]) <= 3e-5, p
+
+
+def test_lora_params_sharded_as_the_rules_say():
+  from ernie_jax.parallel import DEFAULT_RULES, logical_to_spec, shard_model
+
+  mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  # added to a model already laid out on the mesh (e.g. from_pretrained(..., mesh=)): placed by the rules
+  model = lora.apply_lora(shard_model(lambda: ErnieForCausalLM(CFG, rngs=nnx.Rngs(0)), mesh), LCFG, rngs=nnx.Rngs(1))
+  state = nnx.state(model, nnx.LoRAParam)
+  assert len(jax.tree.leaves(state)) == 2 * (4 * 2 + 3 * 2)
+  for path, var in nnx.to_flat_state(state):
+    want = logical_to_spec(var.get_metadata()["out_sharding"], var.shape, DEFAULT_RULES, mesh)
+    assert var[...].sharding.spec == want, path
+  e = model.groups[1].blocks.layers[0].mlp.experts
+  assert e.gate_lora_a[...].sharding.spec == P(None, "expert", "fsdp", None)
+  assert e.gate_lora_b[...].sharding.spec == P(None, "expert", None, "tensor")
+  # the abstract LoRA model (shard_model / checkpoint restore) gets the same layout
+  abstract = nnx.eval_shape(lambda: lora.apply_lora(ErnieForCausalLM(CFG, rngs=nnx.Rngs(0)), LCFG, rngs=nnx.Rngs(1)))
+  shardings = state_shardings(nnx.state(abstract, nnx.LoRAParam), mesh)
+  got = {path_str(p): v.get_value().spec for p, v in nnx.to_flat_state(shardings)}
+  assert got == {path_str(p): v[...].sharding.spec for p, v in nnx.to_flat_state(state)}
