@@ -95,6 +95,10 @@ _HELP_VERIFY = ("before moving the output into place, run it and the transformer
                 "transformers and host memory for both models.")
 _HELP_TOL = ("largest max |Δ logits| / max |reference logit| --verify accepts (default 1e-4, or 5e-2 "
              "with ≥ 90%% top-1 agreement when --dtype rounds the weights)")
+_HELP_TOKENIZER = ("directory whose tokenizer files (tokenizer.model / tokenizer.json / tokenizer_config.json / "
+                   "special_tokens_map.json / added_tokens.json / chat_template.jinja ...) and generation_config.json "
+                   "are copied to --output (default: --input's own). A generation_config.json with the config's "
+                   "bos / eos / pad ids is written when there is none.")
 _HELP_OVERWRITE = ("replace --output if it exists; the old directory is removed only once the new one "
                    "is complete. Without it an existing --output is an error.")
 
@@ -119,6 +123,7 @@ def main_to_orbax(fmt: str, description: str, argv=None) -> int:
   p.add_argument("--verify", action="store_true", help=_HELP_VERIFY)
   p.add_argument("--tolerance", type=float, default=None, help=_HELP_TOL)
   p.add_argument("--overwrite", action="store_true", help=_HELP_OVERWRITE)
+  p.add_argument("--tokenizer", metavar="DIR", default=None, help=_HELP_TOKENIZER)
   p.add_argument("--allow-pickle", action="store_true",
                  help="also read pickle weight files (torch .bin, Paddle .pdparams; the latter need "
                       "paddlepaddle). Unpickling can execute arbitrary code: only for files you "
@@ -149,7 +154,7 @@ def main_to_orbax(fmt: str, description: str, argv=None) -> int:
       other = {"hf": "hf_to_orbax.py", "paddle": "paddle_to_orbax.py", "orbax": "orbax_to_hf.py"}[source.format]
       raise CheckpointError(f"{args.input} is a {source.format} checkpoint, not {fmt}: use {other}")
     r = convert_to_orbax(source, args.output, dtype=args.dtype, overwrite=args.overwrite,
-                         block_bytes=int(args.block_mb * 2**20),
+                         block_bytes=int(args.block_mb * 2**20), tokenizer_dir=args.tokenizer,
                          before_commit=check if args.verify else None, log=_log(args.quiet))
     print(f"{r.input} ({r.format}) -> {r.output}: {r.tensors} tensors, {r.bytes_read / 1e9:.3f} GB, "
           f"{r.storage_dtype} parameters, {r.seconds:.1f} s")
@@ -164,7 +169,7 @@ def main_to_hf(description: str, argv=None) -> int:
                  help="ernie_jax Orbax checkpoint (or a CheckpointManager directory: latest step)")
   p.add_argument("--output", required=True, metavar="DIR",
                  help="HF checkpoint directory to create: *.safetensors (+ index), config.json, "
-                      "generation_config.json")
+                      "generation_config.json and the input's tokenizer files")
   p.add_argument("--dtype", choices=STORAGE_DTYPES, default="auto", help=_HELP_DTYPE)
   p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                  help="largest safetensors shard, e.g. 5GB (default), 500MB; one shard is written "
@@ -173,6 +178,7 @@ def main_to_hf(description: str, argv=None) -> int:
     "the transformers reference", "transformers on the exported files against our model on --input"))
   p.add_argument("--tolerance", type=float, default=None, help=_HELP_TOL)
   p.add_argument("--overwrite", action="store_true", help=_HELP_OVERWRITE)
+  p.add_argument("--tokenizer", metavar="DIR", default=None, help=_HELP_TOKENIZER)
   p.add_argument("--quiet", action="store_true", help="print only errors and the final summary")
   args = p.parse_args(argv)
   limit_heap_retention()
@@ -186,7 +192,7 @@ def main_to_hf(description: str, argv=None) -> int:
     if detect_format(args.input) != "orbax":
       raise CheckpointError(f"{args.input} is not an ernie_jax Orbax checkpoint")
     r = export_hf(args.input, args.output, dtype=args.dtype, overwrite=args.overwrite,
-                  max_shard_bytes=parse_size(args.max_shard_size),
+                  max_shard_bytes=parse_size(args.max_shard_size), tokenizer_dir=args.tokenizer,
                   before_commit=check if args.verify else None, log=_log(args.quiet))
     print(f"{args.input} -> {args.output}: {r['tensors']} tensors, {r['bytes'] / 1e9:.3f} GB in "
           f"{len(r['files'])} file(s), {r['dtype']}, {r['seconds']:.1f} s")

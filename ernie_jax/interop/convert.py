@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.interop import hf_config
+from ernie_jax.interop import assets, hf_config
 from ernie_jax.interop import orbax_io
 from ernie_jax.interop import safetensors_writer as stw
 from ernie_jax.interop.layouts import check_source, hf_layout, hf_vl_layout
@@ -211,7 +211,8 @@ def convert_to_orbax(src: str | os.PathLike | Source, dst: str | os.PathLike, *,
                      dtype: str = "auto", overwrite: bool = False, allow_pickle: bool = False,
                      config: ModelConfig | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
                      before_commit: Callable[[str, "ConversionReport"], None] | None = None,
-                     log: Callable[[str], None] | None = None) -> ConversionReport:
+                     log: Callable[[str], None] | None = None, tokenizer_dir: str | os.PathLike | None = None,
+                     generation_config: dict | str | None = None) -> ConversionReport:
   """Convert an HF or Paddle checkpoint directory (or an open `sources.Source`) into an Orbax
   checkpoint at `dst`.
 
@@ -249,8 +250,10 @@ def convert_to_orbax(src: str | os.PathLike | Source, dst: str | os.PathLike, *,
         log(f"{src}: {layout.name} layout, {len(reads)} tensors, {total / 1e9:.2f} GB -> {storage} parameters")
       conv = Conversion(reader, layout, reads, params, block_bytes=block_bytes, progress=progress)
       arrays = {p: orbax_io.StreamedArray(p, s, d, conv.lead(p), conv) for p, (s, d) in params.items()}
+      files = assets.find(tokenizer_dir if tokenizer_dir is not None else src if os.path.isdir(src) else None)
       orbax_io.save_state(out, arrays, cfg, metadata={"source": {
-        "path": os.path.abspath(src), "format": layout.name, "storage_dtype": storage}})
+        "path": os.path.abspath(src), "format": layout.name, "storage_dtype": storage}},
+        extra_files=lambda d: assets.write(d, cfg, files, generation_config))
       report = ConversionReport(src, os.fspath(dst), layout.name, cfg, storage,
                                 _lossy(storage, reader, reads), len(reads), total, time.perf_counter() - t0)
       if before_commit is not None:
@@ -285,13 +288,15 @@ class _ModelParams:
 def export_hf(src, dst: str | os.PathLike, *, dtype: str = "auto", overwrite: bool = False,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               before_commit: Callable[[str, dict], None] | None = None,
-              log: Callable[[str], None] | None = None) -> dict:
+              log: Callable[[str], None] | None = None, tokenizer_dir: str | os.PathLike | None = None,
+              generation_config: dict | str | None = None) -> dict:
   """Write an HF-layout checkpoint (safetensors shards + index + config.json) that transformers
   loads. src: an Orbax checkpoint directory or an `ErnieForCausalLM` (or an ERNIE 4.5 VL
   checkpoint / `Ernie45VLForConditionalGeneration`: a transformers VL checkpoint is written).
   Tensors are read, transposed and written one at a time. dtype: "auto" keeps each parameter's
   stored dtype (the router weight and correction bias are always fp32). before_commit(tmp_dir,
-  report): see `convert_to_orbax`."""
+  report), tokenizer_dir, generation_config: see `convert_to_orbax` (default tokenizer_dir: the Orbax
+  checkpoint directory; none for a model)."""
   if dtype not in STORAGE_DTYPES:
     raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
   if os.path.lexists(dst) and not overwrite:  # fail before reading anything
@@ -299,6 +304,8 @@ def export_hf(src, dst: str | os.PathLike, *, dtype: str = "auto", overwrite: bo
                           "--overwrite to replace it)")
   params = orbax_io.OrbaxReader(src) if isinstance(src, (str, os.PathLike)) else _ModelParams(src)
   try:
+    extra = assets.find(tokenizer_dir) if tokenizer_dir is not None else (
+      assets.find(getattr(params, "directory", None)) or assets.find(src if isinstance(src, (str, os.PathLike)) else None))
     cfg = params.config
     vl = cfg.is_vl
     layout = hf_vl_layout() if vl else hf_layout()
@@ -333,9 +340,7 @@ def export_hf(src, dst: str | os.PathLike, *, dtype: str = "auto", overwrite: bo
       files = stw.write_checkpoint(out, specs, lambda n: fetchers[n](), max_shard_bytes)
       with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-      with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                   "pad_token_id": cfg.pad_token_id}, f, indent=2)
+      assets.write(out, cfg, extra, generation_config)
       report = {"tensors": len(specs), "bytes": total, "files": files,
                 "seconds": time.perf_counter() - t0, "dtype": config_dtype,
                 "lossy": any(out_dtype(s.path) != params.dtype(s.path)

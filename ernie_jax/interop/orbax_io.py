@@ -38,7 +38,7 @@ import json
 import os
 import queue
 import threading
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 import numpy as np
@@ -294,10 +294,13 @@ def config_from_info(info: Mapping[str, Any]) -> ModelConfig | VLConfig:
 
 
 def save_state(path: str | os.PathLike, arrays: Mapping[str, Any], cfg: ModelConfig, *,
-               metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
+               metadata: Mapping[str, Any] | None = None, overwrite: bool = False,
+               extra_files: Callable[[str], Any] | None = None) -> None:
   """Write `arrays` ({flat parameter path: jax / numpy array or StreamedArray}) and `cfg`.
 
-  Orbax writes into a temporary sibling and renames it into place when complete.
+  Orbax writes into a temporary sibling and renames it into place when complete. extra_files(dir):
+  called once the items are written and before the checksums, to add files next to them (the
+  tokenizer files and generation_config.json, `interop.assets`), which the checksums then cover.
   """
   path = epath.Path(_abspath(path))
   streamed = any(isinstance(a, StreamedArray) for a in arrays.values())
@@ -320,16 +323,18 @@ def save_state(path: str | os.PathLike, arrays: Mapping[str, Any], cfg: ModelCon
                       force=overwrite)
   finally:
     checkpointer.close()
+  if extra_files is not None and jax.process_index() == 0:
+    extra_files(os.fspath(path))
   if jax.process_count() == 1:  # (other hosts' files may not be visible here)
     write_checksums(path)
 
 
 def save_model(model, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
-               overwrite: bool = False) -> None:
+               overwrite: bool = False, extra_files: Callable[[str], Any] | None = None) -> None:
   """Save an `ErnieForCausalLM` or `Ernie45VLForConditionalGeneration` (possibly sharded,
-  multi-host) with its config."""
+  multi-host) with its config. extra_files: see `save_state`."""
   flat = {p: v.get_value() for p, v in flat_state(nnx.state(model)).items()}
-  save_state(path, flat, model.config, metadata=metadata, overwrite=overwrite)
+  save_state(path, flat, model.config, metadata=metadata, overwrite=overwrite, extra_files=extra_files)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def apply_lora(model, cfg: LoraConfig, *, rngs: nnx.Rngs):
   """Add LoRA parameters for `cfg.targets` to `model` in place (see the module docstring); returns it."""
   if lora_config(model) is not None:
     raise ValueError(f"apply_lora: the model already has LoRA ({lora_config(model)}); merge_lora it first")
-  if getattr(model.config, "fp8_recipe", "none") != "none":
+  if getattr(getattr(model, "config", None), "fp8_recipe", "none") != "none":
     raise ConfigError("fp8_recipe", f"LoRA does not support FP8 models (fp8_recipe={model.config.fp8_recipe!r}); "
                       "use fp8_recipe='none'")
   rules = getattr(model, "sharding_rules", None) or DEFAULT_RULES

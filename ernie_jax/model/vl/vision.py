@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ernie_jax.model.lora_ops import adapter, add
 from ernie_jax.model.layers import make_param, normal
 from ernie_jax.config import VisionConfig
 from ernie_jax.model.vl.rope3d import apply_rope_half, vision_position_ids, vision_rope
@@ -71,6 +72,7 @@ class Linear(nnx.Module):
   def __call__(self, x):
     d = self.dtype
     y = x.astype(d) @ self.kernel[...].astype(d)
+    y = add(y, x.astype(d), adapter(self, "kernel", d), "...i,ir->...r", "...r,ro->...o")  # LoRA (resampler)
     return y if self.bias is None else y + self.bias[...].astype(d)
 
 
