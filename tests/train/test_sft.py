@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -170,3 +171,24 @@ def test_lora_sft_resume_after_sigkill_is_exact_and_refuses_another_base(tmp_pat
   assert "Traceback" not in other.stderr
   with pytest.raises(CheckpointError, match="another base model"):
     train(_config(run, xla_cache, **{**over, "seed": 7, "steps": steps + 4}), FineTuning())
+  # out: the LoRA workdir exports merged to HF (transformers gives the LoRA model's logits, the
+  # generation config comes along); its MoE adapter includes shared-expert / dense-MLP targets, which
+  # peft cannot represent on transformers' ERNIE MoE, so the peft export is refused in one line
+  import torch
+  import transformers
+
+  from ernie_jax.cli import export as export_cli
+  from ernie_jax.train.trained import load_trained
+
+  assert export_cli.main(["--workdir", str(run), "--output", str(tmp_path / "hf")]) == 0
+  assert (tmp_path / "hf" / "generation_config.json").exists()
+  trained = load_trained(str(run))
+  assert trained.kind == "lora" and trained.step == steps
+  ids = np.random.default_rng(1).integers(3, 200, (2, 12))
+  ours = np.asarray(trained.model(jnp.asarray(ids, jnp.int32)).logits)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf(torch.as_tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+  assert export_cli.main(["--workdir", str(run), "--output", str(tmp_path / "adapter"), "--format", "peft"]) == 1
+  assert not (tmp_path / "adapter").exists()
