@@ -6,6 +6,8 @@ Two modes share one code path:
 * with a cache (generation): k/v are written into preallocated slots at their absolute positions
   (per batch row, so prompts of different lengths decode together) and a query at position p sees
   slots 0..p.
+
+q/k/v/o may carry LoRA branches (`lora_ops`, added by `ernie_jax.model.lora.apply_lora`).
 """
 
 from __future__ import annotations

@@ -129,6 +129,16 @@ def _matches(site: _Site, target: str) -> bool:
   return any(k == target or k.endswith("." + target) for k in keys)
 
 
+def _short(key: str) -> str:
+  """The module-relative suffix of a site key: 'attn.q', 'mlp.experts.gate', 'spatial_linear.fc1'."""
+  parts = key.split(".")
+  for anchor in ("layers", "block", "resampler"):
+    if anchor in parts:
+      parts = parts[len(parts) - parts[::-1].index(anchor):]
+      break
+  return ".".join(p for p in parts if p != "kernel")
+
+
 def _select(sites: list[_Site], cfg: LoraConfig) -> list[_Site]:
   """The sites the targets select; unknown targets, and (unless the default targets are used) targets
   that match nothing in this model, are ConfigErrors naming them."""
@@ -136,7 +146,7 @@ def _select(sites: list[_Site], cfg: LoraConfig) -> list[_Site]:
   for t in cfg.targets:
     hits = {i for i, s in enumerate(sites) if _matches(s, t)}
     if not hits and (t not in GROUPS or cfg.targets != DEFAULT_TARGETS):
-      suffixes = sorted({".".join(s.key.split(".")[-3:]) for s in sites})
+      suffixes = sorted({_short(s.key) for s in sites})
       what = "matches no weight of this model" if t in GROUPS else "is unknown"
       raise ConfigError("lora.targets", f"target {t!r} {what}; valid: the groups {', '.join(GROUPS)} present "
                         f"in the model, or a path suffix such as {', '.join(suffixes)}")

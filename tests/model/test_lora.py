@@ -88,9 +88,15 @@ def test_shapes_metadata_and_init():
   assert lora.lora_targets(abstract) == lora.lora_targets(_lora_model(MOE, LoraConfig(rank=4)))
 
 
+@pytest.fixture(scope="module")
+def random_lora():
+  """{config: its model with LCFG adapters holding random A and B} (built once, never mutated)."""
+  return {id(cfg): randomize(_lora_model(cfg)) for cfg in (DENSE, MOE)}
+
+
 @pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
-def test_merged_equals_unmerged(cfg):
-  model = randomize(_lora_model(cfg))
+def test_merged_equals_unmerged(cfg, random_lora):
+  model = random_lora[id(cfg)]
   base = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
   want = np.asarray(logits(model, TOKENS))
   merged = lora.merge_lora(model)
@@ -178,8 +184,8 @@ def test_routed_lora_matches_loop_with_effective_weights(impl, which):
 
 
 # --------------------------------------------------------------------------------------------------
-def test_only_lora_params_get_gradients():
-  model = randomize(_lora_model(MOE))
+def test_only_lora_params_get_gradients(random_lora):
+  model = random_lora[id(MOE)]
 
   @nnx.jit
   def grads(model, tokens):

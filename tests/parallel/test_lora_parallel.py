@@ -60,10 +60,19 @@ def _flat(grads):
   return {path_str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
 
 
+def _with_transport(model, transport: str):
+  """The model's MoE blocks switched to `transport`, with a capacity that drops nothing (0)."""
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, MoE):
+      m.transport, m.capacity_factor = transport, 0.0
+  return model
+
+
 @pytest.fixture(scope="module")
 def single_device():
-  (loss, logits), grads = _loss_and_grads(_model(CFG), _tokens())
-  return loss, logits, _flat(grads)
+  graphdef, state = nnx.split(_model(CFG))
+  (loss, logits), grads = _loss_and_grads(nnx.merge(graphdef, state), _tokens())
+  return (graphdef, state), (loss, logits, _flat(grads))
 
 
 def _on_mesh(model, mesh):
@@ -73,9 +82,9 @@ def _on_mesh(model, mesh):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_text_lora_values_and_grads_match_single_device(single_device, transport):
-  ref_loss, ref_logits, ref_grads = single_device
+  (graphdef, state), (ref_loss, ref_logits, ref_grads) = single_device
   mesh = make_mesh(MeshConfig(data=2, expert=4))
-  model = _on_mesh(_model(CFG.replace(moe_transport=transport, moe_capacity_factor=0.0)), mesh)
+  model = _on_mesh(_with_transport(nnx.merge(graphdef, state), transport), mesh)
   experts = model.groups[1].blocks.layers[0].mlp.experts
   for v in (experts.gate_lora_a, experts.down_lora_b):  # adapters split with their experts, rank whole
     assert v[...].sharding.spec[1] == "expert" and v[...].sharding.spec[-2:].count("expert") == 0
@@ -93,8 +102,7 @@ def test_text_lora_values_and_grads_match_single_device(single_device, transport
 
 def test_lora_dropout_inside_shard_map():
   mesh = make_mesh(MeshConfig(data=2, expert=4))
-  model = _on_mesh(_model(CFG.replace(moe_transport="all_to_all", moe_capacity_factor=0.0),
-                          LCFG.replace(dropout=0.3, targets=("experts",))), mesh)
+  model = _on_mesh(_with_transport(_model(CFG, LCFG.replace(dropout=0.3, targets=("experts",))), "all_to_all"), mesh)
 
   @nnx.jit
   def run(model, tokens, key):
@@ -114,8 +122,8 @@ def test_lora_dropout_inside_shard_map():
 VL = VLConfig.tiny(initializer_range=0.3, moe_num_experts=8)
 
 
-def _vl_moe(transport):
-  cfg = VL.replace(moe_impl="blocked", moe_transport=transport, moe_capacity_factor=0.0)
+def _vl_moe():
+  cfg = VL.replace(moe_impl="blocked")
   moe = MoE(cfg, vl_expert_sets(cfg), rngs=nnx.Rngs(0))
   return _randomize(lora.apply_lora(moe, LoraConfig(rank=4, targets=("experts", "shared")), rngs=nnx.Rngs(1)))
 
@@ -129,13 +137,20 @@ def _vl_value_and_grads(moe, x, vision):
   return nnx.value_and_grad(f, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)(moe)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_vl_expert_sets_lora_match_single_device(transport):
+@pytest.fixture(scope="module")
+def vl_single_device():
   x = jax.random.normal(jax.random.key(1), (8, 4, VL.hidden_size))
   vision = jax.random.bernoulli(jax.random.key(2), 0.4, (8, 4))
-  (_, want), want_g = _vl_value_and_grads(_vl_moe("none"), x, vision)
+  graphdef, state = nnx.split(_vl_moe())
+  (_, want), want_g = _vl_value_and_grads(nnx.merge(graphdef, state), x, vision)
+  return (graphdef, state), (x, vision), (want, want_g)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_vl_expert_sets_lora_match_single_device(vl_single_device, transport):
+  (graphdef, state), (x, vision), (want, want_g) = vl_single_device
   mesh = make_mesh(MeshConfig(data=2, expert=4))
-  moe = _on_mesh(_vl_moe(transport), mesh)
+  moe = _on_mesh(_with_transport(nnx.merge(graphdef, state), transport), mesh)
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
     (_, y), g = _vl_value_and_grads(moe, xs, vision)
