@@ -5,6 +5,8 @@ Examples:
   python -m ernie_jax.cli.generate --checkpoint ckpt/ --tokens "1 2 3" --tokens "4 5" --max-new-tokens 16
   python -m ernie_jax.cli.generate --checkpoint ckpt/ --prompt "Hello" --temperature 0.7 --top-p 0.9
   python -m ernie_jax.cli.generate --checkpoint runs/tiny --prompt "def f(" --max-new-tokens 64
+  python -m ernie_jax.cli.generate --checkpoint /tmp/ernie_jax/sft_tiny --chat "What does \`len\` do?"
+  python -m ernie_jax.cli.generate --checkpoint ERNIE-4.5-0.3B-PT --adapter my_peft_adapter --chat "Hi"
 
 The argument parsing and the I/O; the decoding itself is `ernie_jax.infer.generate.generate`.
 """
@@ -21,27 +23,34 @@ import jax
 from flax import nnx
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.data.tokenizers import TokenizerError, find_tokenizer_file, get_tokenizer, load_tokenizer
+from ernie_jax.data.chat_template import ChatTemplateError, render_prompt
+from ernie_jax.data.tokenizers import (END_OF_SENTENCE, TokenizerError, find_tokenizer_file, get_tokenizer,
+                                       load_tokenizer)
 from ernie_jax.infer.generate import generate
 from ernie_jax.interop import orbax_io
+from ernie_jax.interop.peft import load_peft_adapter
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
 from ernie_jax.model import ErnieForCausalLM
 from ernie_jax.train.checkpoint import Checkpointer
+from ernie_jax.train.trained import load_trained
 
 DESCRIPTION = """\
 Generate tokens with an ERNIE 4.5 model (batched, KV-cached, one jitted program per shape).
 
 --checkpoint takes a Hugging Face or Paddle checkpoint directory, an ernie_jax Orbax checkpoint
-(converted, or a training checkpoint), or a pretraining workdir (experiments/pretrain.py): its latest
-checkpoint under WORKDIR/checkpoints/ is loaded, with the tokenizer the run trained with.
+(converted, or a training checkpoint), or a training workdir (experiments/pretrain.py or sft.py): its
+latest checkpoint under WORKDIR/checkpoints/ is loaded (a LoRA run: its base with the trained
+adapters), with the tokenizer the run trained with. --adapter applies a peft LoRA adapter directory.
 
 Prompts are given as token ids (--tokens, repeatable) or as text (--prompt, repeatable; needs a
 tokenizer: --tokenizer, a tokenizer.model / tokenizer.json in the checkpoint directory, or the
 pretraining workdir's tokenizer; --tokenizer bytes for byte-level models).
 Prompts of different lengths are decoded together in one batch. For each prompt the new token ids
 are printed (and the decoded text when a tokenizer is available). Generation of a prompt stops
-after the first stop token (default: the config's eos id), which is printed too.
+after the first stop token (default: the config's eos id), which is printed too. --chat TEXT (repeatable)
+sends TEXT as a user message rendered with the chat template (the tokenizer directory's own, else the
+built-in ERNIE 4.5 one; --system adds a system message); it also stops at <|end_of_sentence|>.
 
 --demo needs no files: it builds a tiny random MoE model and reports throughput."""
 
@@ -64,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument("--demo", action="store_true",
                    help="use a tiny random MoE model (ModelConfig.tiny_moe); no files needed. "
                         "Stop tokens are off unless --stop-token is given")
+  src.add_argument("--adapter", metavar="DIR",
+                   help="a peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply")
   src.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and compute dtype (default: %(default)s)")
   src.add_argument("--moe-impl", choices=("auto", "ragged_dot", "blocked", "loop"), default="auto",
@@ -73,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='a prompt as token ids, e.g. --tokens "1 2 3"; repeat for a batch')
   inp.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt as text (needs a tokenizer); repeat for a batch")
+  inp.add_argument("--chat", action="append", default=[], metavar="TEXT",
+                   help="a user message, rendered with the chat template (repeatable; needs a tokenizer)")
+  inp.add_argument("--system", default="", metavar="TEXT", help="a system message for --chat")
   inp.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer.model / tokenizer.json, a directory with one, or 'bytes' (UTF-8 bytes + 3, "
                         "the byte-level pretraining tokenizer) (default: look in --checkpoint, or the "
@@ -108,7 +122,7 @@ def _workdir_checkpoints(path: str | None) -> str | None:
 
 
 def _workdir_tokenizer(workdir: str, ckpts: str):
-  """The tokenizer a pretraining run trained with: data.tokenizer recorded in its latest checkpoint
+  """The tokenizer a training run trained with: data.tokenizer recorded in its latest checkpoint
   ("bytes", "bpe" = WORKDIR/tokenizer.json, or a path); None for pre-tokenized data."""
   step = int(os.path.basename(orbax_io.resolve(ckpts)))
   ckpt = Checkpointer(workdir, every_steps=0, keep=None, async_save=False)
@@ -144,8 +158,13 @@ def _load_model(args):
     cfg = ModelConfig.tiny_moe(dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl,
                                initializer_range=0.3)
     return ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
-  path = _workdir_checkpoints(args.checkpoint) or args.checkpoint
-  return from_pretrained(path, dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl)
+  if _workdir_checkpoints(args.checkpoint):  # a training workdir (LoRA runs: base + adapters)
+    model = load_trained(args.checkpoint).model
+  else:
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype, moe_impl=args.moe_impl)
+  if args.adapter:
+    model = load_peft_adapter(model, args.adapter)
+  return model
 
 
 def main(argv=None) -> int:
@@ -163,13 +182,19 @@ def main(argv=None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 1
     tok = None  # only used to show text next to --tokens
-  if tok is None and args.prompt:
-    parser.error("--prompt needs a tokenizer: pass --tokenizer PATH or --tokenizer bytes (no tokenizer.model "
-                 "or tokenizer.json in the checkpoint directory)")
+  if tok is None and (args.prompt or args.chat):
+    parser.error(f"{'--prompt' if args.prompt else '--chat'} needs a tokenizer: pass --tokenizer PATH or "
+                 "--tokenizer bytes (no tokenizer.model or tokenizer.json in the checkpoint directory)")
 
   prompts = [list(t) for t in args.tokens]
   if args.prompt:
     prompts += [tok.encode(text, add_bos=args.add_bos) for text in args.prompt]
+  system = [{"role": "system", "content": args.system}] if args.system else []
+  try:
+    prompts += [render_prompt(system + [{"role": "user", "content": text}], tok).tolist() for text in args.chat]
+  except ChatTemplateError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if not prompts:
     if not args.demo:
       parser.error("give at least one prompt: --tokens \"ID ID ...\" or --prompt TEXT")
@@ -184,6 +209,8 @@ def main(argv=None) -> int:
       stops = tuple(args.stop_token)
     else:
       stops = () if args.demo else None  # None = the config's eos id
+      if args.chat and tok is not None:  # a chat answer ends with <|end_of_sentence|>
+        stops = tuple(sorted({i for i in (cfg.eos_token_id, tok.special_id(END_OF_SENTENCE)) if i is not None}))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, stop_tokens=stops, seed=args.seed, max_len=args.max_len)
     t0 = time.perf_counter()
@@ -194,7 +221,7 @@ def main(argv=None) -> int:
       t0 = time.perf_counter()
       outs = generate(model, prompts, **kw)
       steady_s = time.perf_counter() - t0
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
 

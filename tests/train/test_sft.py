@@ -68,7 +68,7 @@ def _config(workdir, xla_cache, **overrides):
   return c
 
 
-def test_tiny_sft_lowers_heldout_loss_and_answers_a_trained_prompt(tmp_path, xla_cache):
+def test_tiny_sft_lowers_heldout_loss_and_answers_a_trained_prompt(tmp_path, xla_cache, capsys):
   data, heldout = _jsonl(tmp_path / "train.jsonl", QA), _jsonl(tmp_path / "heldout.jsonl", HELDOUT)
   summary = train(_config(tmp_path / "run", xla_cache, **{
     **MICRO, "steps": 150, "metrics.log_every": 50, "finetune.eval_every": 50, "data.paths": data,
@@ -80,6 +80,14 @@ def test_tiny_sft_lowers_heldout_loss_and_answers_a_trained_prompt(tmp_path, xla
   assert summary["sample_answer"] == QA[2][1], summary  # the trained answer, then <|end_of_sentence|>
   records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
   assert [r["step"] for r in records] == [0, 50, 100, 150]
+  # chat with the trained workdir from the command line (chat template, stop at <|end_of_sentence|>)
+  from ernie_jax.cli import generate as generate_cli
+
+  capsys.readouterr()
+  assert generate_cli.main(["--checkpoint", str(tmp_path / "run"), "--chat", QA[4][0], "--json",
+                            "--max-new-tokens", "40"]) == 0
+  answer = json.loads(capsys.readouterr().out.splitlines()[0])
+  assert answer["text"] == QA[4][1] and answer["output_ids"][-1] == 2, answer  # then <|end_of_sentence|> (eos)
 
 
 def _lora_state(cfg, lora, mesh):

@@ -15,6 +15,10 @@ expert sets; the vision tower may be stored as `model.vision_model.*` (transform
 save_pretrained) or `vision_model.*` (the -PT release). --verify then runs both models on two
 prompts with an image each.
 
+The tokenizer files (tokenizer.model / tokenizer.json / tokenizer_config.json / special_tokens_map.json /
+chat_template.jinja / added_tokens.json) and generation_config.json of --input (or of --tokenizer DIR)
+are copied into the output and covered by its checksums.
+
 Exit status: 0 done; 1 bad input, existing output or other error (the message names the tensor or
 file; nothing is left behind); 3 --verify found a disagreement (nothing is left behind).
 """

@@ -14,6 +14,10 @@ them on load). An ERNIE 4.5 VL Orbax checkpoint is written as a transformers
 `model.resampler_model.*`, routers [H, E], experts 0..E-1 text / E..2E-1 vision); --verify then
 compares on prompts with an image.
 
+The tokenizer files and generation_config.json stored with the Orbax checkpoint (or those of
+--tokenizer DIR) are copied next to the safetensors; a generation_config.json is written from the
+config when there is none.
+
 Exit status: 0 done; 1 bad input, existing output or other error; 3 --verify found a disagreement
 (nothing is left behind).
 """

@@ -25,6 +25,9 @@ The PaddleFormers save_to_hf=False layout is supported for the text models only.
 Paddle -> HF rule set (ERNIE tools/paddle2torch/tran_4_5t.py, tran_4_5t_vl.py for VL), which does
 not share code with the conversion tables.
 
+The tokenizer files and generation_config.json of --input (or of --tokenizer DIR) are copied into
+the output and covered by its checksums.
+
 Exit status: 0 done; 1 bad input, existing output or other error (the message names the tensor or
 file; nothing is left behind); 3 --verify found a disagreement (nothing is left behind).
 """
