@@ -56,14 +56,13 @@ def run_jax(args, method: str) -> dict:
   from ernie_jax.parallel import MeshConfig, make_mesh
   from ernie_jax.train.memory import step_bytes
   from ernie_jax.train.optimizer import OptimConfig
-  from ernie_jax.train.param_groups import FinetuneConfig, make_finetune_optimizer, optimizer_state_bytes, trained_filter
+  from ernie_jax.train.param_groups import GroupsConfig, make_grouped_optimizer, optimizer_state_bytes, trained_filter
   from ernie_jax.train.sft import AddLora
   from ernie_jax.train.step import abstract_train_state, batch_sharding, create_train_state, make_train_step, put_batch
 
   cfg = model_config(args.model)
-  ft = FinetuneConfig(method=method)
-  tx, schedule = make_finetune_optimizer(OptimConfig(lr=1e-4, warmup_steps=0), ft, 1000)
-  wrt = trained_filter(ft)
+  tx, schedule = make_grouped_optimizer(OptimConfig(lr=1e-4, warmup_steps=0), GroupsConfig(), 1000)
+  wrt = trained_filter(method)
   adapt = AddLora(LoraConfig(rank=args.rank), 0) if method == "lora" else None
   mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
   graphdef, state = create_train_state(cfg, tx, seed=0, mesh=mesh, wrt=wrt, adapt=adapt)

@@ -8,6 +8,9 @@
                                 `ernie_jax.config.VLConfig`, the ViT in `model.vision`
   train        PrecisionConfig  `precision`: fp32 / bf16 / fp8 in one switch (sets model.dtype and
                                 model.fp8_recipe)
+  groups       GroupsConfig     frozen or slower parameter groups: MoE routers, the VL vision tower
+                                (`ernie_jax.train.param_groups`; e.g. continued VL training of a
+                                checkpoint with a frozen ViT)
   mesh         MeshConfig       device mesh axes (`ernie_jax.parallel.MeshConfig`)
   data         DataConfig       `ernie_jax.data.pipeline.DataConfig`
   optim        OptimConfig      `ernie_jax.train.optimizer.OptimConfig`
@@ -33,6 +36,7 @@ from ernie_jax.config import VLConfig
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train.losses import LossConfig
 from ernie_jax.train.optimizer import SCHEDULES, OptimConfig
+from ernie_jax.train.param_groups import GroupsConfig
 
 
 class TrainConfigError(ConfigError):
@@ -102,10 +106,11 @@ class TrainConfig:
   checkpoint: CheckpointConfig
   metrics: MetricsConfig
   train: PrecisionConfig = PrecisionConfig()
+  groups: GroupsConfig = GroupsConfig()
 
 
 _SECTIONS = {"train": PrecisionConfig, "mesh": MeshConfig, "data": DataConfig, "optim": OptimConfig,
-             "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig}
+             "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "groups": GroupsConfig}
 
 
 def model_fields(cfg: ModelConfig) -> dict[str, Any]:
@@ -255,8 +260,21 @@ def validate_common(c) -> None:
   _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
 
 
+def validate_groups(groups: GroupsConfig, model_cfg) -> None:
+  """Raises TrainConfigError naming the `groups.*` field that does not fit the model."""
+  for name in ("router_lr_ratio", "vision_lr_ratio"):
+    v = getattr(groups, name)
+    if not (math.isfinite(v) and v > 0):
+      raise TrainConfigError(f"groups.{name}", f"must be > 0, got {v}")
+  if not model_cfg.is_vl and (groups.freeze_vision or groups.vision_lr_ratio != 1.0):
+    raise TrainConfigError("groups.freeze_vision", "the vision tower settings need model_family='vl'")
+  if getattr(model_cfg, "fp8_recipe", "none") != "none" and (groups.freeze_router or groups.freeze_vision):
+    raise TrainConfigError("train.precision", "FP8 trains every Param: it cannot be combined with frozen groups")
+
+
 def validate(c: TrainConfig) -> None:
   validate_common(c)
+  validate_groups(c.groups, c.model)
   r, d = c.run, c.data
   _check(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
   if r.model_family == "vl":

@@ -38,7 +38,7 @@ from ernie_jax.loading import from_pretrained
 from ernie_jax.model.lora import apply_lora
 from ernie_jax.train import trainer
 from ernie_jax.train.losses import lm_loss_sum
-from ernie_jax.train.param_groups import make_finetune_optimizer, trained_filter
+from ernie_jax.train.param_groups import make_grouped_optimizer, trained_filter
 from ernie_jax.train.sft_config import parse_sft
 from ernie_jax.train.step import batch_sharding, put_batch
 
@@ -127,10 +127,10 @@ class FineTuning(trainer.Pretraining):
     return trainer.Setup(model_cfg, pretrained, data, eos_id, info, lines, tokenizer)
 
   def optimizer(self, cfg, model_cfg):
-    return make_finetune_optimizer(cfg.optim, cfg.finetune, cfg.run.steps)
+    return make_grouped_optimizer(cfg.optim, cfg.groups, cfg.run.steps, cfg.finetune.lora_plus_ratio)
 
   def wrt(self, cfg, model_cfg):
-    return trained_filter(cfg.finetune)
+    return trained_filter(cfg.finetune.method, cfg.groups)
 
   def adapt(self, cfg, model_cfg):
     return AddLora(cfg.lora, cfg.run.seed) if cfg.finetune.method == "lora" else None

@@ -3,8 +3,9 @@
   data      ChatDataConfig   chat JSONL / the embedded stdlib Q&A (`ernie_jax.data.sft`)
   lora      LoraConfig       rank, alpha, rsLoRA, dropout, targets (`ernie_jax.config.lora`); used
                              when finetune.method="lora"
-  finetune  FinetuneConfig   full / LoRA, frozen or slower groups, evaluation, a sample answer
-                             (`ernie_jax.train.param_groups`)
+  groups    GroupsConfig     frozen or slower parameter groups (routers, VL vision tower), as in
+                             pretraining (`ernie_jax.train.param_groups`)
+  finetune  FinetuneConfig   full / LoRA, LoRA+, evaluation, a sample answer
 `run.init_from` names the base model (HF / Paddle / Orbax directory); empty = a randomly initialised
 `model` (the tiny demo). Defaults follow ERNIEKit's SFT recipes (spec §7): AdamW b2 0.95, cosine
 decay, warmup 20, weight decay 0.1; lr 1e-5 for full fine-tuning, 1e-4 for LoRA (set by the configs).
@@ -24,10 +25,11 @@ from ernie_jax.data.sft import ChatDataConfig
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train import config as config_lib
 from ernie_jax.train.config import (CheckpointConfig, MetricsConfig, PrecisionConfig, RunConfig, TrainConfigError,
-                                    _build, _check, apply_precision, model_from_dict, validate_common)
+                                    _build, _check, apply_precision, model_from_dict, validate_common,
+                                    validate_groups)
 from ernie_jax.train.losses import LossConfig
 from ernie_jax.train.optimizer import OptimConfig
-from ernie_jax.train.param_groups import METHODS, FinetuneConfig
+from ernie_jax.train.param_groups import METHODS, FinetuneConfig, GroupsConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +43,14 @@ class SFTConfig:
   checkpoint: CheckpointConfig
   metrics: MetricsConfig
   lora: LoraConfig
+  groups: GroupsConfig
   finetune: FinetuneConfig
   train: PrecisionConfig = PrecisionConfig()
 
 
 _SECTIONS = {"train": PrecisionConfig, "mesh": MeshConfig, "data": ChatDataConfig, "optim": OptimConfig,
              "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "lora": LoraConfig,
-             "finetune": FinetuneConfig}
+             "groups": GroupsConfig, "finetune": FinetuneConfig}
 
 
 def default_sft_config(model=None) -> ml_collections.ConfigDict:
@@ -95,27 +98,22 @@ def parse_sft(config: ml_collections.ConfigDict | dict) -> SFTConfig:
 
 def validate_sft(c: SFTConfig) -> None:
   validate_common(c)
-  ft, lo, d = c.finetune, c.lora, c.data
+  ft, lo, d, g = c.finetune, c.lora, c.data, c.groups
   _check(ft.method in METHODS, "finetune.method", f"must be one of {METHODS}, got {ft.method!r}")
-  for name in ("router_lr_ratio", "vision_lr_ratio", "lora_plus_ratio"):
-    v = getattr(ft, name)
-    _check(math.isfinite(v) and v > 0, f"finetune.{name}", f"must be > 0, got {v}")
+  _check(math.isfinite(ft.lora_plus_ratio) and ft.lora_plus_ratio > 0, "finetune.lora_plus_ratio",
+         f"must be > 0, got {ft.lora_plus_ratio}")
+  validate_groups(g, c.model)
   _check(ft.eval_every >= 0, "finetune.eval_every", f"must be >= 0, got {ft.eval_every}")
   _check(ft.eval_batches >= 0, "finetune.eval_batches", f"must be >= 0, got {ft.eval_batches}")
   _check(ft.sample_tokens >= 0, "finetune.sample_tokens", f"must be >= 0, got {ft.sample_tokens}")
-  if not c.model.is_vl:
-    _check(not (ft.freeze_vision or ft.vision_lr_ratio != 1.0), "finetune.freeze_vision",
-           "the vision tower settings need model_family='vl'")
   if ft.method == "lora":
-    _check(not (ft.freeze_router or ft.freeze_vision), "finetune.method",
+    _check(not (g.freeze_router or g.freeze_vision), "finetune.method",
            "with LoRA the whole base is frozen already; freeze_router / freeze_vision apply to method='full'")
     _check(lo.rank > 0, "lora.rank", f"must be > 0, got {lo.rank}")
     _check(getattr(c.model, "fp8_recipe", "none") == "none", "train.precision",
            "FP8 trains every Param; use 'bf16' or 'fp32' with LoRA")
   else:
     _check(ft.lora_plus_ratio == 1.0, "finetune.lora_plus_ratio", "applies to method='lora' only")
-    _check(getattr(c.model, "fp8_recipe", "none") == "none" or not (ft.freeze_router or ft.freeze_vision),
-           "train.precision", "FP8 trains every Param: it cannot be combined with frozen groups")
   _check(d.seq_len <= c.model.max_position_embeddings, "data.seq_len",
          f"{d.seq_len} exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
   if c.model.is_vl:

@@ -46,6 +46,7 @@ from ernie_jax.train.checkpoint import Checkpointer
 from ernie_jax.train.memory import check_step_fits
 from ernie_jax.train.metrics import MetricWriter, summarize_expert_usage, truncate_jsonl
 from ernie_jax.train.optimizer import make_optimizer
+from ernie_jax.train.param_groups import make_grouped_optimizer, trained_filter
 from ernie_jax.train.step import (abstract_train_state, all_finite, batch_sharding, build_mesh,
                                   create_train_state, make_train_step, put_batch)
 from ernie_jax.train.tasks import task_for
@@ -142,11 +143,15 @@ class Pretraining:
     return task_for(model_cfg, cfg.data, cfg.loss)  # text LM, or VL (image grid from data.image_size)
 
   def optimizer(self, cfg, model_cfg):
-    """(optax transformation, schedule)."""
-    return make_optimizer(cfg.optim, cfg.run.steps)
+    """(optax transformation, schedule): one AdamW, or per-group AdamWs with `groups` ratios."""
+    if cfg.groups.is_default:
+      return make_optimizer(cfg.optim, cfg.run.steps)
+    return make_grouped_optimizer(cfg.optim, cfg.groups, cfg.run.steps)
 
   def wrt(self, cfg, model_cfg):
     """The filter of the trained variables (None: the train step's default, every Param)."""
+    if cfg.groups.freeze_router or cfg.groups.freeze_vision:
+      return trained_filter("full", cfg.groups)
     return None
 
   def adapt(self, cfg, model_cfg) -> Callable | None:

@@ -21,7 +21,7 @@ from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.train.config import TrainConfigError
 from ernie_jax.train.metrics import read_jsonl
 from ernie_jax.train.optimizer import OptimConfig
-from ernie_jax.train.param_groups import FinetuneConfig, make_finetune_optimizer, optimizer_state_bytes, trained_filter
+from ernie_jax.train.param_groups import GroupsConfig, make_grouped_optimizer, optimizer_state_bytes, trained_filter
 from ernie_jax.train.sft import AddLora, FineTuning
 from ernie_jax.train.step import (abstract_train_state, batch_sharding, build_mesh, create_train_state,
                                   make_train_step, put_batch)
@@ -91,9 +91,8 @@ def test_tiny_sft_lowers_heldout_loss_and_answers_a_trained_prompt(tmp_path, xla
 
 
 def _lora_state(cfg, lora, mesh):
-  ft = FinetuneConfig(method="lora")
-  tx, schedule = make_finetune_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), ft, 10)
-  wrt = trained_filter(ft)
+  tx, schedule = make_grouped_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), GroupsConfig(), 10)
+  wrt = trained_filter("lora")
   adapt = AddLora(lora, 0)
   graphdef, state = create_train_state(cfg, tx, seed=0, mesh=mesh, wrt=wrt, adapt=adapt)
   _, shardings, _ = abstract_train_state(cfg, tx, 0, mesh, wrt=wrt, adapt=adapt)
