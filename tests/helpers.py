@@ -19,3 +19,17 @@ def rel(a, b) -> float:
 def flat_arrays(state) -> dict[str, np.ndarray]:
   """An nnx state (or `nnx.state(model)`) as {"a/b/c": host array}."""
   return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
+
+
+def run_config(config, workdir, xla_cache, **overrides):
+  """An experiment config (ml-collections) for a test run in `workdir`, with the shared XLA cache and
+  `overrides` given as dotted field names ({"optim.lr": 1e-3, "steps": 5})."""
+  config.workdir = str(workdir)
+  config.compilation_cache_dir = xla_cache
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

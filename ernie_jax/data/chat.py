@@ -157,19 +157,8 @@ class ChatRows(TextDocuments):
     self.fmt = fmt
     super().__init__(files, "jsonl", field="", bad_rows=bad_rows)
 
-  def _check_jsonl(self):
-    # The first row must parse (bad_rows="error"), or one of the first 100 ("skip"): a file that is not chat JSONL
-    # (or the wrong data.format) fails before anything is compiled.
-    first = None
-    for i in range(min(len(self), 1 if self.bad_rows == "error" else 100)):
-      try:
-        self._parse(i, self._read(i))
-        return
-      except BadRow as e:
-        first = first or (i, e)
-    i, e = first
-    rows = "first row" if self.bad_rows == "error" else f"first {min(len(self), 100)} rows (all bad)"
-    raise DataError(f"{self.where(i)}: {e.reason} (data.format={self.fmt!r}; {rows})")
+  def _jsonl_hint(self) -> str:  # (the first rows are checked at construction, by TextDocuments)
+    return f"data.format={self.fmt!r}"
 
   def _parse(self, i: int, data: bytes) -> list[dict]:
     return parse_row(parse_json_row(data, ()), self.fmt)

@@ -169,7 +169,11 @@ class TextDocuments:
         first = first or (i, e)
     i, e = first
     rows = "first line" if self.bad_rows == "error" else f"first {min(len(self), 100)} rows (all bad)"
-    raise DataError(f"{self.where(i)}: {e.reason} (data.jsonl_field={self.field!r}; {rows})")
+    raise DataError(f"{self.where(i)}: {e.reason} ({self._jsonl_hint()}; {rows})")
+
+  def _jsonl_hint(self) -> str:
+    """The setting to check when no row parses (named in the error)."""
+    return f"data.jsonl_field={self.field!r}"
 
   def __len__(self) -> int:
     return len(self._file)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, run_config
 
 ROOT = REPO_ROOT
 PRETRAIN = os.path.join(ROOT, "experiments", "pretrain.py")
@@ -37,16 +37,7 @@ MICRO = {
 
 
 def _config(workdir, xla_cache, **overrides):
-  c = tiny.get_config()
-  c.workdir = str(workdir)
-  c.compilation_cache_dir = xla_cache
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return run_config(tiny.get_config(), workdir, xla_cache, **overrides)
 
 
 def _cli(workdir, xla_cache, overrides):

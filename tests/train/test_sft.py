@@ -26,7 +26,7 @@ from ernie_jax.train.sft import AddLora, FineTuning
 from ernie_jax.train.step import (abstract_train_state, batch_sharding, build_mesh, create_train_state,
                                   make_train_step, put_batch)
 from ernie_jax.train.trainer import train
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, run_config
 from tests.train.test_pretrain import _env, _last_step, _start_and_wait
 
 SFT = os.path.join(REPO_ROOT, "experiments", "sft.py")
@@ -56,16 +56,7 @@ def _jsonl(path, pairs):
 
 
 def _config(workdir, xla_cache, **overrides):
-  c = sft_tiny.get_config()
-  c.workdir = str(workdir)
-  c.compilation_cache_dir = xla_cache
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return run_config(sft_tiny.get_config(), workdir, xla_cache, **overrides)
 
 
 def test_tiny_sft_lowers_heldout_loss_and_answers_a_trained_prompt(tmp_path, xla_cache, capsys):
@@ -199,3 +190,19 @@ def test_lora_sft_resume_after_sigkill_is_exact_and_refuses_another_base(tmp_pat
   np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
   assert export_cli.main(["--workdir", str(run), "--output", str(tmp_path / "adapter"), "--format", "peft"]) == 1
   assert not (tmp_path / "adapter").exists()
+
+
+def test_every_sft_config_parses():
+  """The shipped SFT configs are valid (the real-model ones with a base path filled in)."""
+  from configs import sft_ernie45_0p3b, sft_ernie45_21b_a3b
+
+  from ernie_jax.train.sft_config import parse_sft
+
+  for module in (sft_tiny, sft_ernie45_0p3b, sft_ernie45_21b_a3b):
+    c = module.get_config()
+    if not c.init_from and module is not sft_tiny:
+      c.init_from = "/path/to/base"
+    cfg = parse_sft(c)
+    assert cfg.data.tokenizer in ("bytes", "/path/to/base"), module.__name__
+  with pytest.raises(TrainConfigError, match="data.tokenizer"):
+    parse_sft(sft_ernie45_0p3b.get_config())  # no base and no tokenizer
