@@ -175,6 +175,32 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_what_a_kill_during_a_save_leaves_is_ignored_and_the_last_commit_restores(tmp_path, tiny_state):
+  """A process killed while orbax writes step 3 leaves `3.orbax-checkpoint-tmp-<ts>` (here: a copy of a
+  committed step with its arrays cut short, as a half-written save looks). The next run sees steps 1
+  and 2 only, restores step 2 exactly, and the next save of step 3 commits normally."""
+  import shutil
+
+  import jax
+
+  _save_steps(tmp_path, tiny_state, [1, 2])
+  ckpts = tmp_path / "checkpoints"
+  partial = ckpts / "3.orbax-checkpoint-tmp-1764672000"
+  shutil.copytree(ckpts / "2", partial)
+  (partial / "commit_success.txt").unlink(missing_ok=True)
+  _garble_arrays(partial)
+  warnings = []
+  model_cfg, state0 = tiny_state
+  with Checkpointer(str(tmp_path), every_steps=1, keep=10, async_save=True) as ck:
+    assert ck.all_steps() == [1, 2] and ck.latest_intact_step(warnings.append) == 2
+    state, meta = ck.restore_intact(2, _target(state0), warnings.append)
+    assert meta["step"] == 2 and warnings == []
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state0)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert ck.save(3, state, {"step": 3, "data": {"pos": 3}}, model_cfg, force=True)
+    assert ck.wait() == [3] and ck.all_steps() == [1, 2, 3]
+
+
 @pytest.mark.parametrize("item", ["state", "meta"])
 def test_latest_checkpoint_missing_an_item_is_set_aside(tmp_path, tiny_state, item):
   import shutil
