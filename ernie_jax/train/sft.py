@@ -82,7 +82,7 @@ def _checksums(arrays):
   return out
 
 
-def _is_base(path, v) -> bool:
+def is_frozen_base(path, v) -> bool:
   """A frozen base parameter of a LoRA train state (under `model`, a Param but not a LoRAParam)."""
   return bool(path) and path[0] == "model" and isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)
 
@@ -138,13 +138,13 @@ class FineTuning(trainer.Pretraining):
   def saved(self, cfg, state):
     if cfg.finetune.method != "lora":
       return state
-    _, changing = nnx.split_state(state, _is_base, ...)
+    _, changing = nnx.split_state(state, is_frozen_base, ...)
     return changing
 
   def restore(self, cfg, base_state, restored):
     if cfg.finetune.method != "lora":
       return restored
-    base, _ = nnx.split_state(base_state, _is_base, ...)
+    base, _ = nnx.split_state(base_state, is_frozen_base, ...)
     return nnx.merge_state(base, restored)
 
   def meta(self, cfg):

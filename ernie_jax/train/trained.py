@@ -26,7 +26,7 @@ from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
 from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train.checkpoint import Checkpointer
-from ernie_jax.train.sft import FineTuning, _is_base
+from ernie_jax.train.sft import FineTuning, is_frozen_base
 from ernie_jax.train.sft_config import parse_sft
 
 
@@ -78,7 +78,7 @@ def load_trained(workdir: str, step: int | None = None, *, mesh=None) -> Trained
       raise CheckpointError(f"{ckpt.directory}/{step}: the base model at {base or 'the random initialisation'} is "
                             f"not the one the adapters were trained on (fingerprint {recipe.base_fingerprint[:12]} "
                             f"vs saved {str(saved)[:12]})")
-    _, held = nnx.split_state(nnx.State({"model": nnx.state(model)}), _is_base, ...)
+    _, held = nnx.split_state(nnx.State({"model": nnx.state(model)}), is_frozen_base, ...)
     restored = ckpt.restore_model(step, held["model"])
     nnx.update(model, restored)
     return Trained(model, step, "lora", base, tokenizer_dir, config)
