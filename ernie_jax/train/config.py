@@ -169,6 +169,9 @@ def default_config(model=None) -> ml_collections.ConfigDict:
 
 
 def _build(cls, values: dict, prefix: str):
+  """`cls(**values)` with the field names and types checked (int -> float; a list, e.g. from a JSON
+  copy of the config, or a comma-separated string -> tuple); a section's own ConfigError becomes a
+  TrainConfigError naming `<prefix><field>`."""
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - names)
   if unknown:
@@ -178,19 +181,33 @@ def _build(cls, values: dict, prefix: str):
       v, want = values[f.name], type(f.default)
       if want is float and isinstance(v, int) and not isinstance(v, bool):
         values[f.name] = float(v)
+      elif want is tuple and isinstance(v, (list, str)):
+        values[f.name] = tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v)
       elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
         raise TrainConfigError(f"{prefix}{f.name}", f"expected {want.__name__}, got {v!r}")
-  return cls(**values)
+  try:
+    return cls(**values)
+  except ConfigError as e:
+    if isinstance(e, TrainConfigError):
+      raise
+    field = e.field if e.field.startswith(prefix) else f"{prefix}{e.field}"
+    raise TrainConfigError(field, str(e).split(": ", 1)[-1]) from None
+
+
+def parse_sections(config: ml_collections.ConfigDict | dict, sections: dict[str, type]):
+  """(RunConfig, model config with `train.precision` applied, {section name: dataclass}) of a config
+  tree whose sections are `sections` (plus `model` and the top-level run fields)."""
+  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  raw = {k: dict(d.pop(k, {}) or {}) for k in ("model",) + tuple(sections)}
+  run = _build(RunConfig, d, "")
+  model = model_from_dict(raw.pop("model"), run.model_family)
+  parts = {name: _build(cls, raw[name], f"{name}.") for name, cls in sections.items()}
+  return run, apply_precision(parts["train"].precision, model), parts
 
 
 def parse(config: ml_collections.ConfigDict | dict) -> TrainConfig:
   """Typed, validated config (raises TrainConfigError naming the field)."""
-  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  sections = {k: dict(d.pop(k, {}) or {}) for k in ("model",) + tuple(_SECTIONS)}
-  run = _build(RunConfig, d, "")
-  model = model_from_dict(sections.pop("model"), run.model_family)
-  parts = {name: _build(cls, sections[name], f"{name}.") for name, cls in _SECTIONS.items()}
-  model = apply_precision(parts["train"].precision, model)
+  run, model, parts = parse_sections(config, _SECTIONS)
   cfg = TrainConfig(run=run, model=model, **parts)
   validate(cfg)
   return cfg

@@ -20,13 +20,12 @@ from typing import Any
 
 import ml_collections
 
-from ernie_jax.config import ConfigError, LoraConfig, ModelConfig
+from ernie_jax.config import LoraConfig, ModelConfig
 from ernie_jax.data.sft import ChatDataConfig
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train import config as config_lib
 from ernie_jax.train.config import (CheckpointConfig, MetricsConfig, PrecisionConfig, RunConfig, TrainConfigError,
-                                    _build, _check, apply_precision, model_from_dict, validate_common,
-                                    validate_groups)
+                                    _check, parse_sections, validate_common, validate_groups)
 from ernie_jax.train.losses import LossConfig
 from ernie_jax.train.optimizer import OptimConfig
 from ernie_jax.train.param_groups import METHODS, FinetuneConfig, GroupsConfig
@@ -96,24 +95,11 @@ def erniekit_lora_8k(c: ml_collections.ConfigDict, weight_decay: float) -> ml_co
 
 def parse_sft(config: ml_collections.ConfigDict | dict) -> SFTConfig:
   """Typed, validated SFT config (raises TrainConfigError naming the field)."""
-  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  sections = {k: dict(d.pop(k, {}) or {}) for k in ("model",) + tuple(_SECTIONS)}
-  run = _build(RunConfig, d, "")
-  model = model_from_dict(sections.pop("model"), run.model_family)
-  if "targets" in sections["lora"] and isinstance(sections["lora"]["targets"], (list, str)):
-    t = sections["lora"]["targets"]
-    sections["lora"]["targets"] = tuple(x.strip() for x in t.split(",") if x.strip()) if isinstance(t, str) else tuple(t)
-  try:
-    parts = {name: _build(cls, sections[name], f"{name}.") for name, cls in _SECTIONS.items()}
-  except ConfigError as e:  # raised by a section's own checks (e.g. LoraConfig)
-    if isinstance(e, TrainConfigError):
-      raise
-    raise TrainConfigError(e.field, str(e).split(": ", 1)[-1]) from None
+  run, model, parts = parse_sections(config, _SECTIONS)
   if not parts["data"].tokenizer:  # "" = the base model's tokenizer (and chat template)
     _check(bool(run.init_from), "data.tokenizer", "set a tokenizer ('bytes', 'bpe' or a path), or run.init_from "
            "(its directory holds the base model's tokenizer)")
     parts["data"] = dataclasses.replace(parts["data"], tokenizer=run.init_from)
-  model = apply_precision(parts["train"].precision, model)
   cfg = SFTConfig(run=run, model=model, **parts)
   validate_sft(cfg)
   return cfg
