@@ -23,9 +23,8 @@ import jax
 from flax import nnx
 
 from ernie_jax.config import ModelConfig
-from ernie_jax.data.chat_template import ChatTemplateError, render_prompt
-from ernie_jax.data.tokenizers import (END_OF_SENTENCE, TokenizerError, find_tokenizer_file, get_tokenizer,
-                                       load_tokenizer)
+from ernie_jax.data.chat_template import ChatTemplateError, answer_stop_ids, render_prompt
+from ernie_jax.data.tokenizers import TokenizerError, find_tokenizer_file, get_tokenizer, load_tokenizer
 from ernie_jax.infer.generate import generate
 from ernie_jax.interop import orbax_io
 from ernie_jax.interop.peft import load_peft_adapter
@@ -210,7 +209,7 @@ def main(argv=None) -> int:
     else:
       stops = () if args.demo else None  # None = the config's eos id
       if args.chat and tok is not None:  # a chat answer ends with <|end_of_sentence|>
-        stops = tuple(sorted({i for i in (cfg.eos_token_id, tok.special_id(END_OF_SENTENCE)) if i is not None}))
+        stops = answer_stop_ids(tok, cfg.eos_token_id)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, stop_tokens=stops, seed=args.seed, max_len=args.max_len)
     t0 = time.perf_counter()

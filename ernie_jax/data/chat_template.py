@@ -315,3 +315,9 @@ def render_prompt(messages: list[dict], tokenizer: Tokenizer, template: str = "a
   ids, _, _ = ChatRenderer(tokenizer, template).encode(validate_messages(messages, prompt=True),
                                                         add_generation_prompt=True)
   return ids
+
+
+def answer_stop_ids(tokenizer: Tokenizer, eos_id: int | None) -> tuple[int, ...]:
+  """The ids that end a generated assistant turn: `<|end_of_sentence|>` (what the template closes a turn
+  with) and the model's EOS, when they are known."""
+  return tuple(sorted({i for i in (eos_id, tokenizer.special_id(END_OF_SENTENCE)) if i is not None}))

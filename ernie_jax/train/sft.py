@@ -30,7 +30,7 @@ from flax import nnx
 from ernie_jax import model as model_lib
 from ernie_jax.config import LoraConfig
 from ernie_jax.data import stdlib_qa
-from ernie_jax.data.chat_template import render_prompt
+from ernie_jax.data.chat_template import answer_stop_ids, render_prompt
 from ernie_jax.data.sft import load_chat_tokenizer, make_chat_eval_batches, make_chat_pipeline
 from ernie_jax.infer.generate import generate
 from ernie_jax.interop.safetensors_io import CheckpointError
@@ -184,10 +184,8 @@ class FineTuning(trainer.Pretraining):
     placed = [jax.tree.map(lambda v: v[0], put_batch(b, 1, sharding)) for b in batches]
 
     def evaluate(state) -> dict[str, float]:
-      total, count = 0.0, 0.0
-      for b in placed:
-        s, c = jax.device_get(sums(state, b))
-        total, count = total + float(s), count + float(c)
+      parts = [sums(state, b) for b in placed]  # dispatched back to back; one transfer at the end
+      total, count = (float(sum(np.asarray(x, np.float64) for x in xs)) for xs in zip(*jax.device_get(parts)))
       return {"eval_loss": total / max(count, 1.0), "eval_tokens": count}
 
     return evaluate
@@ -201,8 +199,9 @@ class FineTuning(trainer.Pretraining):
       return
     ids = np.asarray(render_prompt([{"role": "user", "content": question}], tok, cfg.data.template))
     model = nnx.merge(graphdef, state).model
-    out = generate(model, [ids.tolist()], max_new_tokens=cfg.finetune.sample_tokens, stop_tokens=(setup.eos_id,))[0]
-    answer = tok.decode([t for t in out if t != setup.eos_id])
+    stops = answer_stop_ids(tok, setup.eos_id)
+    out = generate(model, [ids.tolist()], max_new_tokens=cfg.finetune.sample_tokens, stop_tokens=stops)[0]
+    answer = tok.decode([t for t in out if t not in stops])
     writer.print(f"sample: User: {question}\n        Assistant: {answer}")
     summary.update(sample_question=question, sample_answer=answer)
 
