@@ -112,7 +112,7 @@ class FineTuning(trainer.Pretraining):
     self.base_fingerprint = fingerprint(base)
     return base.config, AddLora(cfg.lora, cfg.run.seed)(base)
 
-  def setup(self, cfg, tokenizer, model_cfg, pretrained, ckpt, latest, mesh, workdir):
+  def setup(self, cfg, tokenizer, model_cfg):
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model_cfg.eos_token_id
     trainer.check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
     rows = cfg.run.global_batch_size // jax.process_count()
@@ -124,7 +124,7 @@ class FineTuning(trainer.Pretraining):
             if cfg.finetune.method == "lora" else "full fine-tuning")
     lines = [f"data: {cfg.data.paths or 'embedded stdlib Q&A'}, tokenizer {info['tokenizer']}, "
              f"{cfg.run.global_batch_size * cfg.data.seq_len} tokens/step; {what}"]
-    return trainer.Setup(model_cfg, pretrained, data, eos_id, info, lines, tokenizer)
+    return trainer.Setup(data, eos_id, info, lines, tokenizer)
 
   def optimizer(self, cfg, model_cfg):
     return make_grouped_optimizer(cfg.optim, cfg.groups, cfg.run.steps, cfg.finetune.lora_plus_ratio)

@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from flax import nnx
 
 from ernie_jax.data import DataError, load_tokenizer_for, make_pipeline, resolve_eos, unigram_entropy
 from ernie_jax.data.pipeline import VL_FIELDS, VL_SOURCES
@@ -96,10 +95,8 @@ class Preemption:
 # What a kind of training decides.
 @dataclasses.dataclass
 class Setup:
-  """What a recipe's `setup` hands the loop for one run."""
+  """What a recipe's `setup` hands the loop for one run (the model comes from `model_config`)."""
 
-  model_cfg: Any  # ModelConfig / VLConfig of the model being trained
-  pretrained: nnx.Module | None  # parameters that replace the random initialisation (None: fresh)
   data: Any  # the training batch iterator (GrainIterator: get_state / set_state)
   eos_id: int
   info: dict[str, Any]  # extra run_info.json fields
@@ -122,7 +119,7 @@ class Pretraining:
   def model_config(self, cfg, ckpt, latest, mesh):
     return model_config(cfg, ckpt, latest, mesh)
 
-  def setup(self, cfg, tokenizer, model_cfg, pretrained, ckpt, latest, mesh, workdir) -> Setup:
+  def setup(self, cfg, tokenizer, model_cfg) -> Setup:
     eos_id = resolve_eos(cfg.data, tokenizer, model_cfg.eos_token_id)
     check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
     rows = cfg.run.global_batch_size // jax.process_count()
@@ -137,7 +134,7 @@ class Pretraining:
     if cfg.data.source == "shapes":  # the best caption loss without looking at the images
       info["text_only_bound"] = text_only_bound(tokenizer)
       line += f"; text-only bound {info['text_only_bound']:.3f} nats/caption token"
-    return Setup(model_cfg, pretrained, data, eos_id, info, [line], tokenizer)
+    return Setup(data, eos_id, info, [line], tokenizer)
 
   def task(self, cfg, model_cfg):
     return task_for(model_cfg, cfg.data, cfg.loss)  # text LM, or VL (image grid from data.image_size)
@@ -296,8 +293,8 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
   # peak FLOP/s for MFU (on CPU measured now, before data threads compete for the cores)
   peak, peak_source = flops_lib.peak_flops_per_device(run.peak_tflops_per_device)
   peak_total = peak * (1 if jax.default_backend() == "cpu" else jax.device_count())  # CPU devices share cores
-  setup = recipe.setup(cfg, tokenizer, model_cfg, pretrained, ckpt, latest, mesh, workdir)
-  model_cfg, pretrained, data = setup.model_cfg, setup.pretrained, setup.data
+  setup = recipe.setup(cfg, tokenizer, model_cfg)
+  data = setup.data
 
   # 3. Train state: restored from the latest checkpoint, or created in its sharded layout.
   tx, schedule = recipe.optimizer(cfg, model_cfg)
@@ -329,7 +326,6 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
                                          wrt=wrt, adapt=adapt)
     del pretrained
     start_step = 0
-  setup.pretrained = None
   if is_main:
     truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
   task = recipe.task(cfg, model_cfg)
