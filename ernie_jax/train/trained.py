@@ -72,12 +72,8 @@ def load_trained(workdir: str, step: int | None = None, *, mesh=None) -> Trained
     cfg = parse_sft(config)
     recipe = FineTuning()
     mesh = mesh or make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    _, model = recipe.model_config(cfg, ckpt, None, mesh)  # the base (checked below) with LoRA applied
-    saved = (meta.get("base") or {}).get("fingerprint")
-    if saved != recipe.base_fingerprint:
-      raise CheckpointError(f"{ckpt.directory}/{step}: the base model at {base or 'the random initialisation'} is "
-                            f"not the one the adapters were trained on (fingerprint {recipe.base_fingerprint[:12]} "
-                            f"vs saved {str(saved)[:12]})")
+    _, model = recipe.model_config(cfg, ckpt, None, mesh)  # the base with LoRA applied
+    recipe.check_resume(cfg, meta, ckpt)  # the same base the adapters were trained on (fingerprint)
     _, held = nnx.split_state(nnx.State({"model": nnx.state(model)}), is_frozen_base, ...)
     restored = ckpt.restore_model(step, held["model"])
     nnx.update(model, restored)
