@@ -8,7 +8,7 @@ Mesh: experts split over `expert` (8), parameters over `fsdp` (the rest); the ro
 A / B are sharded with their experts. The routers stay frozen (LoRA never targets them); the
 aux-loss-free correction bias keeps updating (--config.loss.bias_update_lr=0 turns it off).
 Full fine-tuning: --config.finetune.method=full --config.optim.lr=1e-5, and optionally
---config.finetune.router_lr_ratio=0.01 or --config.finetune.freeze_router=True.
+--config.groups.router_lr_ratio=0.01 or --config.groups.freeze_router=True.
 """
 
 from ernie_jax.config import ModelConfig
