@@ -64,10 +64,14 @@ class TrainState(nnx.Module):
   RNG key (reserved for stochastic layers; ERNIE 4.5 pretraining uses none). With FP8 the optimizer
   is an `Fp8Optimizer`: FP8 state is overwritten with its new values, never seen by AdamW / clipping.
   wrt: what trains (`trainable`); the optimizer holds state for those variables only (a frozen base
-  under LoRA has no moments)."""
+  under LoRA has no moments). reference: an optional frozen model that never trains (e.g. DPO's
+  reference policy with full fine-tuning); the step hands it to the task (`tasks.Task`)."""
 
-  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int, wrt=None):
+  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, seed: int, wrt=None,
+               reference: nnx.Module | None = None):
     self.model = model
+    if reference is not None:
+      self.reference = reference
     if uses_fp8(model.config):
       trainable(model.config, wrt)  # (refuses wrt with FP8)
       self.opt = fp8_optim.Fp8Optimizer(model, fp8_optim.with_fp8_overwrite(tx), wrt=fp8_optim.FP8_WRT)
@@ -90,11 +94,19 @@ def _fresh_model(model_cfg, seed: int, rules, adapt):
   return with_rules(model if adapt is None else adapt(model), rules)
 
 
-def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES, *, wrt=None, adapt=None):
+def _fresh_state(model_cfg, tx, seed: int, rules, wrt, adapt, reference: bool) -> TrainState:
+  """A new train state; with `reference`, a second, unadapted copy of the same initial model."""
+  ref = _fresh_model(model_cfg, seed, rules, None) if reference else None
+  return TrainState(_fresh_model(model_cfg, seed, rules, adapt), tx, seed, wrt, ref)
+
+
+def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES, *, wrt=None, adapt=None,
+                         reference: bool = False):
   """(graphdef, abstract state with shardings as values, ShapeDtypeStruct state for restoring).
   model_cfg: a ModelConfig (text) or a VLConfig (VL). wrt: what trains (`trainable`). adapt: applied
-  to the freshly built model (e.g. adding LoRA adapters; must be hashable, e.g. a frozen dataclass)."""
-  abstract = nnx.eval_shape(lambda: TrainState(_fresh_model(model_cfg, seed, rules, adapt), tx, seed, wrt))
+  to the freshly built model (e.g. adding LoRA adapters; must be hashable, e.g. a frozen dataclass).
+  reference: the state also holds a frozen copy of the initial model (`TrainState.reference`)."""
+  abstract = nnx.eval_shape(lambda: _fresh_state(model_cfg, tx, seed, rules, wrt, adapt, reference))
   graphdef, abs_state = nnx.split(abstract)
   shardings = state_shardings(abs_state, mesh, rules, skip_non_arrays=True)  # (optax MaskedNodes with FP8)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
@@ -102,29 +114,36 @@ def abstract_train_state(model_cfg, tx, seed: int, mesh, rules=DEFAULT_RULES, *,
 
 
 def create_train_state(model_cfg, tx, *, seed: int, mesh, rules=DEFAULT_RULES,
-                       pretrained: nnx.Module | None = None, wrt=None, adapt=None):
+                       pretrained: nnx.Module | None = None, wrt=None, adapt=None, reference: bool = False):
   """(graphdef, state) created directly in the sharded layout inside one jitted function.
 
   `pretrained`: a model whose parameters replace the random initialisation (`init_from`); it must
   already have the adapted structure (`adapt` is not applied to it, e.g. LoRA added by the caller).
-  wrt / adapt: as in `abstract_train_state`.
+  wrt / adapt / reference: as in `abstract_train_state` (the reference copy of a `pretrained` model is
+  a second copy of its parameters).
   """
   if pretrained is None:
-    graphdef, init = _jitted_init(model_cfg, tx, seed, mesh, tuple(rules), wrt, adapt)
+    graphdef, init = _jitted_init(model_cfg, tx, seed, mesh, tuple(rules), wrt, adapt, reference)
     with jax.set_mesh(mesh):
       return graphdef, init()
-  graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules, wrt=wrt, adapt=adapt)
+  graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules, wrt=wrt, adapt=adapt,
+                                                reference=reference)
   mgraph, mstate = nnx.split(pretrained)
-  make = lambda ms: nnx.split(TrainState(with_rules(nnx.merge(mgraph, ms), rules), tx, seed, wrt))[1]
+
+  def make(ms):
+    copy = with_rules(nnx.merge(mgraph, ms), rules) if reference else None
+    return nnx.split(TrainState(with_rules(nnx.merge(mgraph, ms), rules), tx, seed, wrt, copy))[1]
+
   with jax.set_mesh(mesh):
     return graphdef, jax.jit(make, out_shardings=shardings)(mstate)
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_init(model_cfg: ModelConfig, tx, seed: int, mesh, rules, wrt=None, adapt=None):
+def _jitted_init(model_cfg: ModelConfig, tx, seed: int, mesh, rules, wrt=None, adapt=None, reference=False):
   """(graphdef, jitted fresh-state builder), cached so building the same state twice compiles once."""
-  graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules, wrt=wrt, adapt=adapt)
-  make = lambda: nnx.split(TrainState(_fresh_model(model_cfg, seed, rules, adapt), tx, seed, wrt))[1]
+  graphdef, shardings, _ = abstract_train_state(model_cfg, tx, seed, mesh, rules, wrt=wrt, adapt=adapt,
+                                                reference=reference)
+  make = lambda: nnx.split(_fresh_state(model_cfg, tx, seed, rules, wrt, adapt, reference))[1]
   return graphdef, jax.jit(make, out_shardings=shardings)
 
 
@@ -169,6 +188,8 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: 
     # normalisers over the whole batch (all micro-batches)
     rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
     norms = task.normalisers(rows, cfg)
+    if hasattr(ts, "reference"):  # a frozen model the objective compares against (e.g. DPO's reference)
+      norms = dict(norms, reference=nnx.split(ts.reference))
     grad_fn = jax.value_and_grad(task.loss_fn(gdef, rest, grad_accum, norms), has_aux=True)
     lora = lora_lib.lora_config(model)
     if lora is not None and lora.dropout > 0:  # LoRA dropout: a fresh key every step (and micro-batch)

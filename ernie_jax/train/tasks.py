@@ -14,6 +14,8 @@ The contract (`Task`, a Protocol; SFT / DPO tasks implement the same three metho
   after_update(model, metrics)       in-place changes to non-trained state after the optimizer step,
                                      from the summed metrics of the whole batch (here: the aux-loss-free
                                      MoE correction-bias update, spec §3.4).
+When the train state holds a frozen `reference` model (`step.TrainState`), `norms["reference"]` is its
+(graphdef, state), traced like the parameters but never differentiated.
 A task owns its coefficients: the built-in tasks are frozen dataclasses with a `loss: LossConfig`
 field (`ernie_jax.train.losses.LossConfig`, the `loss` section of the training config);
 `with_loss(task, loss_cfg)` gives a copy with other coefficients.
@@ -121,22 +123,33 @@ class TextLM:
         mtp = sums / mtp_counts
         total = total + loss_cfg.mtp_weight * jnp.mean(mtp)
         aux["mtp_loss"] = mtp
-      if out.router is None:
-        return _finish(total, aux, loss_cfg, grad_accum)
-      tokens = (micro["segment_ids"] > 0).reshape(-1)
-      lb = moe_losses.load_balance_loss(out.router, tokens) / grad_accum
-      z = moe_losses.z_loss(out.router, tokens) / grad_accum
-      total = total + loss_cfg.moe_aux_coef * lb + loss_cfg.moe_z_coef * z
-      aux.update(moe_aux_loss=lb, moe_z_loss=z, expert_usage=moe_losses.expert_usage(out.router, tokens),
-                 moe_dropped=jnp.sum(out.router.dropped).astype(jnp.float32))
-      return _finish(total, aux, loss_cfg, grad_accum,
-                     lambda: moe_losses.orthogonal_loss(moe_losses.router_kernels(model)))
+      return text_moe_terms(total, aux, out.router, micro["segment_ids"], model, loss_cfg, grad_accum)
 
     return loss_fn
 
   def after_update(self, model, aux) -> None:
-    if _updates_bias(self.loss, model) and "expert_usage" in aux:
-      moe_losses.update_correction_bias(model, aux["expert_usage"], self.loss.bias_update_lr)
+    text_bias_update(model, aux, self.loss)
+
+
+def text_moe_terms(total, aux, router, segment_ids, model, loss_cfg: LossConfig, grad_accum: int):
+  """(objective, aux) of a text model's micro-batch with its MoE terms added (`router`: the forward's
+  router output, None without MoE layers; tokens with segment id 0 are padding): aux_coef x L_aux +
+  z_coef x L_z + orth_coef x L_orth, the expert usage and dropped-token count; aux["loss"] = objective."""
+  if router is None:
+    return _finish(total, aux, loss_cfg, grad_accum)
+  tokens = (segment_ids > 0).reshape(-1)
+  lb = moe_losses.load_balance_loss(router, tokens) / grad_accum
+  z = moe_losses.z_loss(router, tokens) / grad_accum
+  total = total + loss_cfg.moe_aux_coef * lb + loss_cfg.moe_z_coef * z
+  aux.update(moe_aux_loss=lb, moe_z_loss=z, expert_usage=moe_losses.expert_usage(router, tokens),
+             moe_dropped=jnp.sum(router.dropped).astype(jnp.float32))
+  return _finish(total, aux, loss_cfg, grad_accum, lambda: moe_losses.orthogonal_loss(moe_losses.router_kernels(model)))
+
+
+def text_bias_update(model, aux, loss_cfg: LossConfig) -> None:
+  """The aux-loss-free correction-bias update of a text MoE model from the batch's summed expert usage."""
+  if _updates_bias(loss_cfg, model) and "expert_usage" in aux:
+    moe_losses.update_correction_bias(model, aux["expert_usage"], loss_cfg.bias_update_lr)
 
 
 @dataclasses.dataclass(frozen=True)

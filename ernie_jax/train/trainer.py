@@ -1,5 +1,5 @@
-"""The training loop shared by pretraining (`experiments/pretrain.py`) and fine-tuning
-(`experiments/sft.py`).
+"""The training loop shared by pretraining (`experiments/pretrain.py`), fine-tuning
+(`experiments/sft.py`) and preference optimisation (`experiments/dpo.py`).
 
 `train(config, recipe)` runs or resumes a run in `config.workdir`:
   validate config -> tokenizer + data checks -> mesh -> train state (restored, `init_from`, or
@@ -12,7 +12,7 @@ Ctrl-C aborts at once (exit 130, no save). The workdir is locked for the run's l
 fails before training leaves no workdir it created behind.
 
 What differs between kinds of training is a `Recipe` (this module's `Pretraining`; fine-tuning in
-`ernie_jax.train.sft`): how the config is parsed, the tokenizer and data, the model (e.g. LoRA
+`ernie_jax.train.sft`, DPO in `ernie_jax.train.dpo`): how the config is parsed, the tokenizer and data, the model (e.g. LoRA
 adapters on a frozen base), which parameters train and with which optimizer groups, what a
 checkpoint holds, and an optional evaluation. The loop itself is the same.
 """
@@ -150,6 +150,10 @@ class Pretraining:
     if cfg.groups.freeze_router or cfg.groups.freeze_vision:
       return trained_filter("full", cfg.groups)
     return None
+
+  def reference_copy(self, cfg) -> bool:
+    """Whether the train state holds a frozen copy of the initial model (`TrainState.reference`)."""
+    return False
 
   def adapt(self, cfg, model_cfg) -> Callable | None:
     """A function applied to a freshly built model before the train state is made (e.g. adding LoRA
@@ -298,8 +302,9 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
 
   # 3. Train state: restored from the latest checkpoint, or created in its sharded layout.
   tx, schedule = recipe.optimizer(cfg, model_cfg)
-  wrt, adapt = recipe.wrt(cfg, model_cfg), recipe.adapt(cfg, model_cfg)
-  graphdef, shardings, target = abstract_train_state(model_cfg, tx, run.seed, mesh, wrt=wrt, adapt=adapt)
+  wrt, adapt, ref = recipe.wrt(cfg, model_cfg), recipe.adapt(cfg, model_cfg), recipe.reference_copy(cfg)
+  graphdef, shardings, target = abstract_train_state(model_cfg, tx, run.seed, mesh, wrt=wrt, adapt=adapt,
+                                                     reference=ref)
   if latest is not None:
     meta_json = ckpt.read_json(latest)
     saved_stream = meta_json["data_stream"]
@@ -311,7 +316,7 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
     base = None
     if pretrained is not None:  # the part a checkpoint does not hold (e.g. a frozen base under LoRA)
       graphdef, base = create_train_state(model_cfg, tx, seed=run.seed, mesh=mesh, pretrained=pretrained, wrt=wrt,
-                                          adapt=adapt)
+                                          adapt=adapt, reference=ref)
     del pretrained
     restored, meta = ckpt.restore_intact(latest, recipe.saved(cfg, target), warn)  # (falls back when damaged)
     state = recipe.restore(cfg, base, restored)
@@ -323,7 +328,7 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
            f"(warmup / decay) now runs over {run.steps} steps, so the LR from step {start_step} on differs")
   else:
     graphdef, state = create_train_state(model_cfg, tx, seed=run.seed, mesh=mesh, pretrained=pretrained,
-                                         wrt=wrt, adapt=adapt)
+                                         wrt=wrt, adapt=adapt, reference=ref)
     del pretrained
     start_step = 0
   if is_main:
