@@ -177,10 +177,14 @@ class MemoryRows:
   def where(self, i: int, offset: int = 0) -> str:
     return f"{self.name}:{int(i) + 1}"
 
+  def parse(self, row):
+    """One in-memory row -> its validated form (a conversation here; subclasses read other rows); raises BadRow."""
+    return validate_messages(row)
+
   def __getitem__(self, i: int) -> list[dict] | None:
     i = int(i)
     try:
-      return validate_messages(self.rows[i])
+      return self.parse(self.rows[i])
     except BadRow as e:
       if self.bad_rows == "error":
         raise DataError(f"{self.where(i)}: {e.reason}") from None

@@ -17,6 +17,9 @@ Rows (OpenAI messages; every assistant turn carries a think block, the ERNIE 4.5
 The held-out split is the functions with crc32(name) % `HELDOUT_EVERY` == 0 (a function is in exactly one split,
 and the split of a function does not depend on which other functions exist): their non-thinking and thinking rows.
 
+Preference pairs for DPO (`preference_pairs`): every conversation above, with its last assistant answer as the
+chosen answer and the same answer's words in a shuffled order as the rejected one (see `shuffled_words`).
+
 This module uses only the standard library, so it can be run as a script under any Python to list the data.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import random
 import re
 import zlib
 
@@ -132,6 +136,66 @@ def _conversations(split: str) -> tuple:
 def conversations(split: str = "train") -> list[list[dict]]:
   """The conversations of `split` ("train" | "heldout"), a fresh list of message dicts each call."""
   return [[dict(m) for m in row] for row in _conversations(split)]
+
+
+def shuffled_words(text: str, name: str) -> str | None:
+  """The words of `text` (split at spaces) in a pseudo-random order seeded by crc32(`name`), never their own order;
+  None when no other order exists (one word, or all words equal). Fisher-Yates driven by `random.Random.random()`,
+  whose sequence for an integer seed Python keeps the same across versions (unlike `shuffle`'s)."""
+  words = text.split(" ")
+  if len(set(words)) < 2:
+    return None
+  rng = random.Random(zlib.crc32(name.encode()))
+  while True:
+    out = list(words)
+    for i in range(len(out) - 1, 0, -1):
+      j = int(rng.random() * (i + 1))
+      out[i], out[j] = out[j], out[i]
+    if out != words:
+      return " ".join(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _preference_pairs(split: str) -> tuple:
+  if split not in ("train", "heldout"):
+    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+  funcs = [f for f in functions() if is_heldout(f[1]) == (split == "heldout")]
+  rows = []
+
+  def add(prompt: list[dict], chosen: str, rejected: str | None, wrap=lambda a: EMPTY_THINK + a) -> None:
+    if rejected is not None:  # (an answer whose words have no other order gives no pair)
+      rows.append((tuple(tuple(sorted(m.items())) for m in prompt), wrap(chosen), wrap(rejected)))
+
+  for i, (module, qual, sig, answer) in enumerate(funcs):
+    shuffled = shuffled_words(answer, qual)
+    add([{"role": "user", "content": _question(qual, 0)}], answer, shuffled)
+    add([{"role": "system", "content": THINK_SYSTEM}, {"role": "user", "content": _question(qual, 1)}], answer,
+        shuffled, lambda a: _thinking(module, qual, sig, a))
+    if split == "train" and i % 3 == 0:
+      add([{"role": "system", "content": BRIEF_SYSTEM}, {"role": "user", "content": _question(qual, 2)}], answer,
+          shuffled)
+    if (split == "train" and i % 2 == 0 and i + 1 < len(funcs) and funcs[i + 1][0] == module
+        and max(len(answer), len(funcs[i + 1][3])) <= MAX_ANSWER_MULTI):
+      _, qual2, _, answer2 = funcs[i + 1]
+      add(_pair(qual, answer, 3) + [{"role": "user", "content": _question(qual2, 3)}], answer2,
+          shuffled_words(answer2, qual2))
+  return tuple(rows)
+
+
+def preference_pairs(split: str = "train") -> list[dict]:
+  """DPO preference rows of `split` ("train" | "heldout"), fresh dicts each call:
+  {"messages": prompt, "chosen": answer, "rejected": answer} (the row format of `ernie_jax.data.preference`).
+
+  Each conversation of `conversations(split)` gives one pair (but the few whose answer has no other word order, e.g.
+  one word): its messages up to the last user turn are the prompt,
+  its last assistant answer is chosen, and the same answer with the words of its summary in a shuffled order
+  (`shuffled_words`, seeded by the function's name; for a thinking answer only the part after </think> is
+  shuffled, the reasoning and the empty think tag stay as they are) is rejected. Why: a fluency preference that a
+  tiny randomly-initialised model can learn in minutes, and that generalises to the held-out functions; rejecting
+  another function's summary instead would ask for knowledge of each function, which a tiny model cannot get. The
+  held-out split is that of the SFT data (`is_heldout`), so it is the same across Python 3.11 / 3.12 / 3.13."""
+  return [{"messages": [dict(m) for m in prompt], "chosen": chosen, "rejected": rejected}
+          for prompt, chosen, rejected in _preference_pairs(split)]
 
 
 if __name__ == "__main__":  # list the functions (compare the output of several Python versions for UNSTABLE)
