@@ -140,7 +140,7 @@ class PreferenceTuning(FineTuning):
       with lora_ops.adapters_off():
         out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
       lp = dpo_losses.pair_logps(out.logits, batch["targets"], batch["loss_mask"], batch["segment_ids"], 1)
-      return jnp.concatenate([lp["chosen"], lp["rejected"]], axis=1)  # [rows, 2]
+      return jnp.concatenate([lp["chosen_logps"], lp["rejected_logps"]], axis=1)  # [rows, 2]
 
     values = {}
     with jax.set_mesh(mesh):

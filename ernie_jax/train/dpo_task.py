@@ -50,9 +50,9 @@ def chosen_present(loss_mask, segment_ids, pairs_per_row: int):
 
 
 def precomputed_logps(ref_logps, segment_ids, pairs_per_row: int) -> dict[str, jax.Array]:
-  """The reference log-probs of the data pipeline's `ref_logps` rows: {"chosen", "rejected"} [R, P]."""
+  """The reference log-probs of the data pipeline's `ref_logps` rows: {"chosen_logps", "rejected_logps"} [R, P]."""
   sums = dpo_losses.segment_sums(ref_logps.astype(jnp.float32), segment_ids, 2 * pairs_per_row)
-  return {"chosen": sums[:, 0::2], "rejected": sums[:, 1::2]}
+  return {"chosen_logps": sums[:, 0::2], "rejected_logps": sums[:, 1::2]}
 
 
 @dataclasses.dataclass(frozen=True)
