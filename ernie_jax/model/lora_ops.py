@@ -19,6 +19,12 @@ baked into the compiled function and silently reused, so that is an error. Each 
 its `lora_salt` (a unique id per module and stacked layer, sliced by the layer scan like every
 parameter) and the weight's name; routed experts under expert parallelism fold in the device's
 index (`fold_devices`), and the blocked form the block index, so no two masks repeat.
+
+`with adapters_off():` switches every adapter off: inside the block `adapter` returns None for every
+module, so the model computes exactly its base (DPO's reference model: the frozen base of a LoRA
+model, no second copy). The switch is read while tracing and is a `jax.make_user_context`, which is
+part of jit's cache key: a function jitted (or a scan body traced) with the adapters on is retraced,
+not reused, under `adapters_off()` — entering it inside or outside the jitted function both work.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from flax import nnx, struct
 WEIGHT_IDS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6, "kernel": 7}
 
 _KEY: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_key", default=None)
+_OFF = jax.make_user_context(default_value=False)  # in jit's cache key: switching it retraces
 
 
 class LoraSalt(nnx.Variable):
@@ -70,9 +77,16 @@ def dropout_key(key: jax.Array):
     _KEY.reset(token)
 
 
+@contextlib.contextmanager
+def adapters_off():
+  """Model calls traced (or run) inside the block compute the base model: `adapter` returns None."""
+  with _OFF(True):
+    yield
+
+
 def adapter(module, name: str, dtype) -> Lora | None:
-  """The LoRA of `module.<name>` cast to `dtype`, or None when the weight has none."""
-  a = getattr(module, f"{name}_lora_a", None)
+  """The LoRA of `module.<name>` cast to `dtype`, or None when the weight has none or adapters are off."""
+  a = None if _OFF.value else getattr(module, f"{name}_lora_a", None)
   if a is None:
     return None
   rate = float(getattr(module, "lora_dropout", 0.0))
