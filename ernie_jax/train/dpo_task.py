@@ -87,7 +87,7 @@ class Preference:
         ref, _ = self.logps(model, micro)
     else:
       gdef, state = norms["reference"]
-      ref, _ = self.logps(nnx.merge(gdef, state), micro)
+      ref, _ = self.logps(nnx.merge(gdef, jax.tree.map(lambda x: x, state)), micro)  # (this trace level)
     return jax.tree.map(jax.lax.stop_gradient, ref)
 
   def normalisers(self, rows, cfg):

@@ -131,7 +131,8 @@ def create_train_state(model_cfg, tx, *, seed: int, mesh, rules=DEFAULT_RULES,
   mgraph, mstate = nnx.split(pretrained)
 
   def make(ms):
-    copy = with_rules(nnx.merge(mgraph, ms), rules) if reference else None
+    # (fresh Variable objects: two merges of the same state would share them, i.e. be one model)
+    copy = with_rules(nnx.merge(mgraph, jax.tree.map(lambda x: x, ms)), rules) if reference else None
     return nnx.split(TrainState(with_rules(nnx.merge(mgraph, ms), rules), tx, seed, wrt, copy))[1]
 
   with jax.set_mesh(mesh):

@@ -1,9 +1,9 @@
 """The model a training workdir holds, for export and generation (`ernie_jax.cli.export`).
 
 `load_trained(workdir, step=None)` -> `Trained(model, step, kind, base, tokenizer_dir, config)`:
-* a pretraining or full fine-tuning run: the checkpoint's model (`ernie_jax.from_pretrained` reads a
+* a pretraining or full fine-tuning (SFT or DPO) run: the checkpoint's model (`ernie_jax.from_pretrained` reads a
   training checkpoint directly);
-* a LoRA fine-tuning run: its checkpoints hold only the adapters and buffers, so the base is loaded
+* a LoRA fine-tuning (SFT or DPO) run: its checkpoints hold only the adapters and buffers, so the base is loaded
   from the run's `init_from` (or rebuilt from its seed when it had none), checked against the
   fingerprint saved with the checkpoint (`CheckpointError` when the base changed), LoRA is applied
   and the saved values are restored into it. The returned model carries the LoRA adapters
@@ -26,6 +26,7 @@ from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
 from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train.checkpoint import Checkpointer
+from ernie_jax.train.dpo_config import parse_dpo
 from ernie_jax.train.sft import FineTuning, is_frozen_base
 from ernie_jax.train.sft_config import parse_sft
 
@@ -69,7 +70,7 @@ def load_trained(workdir: str, step: int | None = None, *, mesh=None) -> Trained
     if finetune != "lora":
       model = from_pretrained(os.path.join(ckpt.directory, str(step)), mesh=mesh)
       return Trained(model, step, finetune or "pretrain", base, tokenizer_dir, config)
-    cfg = parse_sft(config)
+    cfg = (parse_dpo if "dpo" in config else parse_sft)(config)  # a DPO or an SFT run
     recipe = FineTuning()
     mesh = mesh or make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     _, model = recipe.model_config(cfg, ckpt, None, mesh)  # the base with LoRA applied
