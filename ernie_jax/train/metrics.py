@@ -15,8 +15,10 @@ import numpy as np
 # console short names, in display order
 _CONSOLE = (("loss", "loss", "{:.4f}"), ("lm_loss", "lm", "{:.4f}"), ("mtp_loss", "mtp", "{:.4f}"),
             ("moe_aux_loss", "aux", "{:.4f}"), ("moe_z_loss", "z", "{:.3g}"),
-            ("moe_orth_loss", "orth", "{:.3g}"), ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.2e}"),
-            ("tokens_per_sec", "tok/s", "{:,.0f}"), ("mfu", "MFU", "{:.2%}"), ("eval_loss", "eval", "{:.4f}"))
+            ("moe_orth_loss", "orth", "{:.3g}"), ("rewards/accuracies", "acc", "{:.3f}"),
+            ("rewards/margins", "margin", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.2e}"),
+            ("tokens_per_sec", "tok/s", "{:,.0f}"), ("mfu", "MFU", "{:.2%}"), ("eval_loss", "eval", "{:.4f}"),
+            ("eval_rewards/accuracies", "eval acc", "{:.3f}"))
 
 
 def summarize_expert_usage(usage: np.ndarray) -> dict[str, Any]:
