@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import jax
 import numpy as np
@@ -22,7 +21,7 @@ from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train import config as config_lib
 from ernie_jax.train.metrics import read_jsonl
 from tests import hf_reference as ref
-from tests.train.test_pretrain import MICRO, _cli, _config, _env, _losses, pretrain
+from tests.train.test_pretrain import MICRO, _config, _losses, pretrain
 from tests.train.test_train_step import _batch, _flat, _run
 
 
@@ -166,17 +165,18 @@ def test_init_from_hf_into_fp8_training_and_export(tmp_path, xla_cache):  # noqa
 
 
 @pytest.mark.slow
-def test_tiny_config_with_fp8_ends_within_2_percent_of_bf16(tmp_path, xla_cache):  # noqa: F811
-  """experiments/configs/tiny.py (MoE + MTP on the stdlib's source, bytes) for 60 steps on one
-  device with train.precision=fp8 and =bf16: the final LM loss (mean of the last 10 steps) of the
-  FP8 run is within 2% of the bf16 run's, and both learned."""
+def test_fp8_training_ends_within_2_percent_of_bf16(tmp_path, xla_cache):  # noqa: F811
+  """The micro MoE + MTP model on the stdlib bytes (experiments/pretrain.py in process) for 60 steps
+  with train.precision=fp8 and =bf16: the final LM loss (mean of the last 10 steps) of the FP8 run is
+  within 2% of the bf16 run's, and both learned. (The README's tiny config over 60+ steps:
+  benchmarks/fp8_vs_bf16_loss.py.)"""
   final = {}
   for precision in ("bf16", "fp8"):
     workdir = tmp_path / precision
-    over = {"train.precision": precision, "steps": 60, "metrics.log_every": 10, "metrics.progress_bar": False,
-            "metrics.tensorboard": False, "checkpoint.every_steps": 0}
-    subprocess.run(_cli(workdir, xla_cache, over), env=_env(devices=1), check=True, capture_output=True)
-    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    final[precision] = records[-1]["lm_loss"]
-    assert records[-1]["step"] == 60 and records[-1]["lm_loss"] < 0.6 * records[0]["lm_loss"], records
+    pretrain.train(_config(workdir, xla_cache, **{**MICRO, "train.precision": precision, "steps": 60,
+                                                  "checkpoint.every_steps": 0, "optim.lr": 3e-3,
+                                                  "optim.warmup_steps": 5}))
+    lm = [r["lm_loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]  # one record per step
+    final[precision] = float(np.mean(lm[-10:]))
+    assert len(lm) == 60 and final[precision] < 0.6 * lm[0], lm  # learned: from ~ln(320) at step 1
   assert abs(final["fp8"] - final["bf16"]) <= 0.02 * final["bf16"], final

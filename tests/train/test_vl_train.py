@@ -408,15 +408,17 @@ def test_pretrain_init_from_hf_and_orbax_vl_checkpoints(tmp_path, xla_cache):
   from ernie_jax.model.vl import Ernie45VLForConditionalGeneration
   from ernie_jax.train import config as config_lib
 
-  over = {"steps": 1, "optim.lr": 1e-9, "optim.warmup_steps": 0, "optim.weight_decay": 0.0,
-          "loss.bias_update_lr": 0.0}
+  # MICRO_VL's run (the train step test_pretrain_tiny_vl_checkpoint_resume compiled: a hit in the XLA cache),
+  # with a checkpoint every step: step 1 runs at lr 0 (linear warmup from 0), so its Params are the loaded ones
+  over = {"checkpoint.every_steps": 1}
   cfg = config_lib.parse(_vl_config(tmp_path, xla_cache, **over)).model
   source = Ernie45VLForConditionalGeneration(cfg, rngs=nnx.Rngs(123))
   os.makedirs(tmp_path / "hf")
   safetensors.numpy.save_file(hf_vl.state_to_hf(source), str(tmp_path / "hf" / "model.safetensors"))
   (tmp_path / "hf" / "config.json").write_text(json.dumps(_hf_config(cfg)))
   summary = pretrain.train(_vl_config(tmp_path / "run", xla_cache, **over, init_from=str(tmp_path / "hf")))
-  assert summary["step"] == 1 and json.load(open(tmp_path / "run" / "run_info.json"))["init_from"]
+  assert summary["step"] == 4 and json.load(open(tmp_path / "run" / "run_info.json"))["init_from"]
+  assert _losses(tmp_path / "run")[1]["lr"] == 0.0
 
   from ernie_jax.train.checkpoint import Checkpointer
 
@@ -427,17 +429,24 @@ def test_pretrain_init_from_hf_and_orbax_vl_checkpoints(tmp_path, xla_cache):
   assert loaded.replace(initializer_range=cfg.initializer_range) == cfg  # (an HF config has no init std)
   import orbax.checkpoint as ocp
 
-  def saved_params(run):
-    return ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints" / "1" / "state")
-
-  def check(restored):
-    for key, var in nnx.to_flat_state(nnx.state(source, nnx.Param)):
+  def saved_params(run, step=1):
+    restored = ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints" / str(step) / "state")
+    out = {}
+    for key, _ in nnx.to_flat_state(nnx.state(source, nnx.Param)):
       node = restored
       for k in key:
         node = node[str(k)]
-      np.testing.assert_allclose(np.asarray(node), np.asarray(var[...]), atol=1e-6, err_msg=str(key))
+      out[key] = np.asarray(node)
+    return out
 
-  check(saved_params("run"))
-  # and from that run's own (Orbax) training checkpoints
+  def check(saved, want):
+    for key, value in want.items():
+      np.testing.assert_allclose(saved[key], value, atol=1e-6, err_msg=str(key))
+
+  check(saved_params("run"), {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))})
+  # and from that run's own (Orbax) training checkpoints: the latest (step 4, trained away from the source)
+  trained = saved_params("run", 4)
+  assert any(not np.allclose(trained[k], v, atol=1e-6) for k, v in saved_params("run").items())
   pretrain.train(_vl_config(tmp_path / "run2", xla_cache, **over, init_from=str(tmp_path / "run" / "checkpoints")))
-  check(saved_params("run2"))
+  assert _losses(tmp_path / "run2")[1]["lr"] == 0.0
+  check(saved_params("run2"), trained)
