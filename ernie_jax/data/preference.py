@@ -66,7 +66,7 @@ from ernie_jax.data.chat import FORMATS, ChatRows, MemoryRows, _kind, _shown, _s
 from ernie_jax.data.chat_template import ChatRenderer, ChatTemplateError, render_builtin
 from ernie_jax.data.iterator import GrainIterator
 from ernie_jax.data.packing import KEYS
-from ernie_jax.data.sft import ChatDataConfig, Subset
+from ernie_jax.data.sft import ChatDataConfig, CountedExamples, Subset
 from ernie_jax.data.sources import BadRow, DataError, expand_paths, parse_json_row
 from ernie_jax.data.tokenizers import BEGIN_OF_SENTENCE, END_OF_SENTENCE, Tokenizer, get_tokenizer
 
@@ -288,18 +288,16 @@ def _prompt_cuts(prompt: list[dict]) -> list[list[dict]]:
   return [prompt] + [head + body[k:] for k in starts]
 
 
-class PairExamples:
+class PairExamples(CountedExamples):
   """Random access: row i -> its packed-pair example (chosen ++ rejected: "inputs", "targets", "loss_mask", "half"
   (1 chosen / 2 rejected), "positions", and "ref" (float32) when `ref` [len(rows), 2] is given), or None (bad row
   skipped, or dropped); counts truncated / dropped / skipped rows once per row index."""
 
-  def __init__(self, rows, renderer: ChatRenderer, seq_len: int, overlong: str, ref: np.ndarray | None = None):
-    self.rows, self.renderer, self.seq_len, self.overlong, self.ref = rows, renderer, seq_len, overlong, ref
-    self.truncated: set[int] = set()
-    self.dropped: set[int] = set()
+  what = "preference pairs"
 
-  def __len__(self) -> int:
-    return len(self.rows)
+  def __init__(self, rows, renderer: ChatRenderer, seq_len: int, overlong: str, ref: np.ndarray | None = None):
+    super().__init__(rows, renderer, seq_len, overlong)
+    self.ref = ref
 
   def _encode(self, prompt: list[dict], pair: Pair):
     c_ids, c_mask, _ = self.renderer.encode(prompt + pair.chosen)
@@ -361,18 +359,6 @@ class PairExamples:
       ex["ref"] = np.zeros(nc + nr, np.float32)
       ex["ref"][0], ex["ref"][nc] = value
     return ex
-
-  def stats(self) -> dict[str, int]:
-    return {"rows": len(self), "truncated": len(self.truncated), "dropped": len(self.dropped),
-            "skipped": len(self.rows.skipped)}
-
-  def check_usable(self, n: int = 100) -> None:
-    """One of the first n rows must give a pair (else the repeating pipeline would never yield a row)."""
-    for i in range(min(n, len(self))):
-      if self[i] is not None:
-        return
-    raise DataError(f"none of the first {min(n, len(self))} preference pairs ({self.rows.where(0)} ...) is usable: "
-                    f"{self.stats()} (data.seq_len={self.seq_len}, data.overlong={self.overlong!r})")
 
 
 def pad_pair(ex: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:

@@ -168,9 +168,11 @@ def eval_rows(cfg: ChatDataConfig):
   return Subset(rows, held) if len(held) else None
 
 
-class ChatExamples:
-  """Random access: row i -> its (truncated) example {"inputs", "targets", "loss_mask"} of <= seq_len tokens, or
-  None (bad row skipped, or dropped); counts truncated / dropped / skipped rows once per row index."""
+class CountedExamples:
+  """What the chat and the preference examples share: the rows, the renderer, the truncated / dropped row
+  indices and the usability check. `what` names the rows in messages; `__getitem__` is the subclass's."""
+
+  what = "conversations"
 
   def __init__(self, rows, renderer: ChatRenderer, seq_len: int, overlong: str):
     self.rows, self.renderer, self.seq_len, self.overlong = rows, renderer, seq_len, overlong
@@ -179,6 +181,26 @@ class ChatExamples:
 
   def __len__(self) -> int:
     return len(self.rows)
+
+  def __getitem__(self, i: int):
+    raise NotImplementedError
+
+  def stats(self) -> dict[str, int]:
+    return {"rows": len(self), "truncated": len(self.truncated), "dropped": len(self.dropped),
+            "skipped": len(self.rows.skipped)}
+
+  def check_usable(self, n: int = 100) -> None:
+    """One of the first n rows must give an example (else the repeating pipeline would never yield a row)."""
+    for i in range(min(n, len(self))):
+      if self[i] is not None:
+        return
+    raise DataError(f"none of the first {min(n, len(self))} {self.what} ({self.rows.where(0)} ...) is usable: "
+                    f"{self.stats()} (data.seq_len={self.seq_len}, data.overlong={self.overlong!r})")
+
+
+class ChatExamples(CountedExamples):
+  """Random access: row i -> its (truncated) example {"inputs", "targets", "loss_mask"} of <= seq_len tokens, or
+  None (bad row skipped, or dropped); counts truncated / dropped / skipped rows once per row index."""
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray] | None:
     i = int(i)
@@ -205,18 +227,6 @@ class ChatExamples:
       self.dropped.add(i)
       return None
     return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
-
-  def stats(self) -> dict[str, int]:
-    return {"rows": len(self), "truncated": len(self.truncated), "dropped": len(self.dropped),
-            "skipped": len(self.rows.skipped)}
-
-  def check_usable(self, n: int = 100) -> None:
-    """One of the first n rows must give an example (else the repeating pipeline would never yield a row)."""
-    for i in range(min(n, len(self))):
-      if self[i] is not None:
-        return
-    raise DataError(f"none of the first {min(n, len(self))} conversations ({self.rows.where(0)} ...) is usable: "
-                    f"{self.stats()} (data.seq_len={self.seq_len}, data.overlong={self.overlong!r})")
 
 
 def pad_example(ex: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:

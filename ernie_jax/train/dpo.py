@@ -32,17 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie_jax import model as model_lib
 from ernie_jax.data import stdlib_qa
 from ernie_jax.data.preference import (load_preference_tokenizer, make_preference_pipeline, num_train_pairs,
                                        preference_pair_batches)
 from ernie_jax.interop.safetensors_io import CheckpointError
-from ernie_jax.loading import from_pretrained
 from ernie_jax.model import lora_ops
 from ernie_jax.train import dpo_losses, trainer
 from ernie_jax.train.dpo_config import parse_dpo
 from ernie_jax.train.dpo_task import Preference
-from ernie_jax.train.sft import AddLora, FineTuning, fingerprint
+from ernie_jax.train.sft import AddLora, FineTuning
 from ernie_jax.train.step import batch_sharding, put_batch
 
 REFERENCE_FILE = "reference_logps.npz"
@@ -91,13 +89,7 @@ class PreferenceTuning(FineTuning):
 
   def model_config(self, cfg, ckpt, latest, mesh):
     # the base is always loaded (or rebuilt from the seed): the reference and the fingerprint depend on it
-    runtime = {k: getattr(cfg.model, k) for k in trainer.RUNTIME_FIELDS}
-    if cfg.run.init_from:
-      base = from_pretrained(cfg.run.init_from, mesh=mesh, **runtime)
-    else:
-      with jax.set_mesh(mesh):
-        base = model_lib.model_class(cfg.model)(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
-    self.base_fingerprint = fingerprint(base)
+    base = self.load_base(cfg, mesh)
     ref = cfg.reference
     if ref == "precomputed":
       self.reference_values = self.precompute(cfg, base, mesh)

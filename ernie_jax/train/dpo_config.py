@@ -21,10 +21,10 @@ import ml_collections
 
 from ernie_jax.config import ModelConfig
 from ernie_jax.data.preference import PreferenceDataConfig
-from ernie_jax.train.config import _check, parse_sections
+from ernie_jax.train.config import _check
 from ernie_jax.train.dpo_losses import DPOConfig, validate_dpo
 from ernie_jax.train.sft_config import _SECTIONS as SFT_SECTIONS
-from ernie_jax.train.sft_config import SFTConfig, default_sft_config, validate_sft
+from ernie_jax.train.sft_config import SFTConfig, default_sft_config, parse_finetune_sections, validate_sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +84,7 @@ def erniekit_dpo_lora_8k(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def parse_dpo(config: ml_collections.ConfigDict | dict) -> DPOExperimentConfig:
   """Typed, validated DPO config (raises TrainConfigError naming the field)."""
-  run, model, parts = parse_sections(config, _SECTIONS)
-  if not parts["data"].tokenizer:  # "" = the base model's tokenizer (and chat template)
-    _check(bool(run.init_from), "data.tokenizer", "set a tokenizer ('bytes', 'bpe' or a path), or run.init_from "
-           "(its directory holds the base model's tokenizer)")
-    parts["data"] = dataclasses.replace(parts["data"], tokenizer=run.init_from)
+  run, model, parts = parse_finetune_sections(config, _SECTIONS)
   cfg = DPOExperimentConfig(run=run, model=model, **parts)
   validate_sft(cfg)
   validate_dpo(cfg.dpo)  # (loss type, beta, ratios, the reference choice)

@@ -103,6 +103,12 @@ class FineTuning(trainer.Pretraining):
     if cfg.finetune.method != "lora":
       return trainer.model_config(cfg, ckpt, latest, mesh)
     # LoRA: checkpoints hold no base, so the base is always loaded (or rebuilt from the seed)
+    base = self.load_base(cfg, mesh)
+    return base.config, AddLora(cfg.lora, cfg.run.seed)(base)
+
+  def load_base(self, cfg, mesh):
+    """The base model: `run.init_from` (with the config's runtime fields), else `model` initialised from
+    `run.seed` (the same values as a fresh train state's); records its fingerprint."""
     runtime = {k: getattr(cfg.model, k) for k in trainer.RUNTIME_FIELDS}
     if cfg.run.init_from:
       base = from_pretrained(cfg.run.init_from, mesh=mesh, **runtime)
@@ -110,7 +116,7 @@ class FineTuning(trainer.Pretraining):
       with jax.set_mesh(mesh):
         base = model_lib.model_class(cfg.model)(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
     self.base_fingerprint = fingerprint(base)
-    return base.config, AddLora(cfg.lora, cfg.run.seed)(base)
+    return base
 
   def setup(self, cfg, tokenizer, model_cfg):
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model_cfg.eos_token_id

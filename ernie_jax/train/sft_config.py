@@ -93,13 +93,20 @@ def erniekit_lora_8k(c: ml_collections.ConfigDict, weight_decay: float) -> ml_co
   return c
 
 
-def parse_sft(config: ml_collections.ConfigDict | dict) -> SFTConfig:
-  """Typed, validated SFT config (raises TrainConfigError naming the field)."""
-  run, model, parts = parse_sections(config, _SECTIONS)
-  if not parts["data"].tokenizer:  # "" = the base model's tokenizer (and chat template)
+def parse_finetune_sections(config: ml_collections.ConfigDict | dict, sections: dict[str, type]):
+  """`config.parse_sections` with data.tokenizer "" resolved to run.init_from (the base model's tokenizer and
+  chat template)."""
+  run, model, parts = parse_sections(config, sections)
+  if not parts["data"].tokenizer:
     _check(bool(run.init_from), "data.tokenizer", "set a tokenizer ('bytes', 'bpe' or a path), or run.init_from "
            "(its directory holds the base model's tokenizer)")
     parts["data"] = dataclasses.replace(parts["data"], tokenizer=run.init_from)
+  return run, model, parts
+
+
+def parse_sft(config: ml_collections.ConfigDict | dict) -> SFTConfig:
+  """Typed, validated SFT config (raises TrainConfigError naming the field)."""
+  run, model, parts = parse_finetune_sections(config, _SECTIONS)
   cfg = SFTConfig(run=run, model=model, **parts)
   validate_sft(cfg)
   return cfg
