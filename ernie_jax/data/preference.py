@@ -64,9 +64,8 @@ import numpy as np
 from ernie_jax.data import sft, stdlib_qa
 from ernie_jax.data.chat import FORMATS, ChatRows, MemoryRows, _kind, _shown, _string_list, validate_messages
 from ernie_jax.data.chat_template import ChatRenderer, ChatTemplateError, render_builtin
-from ernie_jax.data.iterator import GrainIterator
 from ernie_jax.data.packing import KEYS
-from ernie_jax.data.sft import ChatDataConfig, CountedExamples, Subset
+from ernie_jax.data.sft import ChatDataConfig, CountedExamples, ExamplePipeline, Subset, example_stream
 from ernie_jax.data.sources import BadRow, DataError, expand_paths, parse_json_row
 from ernie_jax.data.tokenizers import BEGIN_OF_SENTENCE, END_OF_SENTENCE, Tokenizer, get_tokenizer
 
@@ -403,7 +402,7 @@ def _check_ref(ref_logps, n: int) -> np.ndarray:
   return ref
 
 
-class PreferencePipeline(GrainIterator):
+class PreferencePipeline(ExamplePipeline):
   """Iterator over this process's rows of each global batch (the row layout of the module docstring)."""
 
   def __init__(self, cfg: PreferenceDataConfig, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
@@ -421,12 +420,7 @@ class PreferencePipeline(GrainIterator):
       raise DataError(f"process {process_index} of {process_count} got no training pairs")
     self.examples = PairExamples(rows, self.renderer, cfg.seq_len, cfg.overlong, None if ref is None else ref[mine])
     self.examples.check_usable()
-    ds = grain.MapDataset.source(self.examples)
-    if cfg.shuffle:
-      ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(None).filter(lambda ex: ex is not None)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
-                                              prefetch_buffer_size=max(4 * batch_size, 16)))
+    it = example_stream(self.examples, cfg, batch_size)
     if cfg.packing:
       features = ("inputs", "targets", "loss_mask", "half", "positions") + (("ref",) if ref is not None else ())
       it = grain.experimental.FirstFitPackIterDataset(
@@ -437,16 +431,6 @@ class PreferencePipeline(GrainIterator):
       it = it.map(lambda ex: pad_pair(ex, cfg.seq_len))
     self.dataset = it.batch(batch_size, drop_remainder=True)
     self._it = iter(self.dataset)
-
-  @property
-  def stats(self) -> dict[str, int]:
-    """{"rows", "truncated", "dropped", "skipped"} of this process's shard (as `ernie_jax.data.sft`)."""
-    return self.examples.stats()
-
-  @property
-  def template(self) -> str:
-    """The chat template in use ("builtin" or the file it came from)."""
-    return self.renderer.template.name
 
 
 def make_preference_pipeline(cfg: PreferenceDataConfig, tokenizer: Tokenizer, *, batch_size: int,

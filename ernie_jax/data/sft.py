@@ -246,7 +246,32 @@ def _canonical(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           "loss_mask": np.asarray(ex["loss_mask"], np.int32)}
 
 
-class ChatPipeline(GrainIterator):
+def example_stream(examples: CountedExamples, cfg: ChatDataConfig, batch_size: int) -> grain.IterDataset:
+  """Examples -> shuffled (seeded, reshuffled every epoch) -> repeated -> usable ones only, read by
+  `cfg.read_threads` threads ahead of the trainer."""
+  ds = grain.MapDataset.source(examples)
+  if cfg.shuffle:
+    ds = ds.shuffle(seed=cfg.seed)
+  ds = ds.repeat(None).filter(lambda ex: ex is not None)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
+                                              prefetch_buffer_size=max(4 * batch_size, 16)))
+
+
+class ExamplePipeline(GrainIterator):
+  """A training iterator over `self.examples` (a `CountedExamples`) rendered by `self.renderer`."""
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """{"rows", "truncated", "dropped", "skipped"} of this process's shard (see the module docstring)."""
+    return self.examples.stats()
+
+  @property
+  def template(self) -> str:
+    """The chat template in use ("builtin" or the file it came from)."""
+    return self.renderer.template.name
+
+
+class ChatPipeline(ExamplePipeline):
   """Iterator over this process's rows of each global batch: dicts of int32 [batch_size, seq_len] (`KEYS`)."""
 
   def __init__(self, cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
@@ -267,12 +292,7 @@ class ChatPipeline(GrainIterator):
       raise DataError(f"process {process_index} of {process_count} got no training conversations")
     self.examples = ChatExamples(rows, self.renderer, cfg.seq_len, cfg.overlong)
     self.examples.check_usable()
-    ds = grain.MapDataset.source(self.examples)
-    if cfg.shuffle:
-      ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(None).filter(lambda ex: ex is not None)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 1),
-                                              prefetch_buffer_size=max(4 * batch_size, 16)))
+    it = example_stream(self.examples, cfg, batch_size)
     if cfg.packing:
       length = {"inputs": cfg.seq_len, "targets": cfg.seq_len, "loss_mask": cfg.seq_len}
       it = grain.experimental.FirstFitPackIterDataset(it, length_struct=length, num_packing_bins=cfg.packing_bins,
@@ -281,16 +301,6 @@ class ChatPipeline(GrainIterator):
       it = it.map(lambda ex: pad_example(ex, cfg.seq_len))
     self.dataset = it.batch(batch_size, drop_remainder=True)
     self._it = iter(self.dataset)
-
-  @property
-  def stats(self) -> dict[str, int]:
-    """{"rows", "truncated", "dropped", "skipped"} (see the module docstring)."""
-    return self.examples.stats()
-
-  @property
-  def template(self) -> str:
-    """The chat template in use ("builtin" or the file it came from)."""
-    return self.renderer.template.name
 
 
 def make_chat_pipeline(cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
