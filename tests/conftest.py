@@ -26,11 +26,3 @@ def mesh():
 
   return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
-
-def pytest_configure(config):
-  """Under pytest-xdist (`-n 2` in CI) send each test module to one worker (`--dist loadscope`) instead of
-  spreading its tests over the workers (`load`, the default of `-n`): the module-scoped fixtures (compiled
-  steps, trained states: minutes on a CPU) are then built once, not once per worker that runs a test of
-  the module. An explicit `--dist` other than `load` is kept."""
-  if getattr(config.option, "dist", "no") == "load" and not getattr(config.option, "distload", False):
-    config.option.dist = "loadscope"
