@@ -5,6 +5,7 @@ batch.
   python benchmarks/dpo_reference.py                        # dense ~100M-shape model, CPU
   python benchmarks/dpo_reference.py --model moe            # tiny MoE (LoRA on the routed experts too)
   python benchmarks/dpo_reference.py --batch 4 --seq 512 --steps 5
+  python benchmarks/dpo_reference.py --only full:precomputed,full:none
 
 Each configuration runs in its own subprocess, so `peak RSS` is that run's own high-water mark. Timed: one DPO
 optimizer step (policy forward + backward, the reference forward where there is one, clipping, AdamW) on a fixed
@@ -88,18 +89,19 @@ def run_one(args, method: str, reference: str) -> dict:
   with jax.set_mesh(mesh):
     sharding = batch_sharding(mesh)
     if reference == "precomputed":  # the one-off reference pass, on the same rows laid out one pair per row
-      model = nnx.merge(graphdef, state).model
+      mgdef, mstate = nnx.split(nnx.merge(graphdef, state).model)
 
       @jax.jit
-      def ref_pass(b):
+      def ref_pass(ms, b):
+        model = nnx.merge(mgdef, ms)
         with lora_ops.adapters_off():
           out = model(b["inputs"], b["positions"], b["segment_ids"])
         return dpo_losses.pair_logps(out.logits, b["targets"], b["loss_mask"], b["segment_ids"], 2)
 
       b0 = jax.tree.map(lambda v: v[0], put_batch(batch, 1, sharding))
-      jax.block_until_ready(ref_pass(b0))
+      jax.block_until_ready(ref_pass(mstate, b0))
       t = time.perf_counter()
-      lp = jax.device_get(ref_pass(b0))
+      lp = jax.device_get(ref_pass(mstate, b0))
       precompute_s = time.perf_counter() - t
       ref = np.zeros(batch["segment_ids"].shape, np.float32)
       for k in range(2):
@@ -129,6 +131,7 @@ def main():
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--only", default="", help='run only these, e.g. "full:precomputed,full:none"')
   p.add_argument("--one", default="", help=argparse.SUPPRESS)  # "method:reference" inside the subprocess
   args = p.parse_args()
   if args.one:
@@ -146,6 +149,8 @@ def main():
         f"(2 pairs a row); LoRA rank {args.rank}")
   print(f"{'method':6} {'reference':12} {'state':>9} {'XLA est.':>9} {'peak RSS':>9} {'pairs/s':>8}  step time")
   for method, reference in RUNS:
+    if args.only and f"{method}:{reference}" not in args.only.split(","):
+      continue
     cmd = [sys.executable, os.path.abspath(__file__), f"--one={method}:{reference}"] + [
       f"--{k}={v}" for k, v in (("model", args.model), ("rank", args.rank), ("batch", args.batch),
                                 ("seq", args.seq), ("steps", args.steps))]
