@@ -122,7 +122,7 @@ class PreferenceTuning(FineTuning):
                                  f"(loaded from {path})")
           return values
     start = time.perf_counter()
-    micro = max(cfg.run.global_batch_size // cfg.run.grad_accum_steps // jax.process_count(), 1)
+    micro = self.micro_rows(cfg)
     sharding = batch_sharding(mesh)
     gdef, state = nnx.split(base)
 
@@ -200,7 +200,7 @@ class PreferenceTuning(FineTuning):
                             f"{str(self.base_fingerprint)[:12]}); use that base or a new workdir")
 
   def evaluator(self, cfg, setup, graphdef, mesh):
-    micro = max(cfg.run.global_batch_size // cfg.run.grad_accum_steps // jax.process_count(), 1)
+    micro = self.micro_rows(cfg)
     batches, indices = preference_pair_batches(cfg.data, setup.tokenizer, batch_size=micro, split="heldout")
     if cfg.finetune.eval_batches:
       batches, indices = batches[:cfg.finetune.eval_batches], indices[:cfg.finetune.eval_batches]

@@ -28,25 +28,21 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from ernie_jax.model import lora_ops
 from ernie_jax.train import dpo_losses
 from ernie_jax.train.dpo_losses import DPOConfig
 from ernie_jax.train.losses import LossConfig
-from ernie_jax.train.tasks import text_bias_update, text_moe_terms
+from ernie_jax.train.tasks import merge_here, text_bias_update, text_moe_terms
 
 REFERENCES = ("lora_base", "copy", "precomputed", "none")
 
 
-def _merge(gdef, params, rest):
-  return nnx.merge(gdef, params, jax.tree.map(lambda x: x, rest))
-
-
-def chosen_present(loss_mask, segment_ids, pairs_per_row: int):
-  """[R, P] bool: pair k of row r is present (its chosen answer has supervised tokens)."""
+def pairs_present(loss_mask, segment_ids, pairs_per_row: int):
+  """[R, P] bool: pair k of row r is present: both its answers have supervised tokens (the `valid` of
+  `dpo_losses.pair_logps`, over which the loss sums)."""
   counts = dpo_losses.segment_sums(loss_mask.astype(jnp.float32), segment_ids, 2 * pairs_per_row)
-  return counts[:, 0::2] > 0
+  return (counts[:, 0::2] > 0) & (counts[:, 1::2] > 0)
 
 
 def precomputed_logps(ref_logps, segment_ids, pairs_per_row: int) -> dict[str, jax.Array]:
@@ -87,18 +83,18 @@ class Preference:
         ref, _ = self.logps(model, micro)
     else:
       gdef, state = norms["reference"]
-      ref, _ = self.logps(nnx.merge(gdef, jax.tree.map(lambda x: x, state)), micro)  # (this trace level)
+      ref, _ = self.logps(merge_here(gdef, state), micro)
     return jax.tree.map(jax.lax.stop_gradient, ref)
 
   def normalisers(self, rows, cfg):
-    present = chosen_present(rows["loss_mask"], rows["segment_ids"], self.pairs_per_row)
+    present = pairs_present(rows["loss_mask"], rows["segment_ids"], self.pairs_per_row)
     return {"pairs": jnp.maximum(jnp.sum(present).astype(jnp.float32), 1.0)}
 
   def loss_fn(self, gdef, rest, grad_accum: int, norms):
     pairs = norms["pairs"]
 
     def loss_fn(params, micro):
-      model = _merge(gdef, params, rest)
+      model = merge_here(gdef, params, rest)
       policy, out = self.logps(model, micro)
       ref = self.reference_logps(model, micro, norms)
       loss_sum, sums = dpo_losses.preference_loss(self.dpo, policy, ref, policy["valid"])

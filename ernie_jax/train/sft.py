@@ -169,11 +169,16 @@ class FineTuning(trainer.Pretraining):
     d = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_STREAM}
     return {**d, "global_batch_size": cfg.run.global_batch_size, "processes": jax.process_count()}
 
+  @staticmethod
+  def micro_rows(cfg) -> int:
+    """This process's rows of one micro-batch (the batch size of evaluation / reference passes)."""
+    return max(cfg.run.global_batch_size // cfg.run.grad_accum_steps // jax.process_count(), 1)
+
   def evaluate_every(self, cfg):
     return cfg.finetune.eval_every
 
   def evaluator(self, cfg, setup, graphdef, mesh):
-    micro = cfg.run.global_batch_size // cfg.run.grad_accum_steps // jax.process_count()
+    micro = self.micro_rows(cfg)
     batches = make_chat_eval_batches(cfg.data, setup.tokenizer, batch_size=micro)
     if cfg.finetune.eval_batches:
       batches = batches[:cfg.finetune.eval_batches]

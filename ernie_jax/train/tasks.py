@@ -74,9 +74,10 @@ def with_loss(task: Task, loss_cfg: LossConfig) -> Task:
   return dataclasses.replace(task, loss=loss_cfg)
 
 
-def _merge(gdef, params, rest):
-  # fresh Variable objects for the buffers at this trace level (inside lax.scan / grad)
-  return nnx.merge(gdef, params, jax.tree.map(lambda x: x, rest))
+def merge_here(gdef, *states):
+  """`nnx.merge` with fresh Variable objects for `states` at this trace level (inside lax.scan / grad: the
+  step's Variables belong to the outer trace)."""
+  return nnx.merge(gdef, *(jax.tree.map(lambda x: x, s) for s in states))
 
 
 def _finish(total, aux, loss_cfg, grad_accum: int, orth_loss=None):
@@ -112,7 +113,7 @@ class TextLM:
     lm_count, mtp_counts = norms["lm_count"], norms["mtp_counts"]
 
     def loss_fn(params, micro):
-      model = _merge(gdef, params, rest)
+      model = merge_here(gdef, params, rest)
       out = model(micro["inputs"], micro["positions"], micro["segment_ids"])
       lm_sum, _ = lm_loss_sum(out.logits, micro["targets"], micro["loss_mask"])
       lm = lm_sum / lm_count
@@ -176,7 +177,7 @@ class VisionLanguage:
     patches = grid[0] * grid[1] * grid[2]
 
     def loss_fn(params, micro):
-      model = _merge(gdef, params, rest)
+      model = merge_here(gdef, params, rest)
       pixels = micro["pixel_values"]  # [rows, images_per_row * patches, C*p*p]
       pixels = pixels.reshape(-1, pixels.shape[-1])
       out = model(micro["inputs"], positions=micro["positions"], token_types=micro["token_types"],
