@@ -335,6 +335,20 @@ def make_chat_eval_batches(cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_s
   return batches
 
 
+def describe_heldout(cfg: ChatDataConfig, stats: dict, usable: int, what: str = "conversations") -> str:
+  """The start-up line for a held-out split whose counts are `stats` ({"rows", "truncated", "dropped", "skipped"})
+  and of which `usable` examples are evaluated; a DataError naming the split and `data.seq_len` when it has rows
+  but none is usable (so no evaluation would run at all)."""
+  where = (f"data.eval_paths ({cfg.eval_paths})" if cfg.eval_paths else
+           f"the held-out split (data.eval_fraction={cfg.eval_fraction} of data.paths)" if cfg.paths else
+           "the embedded held-out split")
+  counts = f"{stats['truncated']} truncated, {stats['dropped']} dropped, {stats['skipped']} skipped"
+  if stats["rows"] and not usable:
+    raise DataError(f"{where}: none of its {stats['rows']} {what} can be evaluated ({counts}; data.seq_len="
+                    f"{cfg.seq_len}, data.overlong={cfg.overlong!r}): raise data.seq_len or shorten them")
+  return f"held-out: {where}, {usable} of {stats['rows']} {what} evaluated ({counts})"
+
+
 def load_chat_tokenizer(cfg: ChatDataConfig, workdir: str | None) -> Tokenizer:
   """The tokenizer of `cfg.tokenizer` (as `load_tokenizer_for`); "bpe" is trained on the training conversations
   (rendered with the built-in template, without its two special tokens)."""

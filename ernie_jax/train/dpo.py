@@ -201,7 +201,10 @@ class PreferenceTuning(FineTuning):
 
   def evaluator(self, cfg, setup, graphdef, mesh):
     micro = self.micro_rows(cfg)
-    batches, indices = preference_pair_batches(cfg.data, setup.tokenizer, batch_size=micro, split="heldout")
+    stats = {}
+    batches, indices = preference_pair_batches(cfg.data, setup.tokenizer, batch_size=micro, split="heldout",
+                                               stats=stats)
+    self.note_heldout(cfg, setup, stats, sum(int((idx >= 0).sum()) for idx in indices), "pairs")
     if cfg.finetune.eval_batches:
       batches, indices = batches[:cfg.finetune.eval_batches], indices[:cfg.finetune.eval_batches]
     if not batches:

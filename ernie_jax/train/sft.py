@@ -31,7 +31,7 @@ from ernie_jax import model as model_lib
 from ernie_jax.config import LoraConfig
 from ernie_jax.data import stdlib_qa
 from ernie_jax.data.chat_template import answer_stop_ids, render_prompt
-from ernie_jax.data.sft import load_chat_tokenizer, make_chat_eval_batches, make_chat_pipeline
+from ernie_jax.data.sft import describe_heldout, load_chat_tokenizer, make_chat_eval_batches, make_chat_pipeline
 from ernie_jax.infer.generate import generate
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
@@ -92,6 +92,7 @@ class FineTuning(trainer.Pretraining):
 
   def __init__(self):
     self.base_fingerprint = None
+    self.eval_data = None  # the held-out split's counts (`note_heldout`)
 
   def parse(self, config):
     return parse_sft(config)
@@ -179,7 +180,9 @@ class FineTuning(trainer.Pretraining):
 
   def evaluator(self, cfg, setup, graphdef, mesh):
     micro = self.micro_rows(cfg)
-    batches = make_chat_eval_batches(cfg.data, setup.tokenizer, batch_size=micro)
+    stats = {}
+    batches = make_chat_eval_batches(cfg.data, setup.tokenizer, batch_size=micro, stats=stats)
+    self.note_heldout(cfg, setup, stats, sum(int(b["loss_mask"].any(-1).sum()) for b in batches))
     if cfg.finetune.eval_batches:
       batches = batches[:cfg.finetune.eval_batches]
     if not batches:
@@ -201,7 +204,19 @@ class FineTuning(trainer.Pretraining):
 
     return evaluate
 
+  def note_heldout(self, cfg, setup, stats: dict, usable: int, what: str = "conversations") -> None:
+    """Checks the held-out split (an error when nothing in it can be evaluated) and adds its start-up line and
+    its counts (`summary["eval_data"]`); nothing when there is no held-out split (`stats` empty)."""
+    if not stats:
+      return
+    setup.lines.append(describe_heldout(cfg.data, stats, usable, what))
+    self.eval_data = dict(stats)
+
   def finish(self, cfg, setup, graphdef, state, summary, writer):
+    counts = setup.data.stats  # this process's rows, and those truncated / dropped / skipped so far
+    summary.update(train_data=dict(counts), **({"eval_data": self.eval_data} if self.eval_data else {}))
+    writer.print(f"data: {counts['rows']} training rows; {counts['truncated']} truncated, {counts['dropped']} "
+                 f"dropped, {counts['skipped']} skipped (data.seq_len={cfg.data.seq_len})")
     if not cfg.finetune.sample_tokens:
       return
     tok = setup.tokenizer

@@ -16,7 +16,7 @@ from flax import nnx
 
 from ernie_jax.cli import export as export_cli
 from ernie_jax.config import LoraConfig, ModelConfig
-from ernie_jax.data import DataError
+from ernie_jax.data import DataError, stdlib_qa
 from ernie_jax.data.preference import PreferenceDataConfig, make_preference_pipeline
 from ernie_jax.data.tokenizers import get_tokenizer
 from ernie_jax.interop.safetensors_io import CheckpointError
@@ -66,6 +66,9 @@ def test_tiny_dpo_raises_heldout_reward_accuracy(tmp_path, xla_cache):
   assert end > 1.1 * start, (start, end)  # (log-probs are negative)
   info = json.load(open(tmp_path / "run" / "run_info.json"))
   assert info["reference"] == "copy" and info["kind"] == "dpo"
+  heldout = stdlib_qa.preference_pairs("heldout")  # every held-out pair fits, and all were evaluated
+  assert summary["eval_data"] == {"rows": len(heldout), "truncated": 0, "dropped": 0, "skipped": 0}, summary
+  assert summary["eval_pairs"] == len(heldout) and summary["train_data"]["skipped"] == 0, summary
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -1,5 +1,6 @@
 """Supervised fine-tuning end to end (experiments/sft.py, `ernie_jax.train.sft`): a tiny run lowers the
-held-out assistant loss well below the base's and answers a trained prompt with the trained answer;
+held-out assistant loss well below the base's and answers a held-out phrasing of a trained question with
+the trained answer;
 LoRA trains only the adapters (base bit-identical, no optimizer state for it); a LoRA run resumed after
 SIGKILL reproduces every step's loss; a LoRA checkpoint refuses another base; bad LoRA targets are
 named before anything compiles."""
@@ -17,6 +18,7 @@ import pytest
 from flax import nnx
 
 from ernie_jax.config import LoraConfig, ModelConfig
+from ernie_jax.data import DataError
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.train.config import TrainConfigError
 from ernie_jax.train.metrics import read_jsonl
@@ -34,13 +36,16 @@ TINY = os.path.join(REPO_ROOT, "experiments", "configs", "sft_tiny.py")
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 from configs import sft_tiny  # noqa: E402
 
-QA = [("What does `len` return?", "The number of items."),
-      ("What does `abs` return?", "The absolute value."),
-      ("What does `sorted` return?", "A new sorted list."),
-      ("What does `repr` return?", "A printable string."),
-      ("What does `hash` return?", "An integer hash."),
-      ("What does `id` return?", "The identity of an object.")]
-HELDOUT = [("What does `len` give?", "The number of items."), ("What does `sorted` give?", "A new sorted list.")]
+FACTS = [("len", "The number of items."), ("abs", "The absolute value."), ("sorted", "A new sorted list."),
+         ("repr", "A printable string."), ("hash", "An integer hash."), ("id", "The identity of an object.")]
+# eight phrasings per fact to train on, a ninth held out: the model has to key its answer on the name
+TRAIN_QUESTIONS = ("What is returned by `{}`?", "What does one get from `{}`?", "Result of `{}`?",
+                   "Tell me the return value of `{}`?", "What comes out of `{}`?", "Output of `{}`?",
+                   "Which value is returned by `{}`?", "Say what you get from `{}`?")
+HELDOUT_QUESTION = "What do I receive from `{}`?"
+QA = [(q.format(name), a) for name, a in FACTS for q in TRAIN_QUESTIONS]
+HELDOUT = [(HELDOUT_QUESTION.format(name), a) for name, a in FACTS]
+SHORT_QA = [(f"What does `{name}` return?", a) for name, a in FACTS]  # (fit MICRO's 64 bytes)
 
 MICRO = {"model.hidden_size": 64, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
          "model.num_key_value_heads": 2, "model.head_dim": 32, "model.intermediate_size": 128,
@@ -59,26 +64,36 @@ def _config(workdir, xla_cache, **overrides):
   return run_config(sft_tiny.get_config(), workdir, xla_cache, **overrides)
 
 
-def test_tiny_sft_lowers_heldout_loss_and_answers_a_trained_prompt(tmp_path, xla_cache, capsys):
+def test_tiny_sft_lowers_heldout_loss_and_answers_a_heldout_prompt(tmp_path, xla_cache, capsys):
   data, heldout = _jsonl(tmp_path / "train.jsonl", QA), _jsonl(tmp_path / "heldout.jsonl", HELDOUT)
   summary = train(_config(tmp_path / "run", xla_cache, **{
-    **MICRO, "steps": 150, "metrics.log_every": 50, "finetune.eval_every": 50, "data.paths": data,
-    "data.eval_paths": heldout, "optim.lr": 3e-3, "optim.warmup_steps": 10,
-    "finetune.sample_prompt": QA[2][0], "finetune.sample_tokens": 40}), FineTuning())
+    **MICRO, "steps": 300, "data.seq_len": 96, "metrics.log_every": 100, "finetune.eval_every": 100,
+    "data.paths": data, "data.eval_paths": heldout, "optim.lr": 3e-3, "optim.warmup_steps": 10,
+    "finetune.sample_prompt": HELDOUT[2][0], "finetune.sample_tokens": 40}), FineTuning())
   start, end = summary["eval_loss_at_start"], summary["eval_loss"]
   assert start > 4.5  # a random base: ~ln(259) nats per assistant byte
-  assert end < 0.4 * start, summary  # the held-out assistant loss falls well below the base's (~3x)
-  assert summary["sample_answer"] == QA[2][1], summary  # the trained answer, then <|end_of_sentence|>
+  assert end < 0.1 * start, summary  # the held-out assistant loss falls well below the base's
+  assert summary["sample_answer"] == FACTS[2][1], summary  # a held-out phrasing gets the trained answer
+  assert summary["eval_data"] == {"rows": 6, "truncated": 0, "dropped": 0, "skipped": 0}, summary
+  assert summary["train_data"]["rows"] == len(QA) and summary["train_data"]["dropped"] == 0, summary
   records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
-  assert [r["step"] for r in records] == [0, 50, 100, 150]
+  assert [r["step"] for r in records] == [0, 100, 200, 300]
   # chat with the trained workdir from the command line (chat template, stop at <|end_of_sentence|>)
   from ernie_jax.cli import generate as generate_cli
 
   capsys.readouterr()
-  assert generate_cli.main(["--checkpoint", str(tmp_path / "run"), "--chat", QA[4][0], "--json",
+  assert generate_cli.main(["--checkpoint", str(tmp_path / "run"), "--chat", HELDOUT[4][0], "--json",
                             "--max-new-tokens", "40"]) == 0
   answer = json.loads(capsys.readouterr().out.splitlines()[0])
-  assert answer["text"] == QA[4][1] and answer["output_ids"][-1] == 2, answer  # then <|end_of_sentence|> (eos)
+  assert answer["text"] == FACTS[4][1] and answer["output_ids"][-1] == 2, answer  # then <|end_of_sentence|> (eos)
+
+
+def test_a_heldout_split_that_nothing_fits_is_an_error(tmp_path, xla_cache):
+  data, heldout = _jsonl(tmp_path / "train.jsonl", [("`id`?", "Id.")]), _jsonl(tmp_path / "heldout.jsonl", HELDOUT)
+  with pytest.raises(DataError, match=r"data.eval_paths.*none of its 6 conversations.*6 dropped.*data.seq_len=32"):
+    train(_config(tmp_path / "run", xla_cache, **{**MICRO, "steps": 1, "data.seq_len": 32, "data.paths": data,
+                                                   "data.eval_paths": heldout}), FineTuning())
+  assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
 
 
 def _lora_state(cfg, lora, mesh):
@@ -143,7 +158,8 @@ def _losses(workdir):
 
 def test_lora_sft_resume_after_sigkill_is_exact_and_refuses_another_base(tmp_path, xla_cache):
   steps = 16
-  over = {**MICRO, "steps": steps, "data.paths": _jsonl(tmp_path / "train.jsonl", QA + HELDOUT), "checkpoint.every_steps": 4, "finetune.method": "lora", "lora.dropout": 0.1,
+  over = {**MICRO, "steps": steps, "data.paths": _jsonl(tmp_path / "train.jsonl", SHORT_QA),
+          "checkpoint.every_steps": 4, "finetune.method": "lora", "lora.dropout": 0.1,
           "model.moe_num_experts": 4, "model.moe_k": 2, "model.moe_intermediate_size": 32,
           "model.moe_layer_start_index": 1, "model.moe_num_shared_experts": 1}
   ref = tmp_path / "ref"
