@@ -10,6 +10,7 @@ text-model cases and the error lines shared with them are in `test_peft.py`.
 from __future__ import annotations
 
 import copy
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -193,3 +194,20 @@ def test_vl_peft_config_is_what_peft_writes(peft_made, tmp_path, base):
   assert sorted(ours_t) == sorted(theirs)
   assert config["target_parameters"] == ["down_proj", "gate_up_proj"]
   assert config["target_modules"] == sorted(PEFT_CASES["all"]["target_modules"])
+
+
+def test_generate_cli_with_vl_adapter(base, peft_made, capsys):
+  """`python -m ernie_jax.cli.generate --checkpoint <VL> --adapter <peft dir>` (text-only prompt): the greedy
+  tokens of transformers + peft (full re-forward per token)."""
+  from ernie_jax.cli.generate import main
+
+  prompt, n = [5, 6, 7, 8, 9], 3
+  pm = peft.PeftModel.from_pretrained(copy.deepcopy(base["torch"]), peft_made["mixed"][0]).eval()
+  ids = list(prompt)
+  for _ in range(n):
+    ids.append(int(ref.forward(pm, np.array([ids]))[0, -1].argmax()))
+  rc = main(["--checkpoint", base["hf"], "--adapter", peft_made["mixed"][0], "--tokens", " ".join(map(str, prompt)),
+             "--max-new-tokens", str(n), "--ignore-eos", "--json"])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert json.loads(out.splitlines()[0])["output_ids"] == ids[len(prompt):]
