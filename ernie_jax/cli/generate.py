@@ -26,6 +26,7 @@ from ernie_jax.config import ModelConfig
 from ernie_jax.data.chat_template import ChatTemplateError, answer_stop_ids, render_prompt
 from ernie_jax.data.tokenizers import TokenizerError, find_tokenizer_file, get_tokenizer, load_tokenizer
 from ernie_jax.infer.generate import generate
+from ernie_jax.infer.generate_vl import generate_vl
 from ernie_jax.interop import orbax_io
 from ernie_jax.interop.peft import load_peft_adapter
 from ernie_jax.interop.safetensors_io import CheckpointError
@@ -41,6 +42,7 @@ Generate tokens with an ERNIE 4.5 model (batched, KV-cached, one jitted program 
 (converted, or a training checkpoint), or a training workdir (experiments/pretrain.py or sft.py): its
 latest checkpoint under WORKDIR/checkpoints/ is loaded (a LoRA run: its base with the trained
 adapters), with the tokenizer the run trained with. --adapter applies a peft LoRA adapter directory.
+An ERNIE 4.5 VL checkpoint generates from text-only prompts here (images: `ernie_jax.infer.generate_vl`).
 
 Prompts are given as token ids (--tokens, repeatable) or as text (--prompt, repeatable; needs a
 tokenizer: --tokenizer, a tokenizer.model / tokenizer.json in the checkpoint directory, or the
@@ -212,13 +214,14 @@ def main(argv=None) -> int:
         stops = answer_stop_ids(tok, cfg.eos_token_id)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, stop_tokens=stops, seed=args.seed, max_len=args.max_len)
+    run = generate_vl if cfg.is_vl else generate  # VL checkpoints: text-only prompts
     t0 = time.perf_counter()
-    outs = generate(model, prompts, **kw)
+    outs = run(model, prompts, **kw)
     first_s = time.perf_counter() - t0
     steady_s = None
     if args.demo:  # second call reuses the compiled program: steady-state throughput
       t0 = time.perf_counter()
-      outs = generate(model, prompts, **kw)
+      outs = run(model, prompts, **kw)
       steady_s = time.perf_counter() - t0
   except (ValueError, OSError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -2,12 +2,14 @@
 
 `save_peft_adapter(model, out_dir)` writes `adapter_config.json` + `adapter_model.safetensors` as peft's
 `save_pretrained` does for transformers' ERNIE 4.5 classes (`Ernie4_5ForCausalLM`,
-`Ernie4_5_MoeForCausalLM`), so `peft.PeftModel.from_pretrained(hf_model, out_dir)` reproduces our logits;
-`load_peft_adapter(model, adapter_dir)` applies a peft-made adapter to one of our base models
-(`ernie_jax.model.lora.apply_lora` with the adapter's rank / alpha / rsLoRA / dropout / targets) and fills
-its values. The layouts, what PEFT can represent on ERNIE (q/k/v/o everywhere, the dense MLP of dense
-models, the routed experts of MoE models; not the shared experts or the dense-layer MLPs of MoE models)
-and the peft features refused on import are described in `ernie_jax.interop.peft_format`.
+`Ernie4_5_MoeForCausalLM`, `Ernie4_5_VLMoeForConditionalGeneration`), so
+`peft.PeftModel.from_pretrained(hf_model, out_dir)` reproduces our logits; `load_peft_adapter(model,
+adapter_dir)` applies a peft-made adapter to one of our base models (`ernie_jax.model.lora.apply_lora` with
+the adapter's rank / alpha / rsLoRA / dropout / targets) and fills its values. The layouts, what PEFT can
+represent on ERNIE (q/k/v/o everywhere, the dense MLP of dense models, the routed experts of MoE models;
+on VL models also the dense-layer MLPs, shared experts, text and vision experts and the resampler; not
+the shared experts or the dense-layer MLPs of MoE text models) and the peft features refused on import
+are described in `ernie_jax.interop.peft_format` (names per model family: `peft_layouts`).
 
 Writes are atomic (`convert.atomic_output`); every error is one line naming the tensor, module or field.
 """
@@ -48,9 +50,6 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model_name_or_p
   lcfg = lora_config(model)
   if lcfg is None:
     raise PeftFormatError("the model has no LoRA parameters (apply_lora first)")
-  if cfg.is_vl:
-    raise PeftFormatError("PEFT adapter export is not supported for ERNIE 4.5 VL models (merge_lora and "
-                          "export the model instead)")
   flat = flat_state(nnx.state(model))
   lora = {p: np.asarray(jax.device_get(v.get_value())) for p, v in flat.items()
           if p.endswith(("_lora_a", "_lora_b"))}
@@ -103,8 +102,6 @@ def load_peft_adapter(model, adapter_dir: str | os.PathLike, *, rngs: nnx.Rngs |
   if lora_config(model) is not None:
     raise PeftFormatError("the model already has LoRA parameters: load the adapter into a base model")
   cfg = model.config
-  if cfg.is_vl:
-    raise PeftFormatError("PEFT adapter import is not supported for ERNIE 4.5 VL models")
   config, tensors = read_peft_adapter(adapter_dir)
   where = os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS)
   shapes = {p: tuple(v.shape) for p, v in flat_state(nnx.state(model)).items()}

@@ -4,34 +4,44 @@ Pure mapping, no model: `to_peft` turns {parameter path: array} of our LoRA para
 (`<base path>_lora_a` with the base weight's input axes then rank, `<base path>_lora_b` with rank then
 its output axes; stacked layer / expert axes leading, see `ernie_jax.model.lora`) into the tensors and
 `adapter_config.json` that peft's `save_pretrained` writes; `from_peft` is the inverse, for adapters made
-by peft. `ernie_jax.interop.peft` applies them to models.
+by peft. `ernie_jax.interop.peft` applies them to models. Module names per model family (dense, MoE,
+VL: `Ernie4_5ForCausalLM`, `Ernie4_5_MoeForCausalLM`, `Ernie4_5_VLMoeForConditionalGeneration`) come
+from the data tables of `ernie_jax.interop.peft_layouts`.
 
-PEFT's layout on transformers' ERNIE 4.5 classes (`Ernie4_5ForCausalLM`, `Ernie4_5_MoeForCausalLM`):
-  * Linear modules (`model.layers.N.self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-    `mlp.shared_experts.{gate,up,down}_proj`): `base_model.model.<module>.lora_A.weight` [r, in] and
-    `lora_B.weight` [out, r] (torch Linear layout), delta W = scale * B @ A.
-  * Routed experts are fused 3-D parameters in transformers 5 (`mlp.experts.gate_up_proj` [E, 2I, H],
-    `mlp.experts.down_proj` [E, H, I]); peft reaches them only through `target_parameters` (its
-    `ParamWrapper`): lora_A.weight [E*R, in] (row e*R + k), lora_B.weight [out, R*E] (column k*E + e),
-    delta W[e] = scale * B[:, :, e] @ A[e]. With both targeted the wrappers nest: gate_up_proj is the inner
-    one (`mlp.experts.base_layer.lora_A.weight`), down_proj the outer (`mlp.experts.lora_A.weight`);
-    with one, it is `mlp.experts.lora_*`. Our separate gate / up adapters (rank r each) are exported fused
-    at rank 2r: A = [A_gate; A_up] along the rank, B = blockdiag(B_gate, B_up), with `rank_pattern` /
-    `alpha_pattern` entries (alpha 2*alpha, or sqrt(2)*alpha with rsLoRA) so the scale is unchanged:
-    exact. Import splits a fused gate_up adapter of rank R into gate and up adapters of rank R sharing A.
-    Adapters in the transformers-4 per-expert layout (`mlp.experts.E.gate_proj.lora_A.weight`) import too.
+PEFT's layout:
+  * Linear modules (attention `self_attn.{q,k,v,o}_proj`, dense MLP `mlp.{gate,up,down}_proj`, shared
+    experts `mlp.shared_experts.{gate,up,down}_proj`, the VL resampler's
+    `resampler_model.{spatial,temporal}_linear.{fc1,fc2}`): `base_model.model.<module>.lora_A.weight`
+    [r, in] and `lora_B.weight` [out, r] (torch Linear layout), delta W = scale * B @ A. `target_modules`
+    lists for each adapted kind of module its shortest name suffix that no other Linear of the model
+    has (`q_proj`; `shared_experts.gate_proj` when the dense MLPs are not adapted; `spatial_linear.fc1`,
+    as `fc1` would also hit the VL vision tower).
+  * Routed experts are fused 3-D parameters in transformers 5 (`<experts>.gate_up_proj` [E, 2I, H],
+    `<experts>.down_proj` [E, H, I]; `<experts>` is `mlp.experts`, or on VL `mlp.text_moe.experts` and
+    `mlp.vision_moe.experts`); peft reaches them only through `target_parameters` (its `ParamWrapper`):
+    lora_A.weight [E*R, in] (row e*R + k), lora_B.weight [out, R*E] (column k*E + e),
+    delta W[e] = scale * B[:, :, e] @ A[e]. With both parameters of an expert module targeted the
+    wrappers nest: gate_up_proj is the inner one (`<experts>.base_layer.lora_A.weight`), down_proj the
+    outer (`<experts>.lora_A.weight`); with one, it is `<experts>.lora_*`. Our separate gate / up
+    adapters (rank r each) are exported fused at rank 2r: A = [A_gate; A_up] along the rank,
+    B = blockdiag(B_gate, B_up), with `rank_pattern` / `alpha_pattern` entries (alpha 2*alpha, or
+    sqrt(2)*alpha with rsLoRA) so the scale is unchanged: exact. Import splits a fused gate_up adapter of
+    rank R into gate and up adapters of rank R sharing A. Adapters in the transformers-4 per-expert
+    layout of the MoE text model (`mlp.experts.E.gate_proj.lora_A.weight`) import too.
     peft's ParamWrapper refuses lora_dropout != 0, so adapters with experts are written with
     lora_dropout 0 (dropout is a training setting; the weights are unaffected).
 
 What PEFT cannot represent, and is refused (never exported lossy), naming the modules:
-  * on MoE models (model_type ernie4_5_moe), the MLP of dense layers (layers before
+  * on MoE text models (model_type ernie4_5_moe), the MLP of dense layers (layers before
     moe_layer_start_index) and the shared experts: peft 0.21 rewrites every `target_modules` entry
     ending in gate_proj / up_proj / down_proj into the fused routed-expert `target_parameters`
-    (its transformers-4 -> 5 MoE conversion), so those modules cannot be targeted at all;
-  * MTP blocks and the VL model (no peft layout on transformers' classes here).
+    (its transformers-4 -> 5 MoE conversion), so those modules cannot be targeted at all. The VL model
+    (ernie4_5_vl_moe) has no such rewrite: everything our LoRA adapts there has a PEFT layout;
+  * MTP blocks (no module of transformers' classes).
 Import refuses peft features with no equivalent here: DoRA, LoRA biases (`bias` != "none",
 `lora_bias`), `modules_to_save`, trainable tokens, embedding LoRA, `layers_to_transform`,
-`layer_replication` and the other LoRA variants, each named in a one-line `PeftFormatError`.
+`layer_replication` and the other LoRA variants, each named in a one-line `PeftFormatError`; and
+adapters on Linears our LoRA does not adapt (the VL vision tower, `resampler_model.mlp`, the LM head).
 
 Ranks and scales: we have one rank and one alpha for all targets. Import uses the largest rank R of the
 adapter, zero-pads smaller ones (exact), and the scale most targets share; a target with a different
@@ -47,42 +57,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ernie_jax.interop import hf
+from ernie_jax.interop.peft_layouts import FUSED_PARAMS, layout_of, matches, modules, suffixes, target_name
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.interop.transforms import Linear
 
 PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_MODULE_RE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(shared_experts\.)?(gate|up|down)_proj)$")
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-_FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts(\.base_layer)?$")
-_V4_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj$")
+_V4_EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj$")
 
 
 class PeftFormatError(CheckpointError):
   """A PEFT adapter that does not fit the model, uses an unsupported peft feature, or LoRA targets
   that PEFT cannot represent."""
-
-
-@dataclass(frozen=True)
-class Module:
-  """One LoRA-able Linear: its HF module name, our base weight (path, stacked index) and the number of
-  leading parameter axes that hold the input (`transforms.Linear`)."""
-  name: str
-  path: str
-  index: tuple[int, ...]
-  in_axes: int
-
-
-@dataclass(frozen=True)
-class Experts:
-  """One MoE layer's routed experts: HF layer index and our three expert weight paths."""
-  layer: int
-  gate: str
-  up: str
-  down: str
-  index: tuple[int, ...]  # stacked index without the expert axis
 
 
 @dataclass(frozen=True)
@@ -98,41 +85,37 @@ def scale_of(rank: int, alpha: float, rslora: bool) -> float:
   return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def modules(cfg) -> tuple[dict[str, Module], dict[str, Experts]]:
-  """The HF LoRA-able Linear modules of `cfg` ({module name: Module}) and its routed-expert layers
-  ({"model.layers.N.mlp.experts": Experts}), from the HF name table."""
-  linear, experts = {}, {}
-  for name, read in hf.hf_name_map(cfg).items():
-    slot = read.slots[0]
-    m = _EXPERT_RE.match(name)
-    if m:
-      if m.group(2) == "0":
-        base = slot.path.rsplit("/", 1)[0]
-        key = f"model.layers.{m.group(1)}.mlp.experts"
-        experts[key] = Experts(int(m.group(1)), f"{base}/gate", f"{base}/up", f"{base}/down", slot.index[:-1])
-      continue
-    mod = name[:-len(".weight")]
-    if _MODULE_RE.match(mod) and isinstance(slot.transform, Linear):
-      linear[mod] = Module(mod, slot.path, slot.index, slot.transform.in_axes)
-  return linear, experts
-
-
-def target_name(path: str) -> str:
-  """Our LoraConfig target (projection suffix) of a base weight path: '.../layers/0/attn/q' -> 'attn.q'."""
-  tail = path.split("/layers/")[-1].split("/", 1)[1]
-  return tail.replace("/", ".")
-
-
 # ==================================================================================================
 # Export
-def _unrepresentable_error(names: list[str]) -> PeftFormatError:
+def _unrepresentable_error(cfg, names: list[str]) -> PeftFormatError:
   shown = ", ".join(names[:4]) + (f" (and {len(names) - 4} more)" if len(names) > 4 else "")
-  return PeftFormatError(
-    f"PEFT cannot represent the LoRA on {shown}: peft 0.21 on transformers 5 can adapt q/k/v/o, the dense "
-    "MLP of dense models and the routed experts of MoE models, but on ERNIE 4.5 MoE models it rewrites "
-    "gate_proj/up_proj/down_proj targets into the fused routed experts (so dense-layer MLPs and shared "
-    "experts cannot be targeted), and MTP / VL modules have no PEFT layout. Apply LoRA with targets "
-    "('attn', 'experts') to export a PEFT adapter, or merge the LoRA (merge_lora) and export the model")
+  return PeftFormatError(f"PEFT cannot represent the LoRA on {shown}: {layout_of(cfg).hint} to export a PEFT "
+                         "adapter, or merge the LoRA (merge_lora) and export the model")
+
+
+def _fuse_gate_up(lora, ex, gu: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """peft's (lora_A, lora_B) of a fused gate_up_proj from our gate / up adapters (rank len(gu) * r, A
+  stacked along the rank, B block-diagonal; an absent one gives zero rows of B)."""
+  a = np.concatenate([np.asarray(lora[p + "_lora_a"][ex.index], np.float32) for p in gu], axis=-1)  # [E, H, R]
+  n_e, big_r = a.shape[0], a.shape[-1]
+  inter = lora[gu[0] + "_lora_b"].shape[-1]
+  b = np.zeros((n_e, 2 * inter, big_r), np.float32)  # [E, out = gate rows | up rows, R]
+  k = 0
+  for p in gu:
+    x = np.asarray(lora[p + "_lora_b"][ex.index], np.float32)  # [E, r, I]
+    o = 0 if p == ex.gate else inter
+    b[:, o:o + inter, k:k + x.shape[1]] = x.transpose(0, 2, 1)
+    k += x.shape[1]
+  return (np.ascontiguousarray(a.transpose(0, 2, 1).reshape(n_e * big_r, -1)),
+          np.ascontiguousarray(b.transpose(1, 2, 0).reshape(b.shape[1], -1)))
+
+
+def _down(lora, ex) -> tuple[np.ndarray, np.ndarray]:
+  a = np.asarray(lora[ex.down + "_lora_a"][ex.index], np.float32)  # [E, I, r]
+  b = np.asarray(lora[ex.down + "_lora_b"][ex.index], np.float32)  # [E, r, H]
+  n_e, rk = a.shape[0], a.shape[-1]
+  return (np.ascontiguousarray(a.transpose(0, 2, 1).reshape(n_e * rk, -1)),
+          np.ascontiguousarray(b.transpose(2, 1, 0).reshape(b.shape[2], -1)))
 
 
 def to_peft(cfg, lora: dict[str, np.ndarray], settings: Settings, *,
@@ -144,72 +127,54 @@ def to_peft(cfg, lora: dict[str, np.ndarray], settings: Settings, *,
   for t in targets:
     if t + "_lora_b" not in lora:
       raise PeftFormatError(f"LoRA parameter '{t}_lora_b' is missing (its '{t}_lora_a' is present)")
-  linear, experts = modules(cfg)
-  moe = cfg.is_moe
+  mods, refused = modules(cfg), layout_of(cfg).fused_by_peft
   r, alpha, rslora = settings.rank, float(settings.alpha), settings.rslora
   tensors: dict[str, np.ndarray] = {}
   covered: set[str] = set()
   bad: list[str] = []
-  short: set[str] = set()
-  for name, m in linear.items():
+  adapted: set[str] = set()
+  for name, m in mods.linear.items():
     if m.path + "_lora_a" not in lora:
       continue
     covered.add(m.path)
-    if moe and ".mlp." in name:
+    if refused and re.search(refused, name):
       bad.append(name)
       continue
     a = np.asarray(lora[m.path + "_lora_a"][m.index], np.float32)
     b = np.asarray(lora[m.path + "_lora_b"][m.index], np.float32)
     tensors[f"{PREFIX}{name}.lora_A.weight"] = Linear(m.in_axes).from_param(a)
     tensors[f"{PREFIX}{name}.lora_B.weight"] = Linear(1).from_param(b)
-    short.add(name.rsplit(".", 1)[1])
-  params: set[str] = set()
-  fused_ranks: set[int] = set()
-  for key, ex in experts.items():
+    adapted.add(name)
+  ranks: dict[str, int] = {}  # adapted fused parameter -> its rank
+  for key, ex in mods.experts.items():
     have = [p for p in (ex.gate, ex.up, ex.down) if p + "_lora_a" in lora]
     covered.update(have)
     gu = [p for p in (ex.gate, ex.up) if p in have]
     outer = f"{PREFIX}{key}"
     inner = f"{PREFIX}{key}.base_layer" if gu and ex.down in have else outer
-    if gu:  # fused gate_up: rank len(gu) * r, A stacked along the rank, B block-diagonal
-      a = np.concatenate([np.asarray(lora[p + "_lora_a"][ex.index], np.float32) for p in gu], axis=-1)  # [E, H, R]
-      n_e, big_r = a.shape[0], a.shape[-1]
-      inter = lora[gu[0] + "_lora_b"].shape[-1]
-      b = np.zeros((n_e, 2 * inter, big_r), np.float32)  # [E, out = gate rows | up rows, R]; absent one: zeros
-      k = 0
-      for p in gu:
-        x = np.asarray(lora[p + "_lora_b"][ex.index], np.float32)  # [E, r, I]
-        o = 0 if p == ex.gate else inter
-        b[:, o:o + inter, k:k + x.shape[1]] = x.transpose(0, 2, 1)
-        k += x.shape[1]
-      tensors[f"{inner}.lora_A.weight"] = np.ascontiguousarray(a.transpose(0, 2, 1).reshape(n_e * big_r, -1))
-      tensors[f"{inner}.lora_B.weight"] = np.ascontiguousarray(b.transpose(1, 2, 0).reshape(b.shape[1], -1))
-      params.add("gate_up_proj")
-      fused_ranks.add(big_r)
+    if gu:
+      a, b = _fuse_gate_up(lora, ex, gu)
+      tensors[f"{inner}.lora_A.weight"], tensors[f"{inner}.lora_B.weight"] = a, b
+      ranks[f"{key}.gate_up_proj"] = sum(lora[p + "_lora_a"].shape[-1] for p in gu)
     if ex.down in have:
-      a = np.asarray(lora[ex.down + "_lora_a"][ex.index], np.float32)  # [E, I, r]
-      b = np.asarray(lora[ex.down + "_lora_b"][ex.index], np.float32)  # [E, r, H]
-      n_e, rk = a.shape[0], a.shape[-1]
-      tensors[f"{outer}.lora_A.weight"] = np.ascontiguousarray(a.transpose(0, 2, 1).reshape(n_e * rk, -1))
-      tensors[f"{outer}.lora_B.weight"] = np.ascontiguousarray(b.transpose(2, 1, 0).reshape(b.shape[2], -1))
-      params.add("down_proj")
+      tensors[f"{outer}.lora_A.weight"], tensors[f"{outer}.lora_B.weight"] = _down(lora, ex)
+      ranks[f"{key}.down_proj"] = lora[ex.down + "_lora_a"].shape[-1]
   bad += sorted(t for t in targets if t not in covered)
   if bad:
-    raise _unrepresentable_error(bad)
+    raise _unrepresentable_error(cfg, bad)
   if not tensors:
     raise PeftFormatError("the model has no LoRA parameters to export")
   rank_pattern, alpha_pattern = {}, {}
-  for big_r in fused_ranks:
-    if big_r != r:
-      rank_pattern[r"gate_up_proj"] = big_r
-      alpha_pattern[r"gate_up_proj"] = alpha * (math.sqrt(big_r / r) if rslora else big_r / r)
-  if len(fused_ranks) > 1:
-    raise PeftFormatError(f"routed-expert gate_up LoRA ranks differ between layers: {sorted(fused_ranks)}")
+  for big_r in sorted(set(ranks.values()) - {r}):
+    for key in suffixes([p for p, k in ranks.items() if k == big_r], ranks):
+      rank_pattern[key] = big_r
+      alpha_pattern[key] = alpha * (math.sqrt(big_r / r) if rslora else big_r / r)
   config = {
     "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
     "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-    "lora_dropout": 0.0 if params else float(settings.dropout),
-    "target_modules": sorted(short), "target_parameters": sorted(params) or None,
+    "lora_dropout": 0.0 if ranks else float(settings.dropout),
+    "target_modules": suffixes(adapted, set(mods.linear) | mods.other_linear),
+    "target_parameters": suffixes(ranks, mods.fused_params) or None,
     "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     "bias": "none", "lora_bias": False, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
     "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
@@ -278,6 +243,28 @@ def _rank_of(name: str, a_shape, n_e: int) -> int:
   return a_shape[0] // n_e
 
 
+def _unknown_module(cfg, mods, mod: str, a_name: str, where: str) -> PeftFormatError:
+  lay = layout_of(cfg)
+  if mod in mods.other_linear:
+    why = (f"a Linear that ernie_jax's LoRA does not adapt; it adapts "
+           f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in mods.linear}))} and the routed experts")
+  else:
+    why = lay.describe(cfg, lay.checkpoint_name(mod) + ".weight")
+  return PeftFormatError(f"tensor '{a_name}' in {where}: module '{mod}' is not a LoRA-able module of the model "
+                         f"({why})")
+
+
+def _fused_param(mod: str, key: str, tparams, a_name: str, where: str) -> str:
+  """Which fused parameter of expert module `key` the adapter module `mod` (`key` or `key.base_layer`)
+  holds: peft wraps the targeted parameters in registration order, gate_up_proj innermost."""
+  targeted = [p for p in FUSED_PARAMS if any(matches(f"{key}.{p}", t) for t in tparams)]
+  depth = mod.count(".base_layer")
+  if depth >= len(targeted) or mod != key + ".base_layer" * depth:
+    raise PeftFormatError(f"tensor '{a_name}' in {where}: module '{mod}' does not match "
+                          f"target_parameters={list(tparams)}")
+  return targeted[len(targeted) - 1 - depth]
+
+
 def from_peft(cfg, config: dict, tensors: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], *,
               where: str = "adapter") -> tuple[Settings, tuple[str, ...], dict[str, np.ndarray]]:
   """(settings, our LoraConfig targets, {path: array} of our LoRA parameters) for a peft adapter.
@@ -288,9 +275,7 @@ def from_peft(cfg, config: dict, tensors: dict[str, np.ndarray], shapes: dict[st
   r0, alpha0, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
   rank_pat, alpha_pat = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
   tparams = config.get("target_parameters") or []
-  want_gu = any(p == "gate_up_proj" or p.endswith(".gate_up_proj") for p in tparams)
-  want_down = any(p == "down_proj" or p.endswith(".down_proj") for p in tparams)
-  linear, experts = modules(cfg)
+  mods = modules(cfg)
   by_module: dict[str, dict[str, np.ndarray]] = {}
   for name, x in tensors.items():
     if not name.startswith(PREFIX):
@@ -315,8 +300,8 @@ def from_peft(cfg, config: dict, tensors: dict[str, np.ndarray], shapes: dict[st
         raise PeftFormatError(f"tensor '{PREFIX}{mod}.{part}.weight' is missing from {where}")
     a_name, b_name = f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight"
     a, b = np.asarray(ab["lora_A"], np.float32), np.asarray(ab["lora_B"], np.float32)
-    if mod in linear:
-      lm = linear[mod]
+    if mod in mods.linear:
+      lm = mods.linear[mod]
       w = shapes[lm.path][len(lm.index):]
       rank = _rank_of(a_name, a.shape, 1)
       _expect(a_name, a, (rank, int(np.prod(w[:lm.in_axes]))))
@@ -324,11 +309,11 @@ def from_peft(cfg, config: dict, tensors: dict[str, np.ndarray], shapes: dict[st
       pieces.append(_Piece(lm.path, lm.index, Linear(lm.in_axes).to_param(a, tuple(w[:lm.in_axes]) + (rank,)),
                            Linear(1).to_param(b, (rank,) + tuple(w[lm.in_axes:])), scale(mod, rank), mod))
       continue
-    fm, vm = _FUSED_RE.match(mod), _V4_EXPERT_RE.match(mod)
-    ex = experts.get(f"model.layers.{(fm or vm).group(1)}.mlp.experts") if (fm or vm) else None
+    key = mod.split(".base_layer", 1)[0]
+    vm = _V4_EXPERT_RE.match(mod) if layout_of(cfg).per_expert_v4 else None
+    ex = mods.experts.get(vm.group(1) if vm else key)
     if ex is None:
-      raise PeftFormatError(f"tensor '{a_name}' in {where}: module '{mod}' is not a LoRA-able module of the model "
-                            f"({hf.describe_unexpected(cfg, mod + '.weight') if mod.startswith('model.layers.') else 'unknown name'})")
+      raise _unknown_module(cfg, mods, mod, a_name, where)
     n_e, h, inter = shapes[ex.gate][len(ex.index)], *shapes[ex.gate][len(ex.index) + 1:]
     if vm:  # transformers-4 per-expert Linear
       e, kind = int(vm.group(2)), vm.group(3)
@@ -341,12 +326,9 @@ def from_peft(cfg, config: dict, tensors: dict[str, np.ndarray], shapes: dict[st
       _expect(b_name, b, (fout, rank))
       pieces.append(_Piece(path, ex.index + (e,), a.T, b.T, scale(f"{mod}", rank), mod))
       continue
-    # nested wrappers: with both parameters targeted gate_up_proj is the inner one (`.base_layer`)
-    inner = bool(fm.group(2))
-    is_gu = inner or (want_gu and not want_down)
-    if (inner and not (want_gu and want_down)) or not (want_gu or want_down):
-      raise PeftFormatError(f"tensor '{a_name}' in {where}: module '{mod}' does not match target_parameters={tparams}")
-    pname = f"model.layers.{ex.layer}.mlp.experts.{'gate_up_proj' if is_gu else 'down_proj'}"
+    param = _fused_param(mod, key, tparams, a_name, where)
+    is_gu = param == "gate_up_proj"
+    pname = f"{key}.{param}"
     rank = _rank_of(a_name, a.shape, n_e)
     fin, fout = (h, 2 * inter) if is_gu else (inter, h)
     _expect(a_name, a, (n_e * rank, fin))
@@ -361,8 +343,8 @@ def from_peft(cfg, config: dict, tensors: dict[str, np.ndarray], shapes: dict[st
       pieces.append(_Piece(ex.down, ex.index, a3, b3, s, pname, True))
   if not pieces:
     raise PeftFormatError(f"{where} holds no LoRA tensors")
-  units = {(m.path, m.index): name for name, m in linear.items()}
-  for key, ex in experts.items():
+  units = {(m.path, m.index): name for name, m in mods.linear.items()}
+  for key, ex in mods.experts.items():
     for e in range(shapes[ex.gate][len(ex.index)]):
       for kind, path in (("gate", ex.gate), ("up", ex.up), ("down", ex.down)):
         units[(path, ex.index + (e,))] = f"{key}.{e}.{kind}_proj"

@@ -63,7 +63,8 @@ def read_adapter(d) -> tuple[dict, dict[str, np.ndarray]]:
     tensors = {n: r.get(n) for n in r.keys()}
   finally:
     r.close()
-  return json.load(open(os.path.join(d, pf.ADAPTER_CONFIG))), tensors
+  with open(os.path.join(d, pf.ADAPTER_CONFIG)) as f:
+    return json.load(f), tensors
 
 
 def write_adapter(d, config, tensors) -> str:
