@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import xla_flags
 from tests.helpers import REPO_ROOT, run_config
 
 ROOT = REPO_ROOT
@@ -48,7 +49,7 @@ def _cli(workdir, xla_cache, overrides):
 
 def _env(devices=1):
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=xla_flags(devices))
 
 
 def _losses(workdir):
