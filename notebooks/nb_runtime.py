@@ -119,15 +119,15 @@ def _default_workroot() -> str:
 
 
 def setup(fake_cpu_devices: int = 0) -> Runtime:
-  """Install if needed, start jax and describe the runtime. `fake_cpu_devices`: in tiny mode without an
-  accelerator, split the host CPU into this many jax devices (so meshes have several devices in CI);
-  it has to happen before jax is imported."""
+  """Install if needed, start jax and describe the runtime. `fake_cpu_devices`: without an accelerator,
+  split the host CPU into this many jax devices (so a mesh has several devices, e.g. in CI); it has to
+  happen before jax is imported."""
   size = os.environ.get("ERNIE_JAX_NOTEBOOK_SIZE", "full")
   if size not in SIZES:
     raise ValueError(f"ERNIE_JAX_NOTEBOOK_SIZE must be one of {SIZES}, got {size!r}")
   install()
   cpu_only = os.environ.get("JAX_PLATFORMS", "") == "cpu" or not accelerator_hint()
-  if size == "tiny" and fake_cpu_devices > 1 and cpu_only:
+  if fake_cpu_devices > 1 and cpu_only:
     if "jax" in sys.modules:
       print(f"note: jax is already imported; {FAKE_DEVICES_FLAG}={fake_cpu_devices} needs a kernel restart")
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(FAKE_DEVICES_FLAG)]

@@ -13,6 +13,7 @@ cell running past CELL_TIMEOUT_S fails the test, naming the cell. One test per n
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -27,7 +28,9 @@ NOTEBOOK_DIR = os.path.join(REPO_ROOT, "notebooks")
 NOTEBOOKS = sorted(f[:-3] for f in os.listdir(NOTEBOOK_DIR) if f[:2].isdigit() and f.endswith(".py"))
 CELL_TIMEOUT_S = 300
 KERNEL = "ernie-jax-notebook-test"
-PLACEHOLDER = 'ERNIE_JAX_REPO = os.environ.get("ERNIE_JAX_REPO", "https://github.com/ernie-jax/ernie-jax")'
+# the first code cell's repository line (the URL is a placeholder until the project is published)
+REPO_LINE = re.compile(r'ERNIE_JAX_REPO = os\.environ\.get\("ERNIE_JAX_REPO", "https://github\.com/([\w.-]+/[\w.-]+)"\)')
+BADGE = re.compile(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/main/notebooks/(\w+)\.ipynb")
 
 
 def _cells(nb) -> list[tuple[str, str]]:
@@ -35,7 +38,10 @@ def _cells(nb) -> list[tuple[str, str]]:
 
 
 def test_every_notebook_is_paired_in_sync_and_stripped():
+  """Each .py has its .ipynb with the same cells and no outputs; every notebook clones the same repository
+  that the README's Colab badges point at, and each notebook has a badge."""
   assert NOTEBOOKS, f"no notebooks in {NOTEBOOK_DIR}"
+  repos = set()
   ipynbs = sorted(f[:-6] for f in os.listdir(NOTEBOOK_DIR) if f.endswith(".ipynb"))
   assert ipynbs == NOTEBOOKS, f"unpaired notebooks: .py {NOTEBOOKS} vs .ipynb {ipynbs}"
   for name in NOTEBOOKS:
@@ -48,7 +54,14 @@ def test_every_notebook_is_paired_in_sync_and_stripped():
         assert not cell.outputs and cell.execution_count is None, f"{name}.ipynb cell {i} has outputs: strip them"
     assert ipynb.metadata.get("kernelspec", {}).get("name") == "python3", f"{name}.ipynb: kernelspec python3"
     first_code = next(c.source for c in py.cells if c.cell_type == "code")
-    assert PLACEHOLDER in first_code, f"{name}: the first code cell must set the repository as {PLACEHOLDER}"
+    m = REPO_LINE.search(first_code)
+    assert m, f"{name}: the first code cell must set {REPO_LINE.pattern}"
+    repos.add(m.group(1))
+  with open(os.path.join(REPO_ROOT, "README.md")) as f:
+    badges = BADGE.findall(f.read())
+  assert sorted(n for _, n in badges) == NOTEBOOKS, f"README badges {badges} vs notebooks {NOTEBOOKS}"
+  repos |= {r for r, _ in badges}
+  assert len(repos) == 1, f"notebooks and README badges name different repositories: {sorted(repos)}"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +72,9 @@ def kernel_spec_manager(tmp_path_factory):
 
   root = tmp_path_factory.mktemp("kernels")
   write_kernel_spec(str(root / KERNEL), overrides={"display_name": "ernie-jax tests"})
-  return KernelSpecManager(kernel_dirs=[str(root)])
+  manager = KernelSpecManager(kernel_dirs=[str(root)])
+  assert manager.get_kernel_spec(KERNEL).argv[0] == sys.executable  # this venv's Python runs the notebooks
+  return manager
 
 
 def _notebook_env(workroot: str) -> dict[str, str]:
