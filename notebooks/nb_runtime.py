@@ -38,7 +38,9 @@ def on_kaggle() -> bool:
 
 def accelerator_hint() -> str:
   """"tpu", "gpu" or "" from the machine, without importing jax (which decides once, at import)."""
-  if any(k in os.environ for k in ("TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR", "TPU_NAME")) or glob.glob("/dev/accel*"):
+  if (any(k in os.environ for k in ("TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR", "TPU_NAME"))
+      or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")  # (v2-v4 / v5e, v6e TPU VMs)
+      or importlib.util.find_spec("libtpu") is not None):
     return "tpu"
   if shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"):
     return "gpu"

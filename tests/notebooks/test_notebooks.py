@@ -17,12 +17,11 @@ import re
 import sys
 import time
 
+import jupytext
+import nbformat
 import pytest
 
 from tests.helpers import REPO_ROOT
-
-nbformat = pytest.importorskip("nbformat")
-jupytext = pytest.importorskip("jupytext")
 
 NOTEBOOK_DIR = os.path.join(REPO_ROOT, "notebooks")
 NOTEBOOKS = sorted(f[:-3] for f in os.listdir(NOTEBOOK_DIR) if f[:2].isdigit() and f.endswith(".py"))
