@@ -124,7 +124,8 @@ logits = model(jnp.asarray([ids])).logits[0, -1]
 probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
 top = np.argsort(probs)[::-1][:10]
 plt.figure(figsize=(6, 3))
-plt.barh([repr(tok.decode([int(i)])) for i in top][::-1], probs[top][::-1])
+plt.barh(range(len(top)), probs[top][::-1])
+plt.yticks(range(len(top)), [f"{tok.decode([int(i)])!r} ({i})" for i in top][::-1])
 plt.title(f"next token after {prompt!r}")
 plt.xlabel("probability")
 plt.tight_layout()

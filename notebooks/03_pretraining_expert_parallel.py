@@ -146,7 +146,9 @@ print(f"resumed from step {summary['resumed_from']}, now at step {summary['step'
 # Left: the loss (LM + MoE auxiliary losses) and the byte-level LM loss against the unigram entropy of
 # the data (what a model that ignores context reaches). Right: how unequal the expert load is
 # (max / mean tokens per expert, averaged over layers: 1 = balanced). Below: for each MoE layer, the share
-# of the routed tokens each expert received at each logged step.
+# of the routed tokens each expert received at each logged step. All of it comes from the run's
+# `metrics.jsonl` (one record per logged step; the per-layer `expert_usage` arrays are only there, the
+# scalars also in TensorBoard: `%load_ext tensorboard` then `%tensorboard --logdir <workdir>/tensorboard`).
 
 # %%
 records = nb_runtime.read_metrics(workdir)

@@ -248,16 +248,18 @@ def plot_expert_load(records, key: str = "expert_usage", *, title: str = "expert
   return fig
 
 
-def show_images(images, titles, *, cols: int = 6, size: float = 1.6, max_chars: int = 28):
-  """A grid of images, each with a title (cut to `max_chars`)."""
+def show_images(images, titles, *, cols: int = 6, size: float = 1.6, width: int = 18):
+  """A grid of images, each with a title (wrapped at `width` characters, at most two lines)."""
+  import textwrap
+
   import matplotlib.pyplot as plt
 
   rows = -(-len(images) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(size * cols, (size + 0.4) * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(size * cols, (size + 0.6) * rows), squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
   for ax, img, t in zip(axes.flat, images, titles):
     ax.imshow(img)
-    ax.set_title(t if len(t) <= max_chars else t[:max_chars - 1] + "…", fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(t, width)[:2]), fontsize=8)
   fig.tight_layout()
   return fig
