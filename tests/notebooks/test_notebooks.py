@@ -5,7 +5,8 @@ Each notebook runs in a fresh kernel of this Python (a kernel spec written for `
 installed `python3` spec of another interpreter is never picked) with the notebook environment:
 ERNIE_JAX_NOTEBOOK_SIZE=tiny, JAX_PLATFORMS=cpu, HF_HUB_OFFLINE=1 and a temporary run directory. The
 test process's XLA_FLAGS (conftest's 8 fake devices) are NOT passed on: a notebook decides its own
-device count (the expert-parallel one asks for 4 fake CPU devices in its first cell). A cell error or a
+device count (the expert-parallel one asks for 4 fake CPU devices in its first cell); the kernel gets only
+the suite's compile flags (`tests.XLA_TEST_FLAGS`). A cell error or a
 cell running past CELL_TIMEOUT_S fails the test, naming the cell. One test per notebook, so
 `pytest -n 2` runs two at a time. Re-sync after editing: `python tools/sync_notebooks.py`.
 """
@@ -21,6 +22,7 @@ import jupytext
 import nbformat
 import pytest
 
+from tests import XLA_TEST_FLAGS
 from tests.helpers import REPO_ROOT
 
 NOTEBOOK_DIR = os.path.join(REPO_ROOT, "notebooks")
@@ -78,7 +80,7 @@ def kernel_spec_manager(tmp_path_factory):
 
 def _notebook_env(workroot: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # see the module docstring
-  env.update(ERNIE_JAX_NOTEBOOK_SIZE="tiny", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+  env.update(XLA_FLAGS=XLA_TEST_FLAGS, ERNIE_JAX_NOTEBOOK_SIZE="tiny", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              ERNIE_JAX_NOTEBOOK_WORKDIR=workroot, MPLBACKEND="module://matplotlib_inline.backend_inline",
              TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(
                [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
