@@ -23,30 +23,38 @@ dtype bytes; heads, kv heads, MLP width and vocabulary divided by `tensor`):
            = G + saved + head + 2 W + backward    (remat none: the head's and the last layer's backward overlap)
 where
   G        = gradient bytes (x2 with grad_accum > 1: the accumulator and the micro-batch's gradients);
-  saved    = what autodiff keeps per decoder layer and token, by policy (`saved_per_token`, counted from the
-             residuals JAX saves for this model: `jax._src.ad_checkpoint.saved_residuals`): full = the layer
-             input (c H); save_dots = input + q/k/v + attention output + gate/up outputs; save_qkv /
-             save_attn_out / save_qkv_attn_out / save_mlp = input + the named values; none = every forward
+  saved    = what autodiff keeps per decoder layer and token, by policy (`saved_per_token`; equal to the
+             residuals JAX saves for this model, `jax.ad_checkpoint.print_saved_residuals`, tested): full = the
+             layer input (c H); save_dots = input + q/k/v + attention output + gate/up outputs (MoE: shared
+             experts' and router's; the routed grouped matmuls are not plain dots); save_qkv / save_attn_out /
+             save_qkv_attn_out / save_mlp = input + the named values a backward pass needs (the SwiGLU
+             intermediate; not the MLP / MoE outputs); none = every forward
              value (`layer_terms`: norms, q/k/v and the per-chunk key prefixes of the chunked causal attention,
              fp32 probabilities and their cast, attention output, 6 MLP-wide values; MoE: router, shared
              experts, the routed rows' inputs / outputs / 6 intermediates: rows = capacity-padded E x C for
              all_to_all, k T without expert parallelism, expert x k x T for ragged_all_to_all (its worst-case
              receive buffer) and allgather), times T, plus the bf16 copies of the weights when c != p;
   head     = (2 + MTP depths) fp32 [T, V / tensor] (logits and the cross-entropy's exp; one more per MTP depth)
-             + the MTP layers' forward values, + the fsdp-gathered embedding / head weight;
-  layer    = one layer recomputed and differentiated: its forward values minus the saved ones, plus the
-             larger of the attention / FFN backward temporaries (fp32 score gradients; the MLP's 3 wide
-             cotangents; MoE: also the exchange buffers' cotangents), plus 2 W;
+             + the MTP layers' forward values, + with fsdp the gathered embedding / head weight and an MTP
+             layer's gathered weights and their gradient;
+  layer    = one layer recomputed and differentiated (`layer_terms` "recompute": its forward values plus
+             the larger of the attention / FFN backward temporaries -- fp32 score gradients, the MLP's 3 wide
+             cotangents; the routed experts' rows: 3 H- and 3 I-wide values each) minus the saved values;
+             with several scanned layer groups (e.g. 21B: [dense] x1, [moe] x27) plus the smaller group's
+             recomputed forward, which XLA overlaps with the other group's backward; plus 2 W;
   W        = one decoder layer's weights as the step uses them (unsharded over fsdp; the routed experts also
              over tensor inside the expert-parallel shard_map) in the parameter dtype: the layer's weights
              and their gradient are both live (x2).
 DPO's reference forward (`lora_base` / `copy`) adds a forward-only pass (its logits and one layer's
 values) on top of the saved values.
 
-Measured error (tests/train/test_memory_model.py, and a sweep of 88 fp32 tiny configs on 8 fake CPU
-devices: dense and MoE (all_to_all transport, capacity factors 1 and 2), every remat policy, data / fsdp /
-tensor / expert meshes, grad_accum 1-4, MTP): temporaries within -8% .. +11% of XLA's, except remat none
-with MTP (+15% .. +21%, over-estimated); mean |error| 3.5%. Not validated against XLA here: bf16 compute
+Measured error (tests/train/test_memory_model.py, and a sweep of 112 fp32 tiny configs compiled on 8 fake CPU
+devices: dense and MoE (all_to_all transport, capacity factors 1 and 2, mixed dense + MoE and all-MoE layer
+stacks), every remat policy, data / fsdp / tensor / expert meshes, grad_accum 1-4, MTP): the arguments match
+XLA's exactly; the temporaries are within -5% .. +21% of XLA's (mean |error| 4.4%; 90% of the configs within
+-4% .. +12%; the largest over-estimates are remat none with MTP and capacity factor 1). The model errs on the
+safe side: it was fitted so that under-estimates stay small. DPO / SFT (full and LoRA, each reference mode):
+-7% .. +16%. Not validated against XLA here: bf16 compute
 (XLA:CPU upcasts bf16 matmul operands to fp32, so a CPU compile over-states bf16 temporaries; on TPU / GPU
 bf16 is native), the ragged_dot / ragged_all_to_all / allgather MoE paths (CPU lowers them differently),
 FP8 (modelled as bf16), LoRA (modelled as full fine-tuning activations: an over-estimate), and the vision
@@ -64,6 +72,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from ernie_jax.config.base import REMATS
+from ernie_jax.model.decoder import layer_groups
 from ernie_jax.parallel import DEFAULT_RULES, MESH_AXES, state_shardings
 from ernie_jax.train.step import abstract_train_state, trainable
 
@@ -132,9 +141,16 @@ class StateModel:
     _, _, self.target = abstract_train_state(model_cfg, tx, 0, ones, rules, wrt=wrt, adapt=adapt, reference=reference)
     trained = nnx.filter_state(self.target["model"], trainable(model_cfg, wrt))
     self.trained_paths = {path for path, _ in nnx.to_flat_state(trained)}
+    self._cache: dict[tuple[int, ...], StateBytes] = {}
 
   def state_bytes(self, sizes: dict[str, int]) -> StateBytes:
     """Raises `ShardingError` naming the array when the mesh does not divide one of its sharded dimensions."""
+    key = tuple(sizes[a] for a in MESH_AXES)
+    if key not in self._cache:
+      self._cache[key] = self._state_bytes(sizes)
+    return self._cache[key]
+
+  def _state_bytes(self, sizes: dict[str, int]) -> StateBytes:
     shardings = state_shardings(self.target, abstract_mesh(sizes), self.rules, skip_non_arrays=True)
     parts = dict.fromkeys(("params", "buffers", "optimizer", "reference", "other", "trained", "trained_elements",
                            "moments"), 0)
@@ -210,8 +226,9 @@ def routed_rows(d: Dims) -> float:
 
 def layer_terms(d: Dims, kind: str) -> dict[str, float]:
   """Per-token bytes of one decoder layer ("dense" / "moe"): the forward values autodiff keeps without
-  remat, by block (`norms`, `attn`, `ffn`), and the backward temporaries (`attn_bwd`, `ffn_bwd`;
-  `ffn_bwd_remat` when the recomputed forward's buffers are live too)."""
+  remat, by block (`norms`, `attn`, `ffn`), the backward temporaries (`attn_bwd`, `ffn_bwd`), and what is
+  live while a rematerialised layer is recomputed and differentiated (`recompute`; for the routed experts
+  3 H- and 3 I-wide values per routed row, as measured, not every forward value at once)."""
   c, h = d.c, d.hidden
   n_ch, keys = attention_chunks(d.seq)
   attn = (c * d.heads * d.head_dim * (2 if n_ch > 1 else 1)  # q (+ its per-chunk slices)
@@ -222,13 +239,15 @@ def layer_terms(d: Dims, kind: str) -> dict[str, float]:
          "attn_bwd": d.heads * keys * F32 + c * (d.heads + 2 * d.kv) * d.head_dim}
   if kind == "moe":
     rows = routed_rows(d)
-    routed = rows * (2 * c * h + 6 * c * d.expert_mlp) + d.k * (2 * c + 1) * h + c * h
-    out["ffn"] = 6 * c * d.shared_mlp + F32 * (2 * d.experts + 8 * d.k) + routed
+    fixed = 6 * c * d.shared_mlp + F32 * (2 * d.experts + 8 * d.k) + d.k * (2 * c + 1) * h + c * h
+    out["ffn"] = fixed + rows * (2 * c * h + 6 * c * d.expert_mlp)
     out["ffn_bwd"] = rows * 3 * c * d.expert_mlp + 3 * c * d.shared_mlp
-    out["ffn_bwd_remat"] = out["ffn_bwd"] + rows * 3 * c * h + d.k * 2 * c * h
+    out["recompute"] = (out["norms"] + attn + fixed + rows * 3 * c * (h + d.expert_mlp)
+                        + max(out["attn_bwd"], 3 * c * d.shared_mlp + d.k * 2 * c * h))
   else:
     out["ffn"] = 6 * c * d.mlp
-    out["ffn_bwd"] = out["ffn_bwd_remat"] = 3 * c * d.mlp
+    out["ffn_bwd"] = 3 * c * d.mlp
+    out["recompute"] = out["norms"] + attn + out["ffn"] + max(out["attn_bwd"], out["ffn_bwd"])
   return out
 
 
@@ -245,7 +264,7 @@ def saved_per_token(d: Dims, kind: str, remat: str) -> float:
   ffn_dots = (2 * c * d.shared_mlp + F32 * d.experts) if kind == "moe" else 2 * c * d.mlp  # (router logits)
   named = {"full": 0, "save_dots": qkv + c * h + ffn_dots, "save_qkv": qkv, "save_attn_out": c * h,
            "save_qkv_attn_out": qkv + c * h,
-           "save_mlp": c * (d.shared_mlp + h) if kind == "moe" else c * d.mlp}
+           "save_mlp": c * (d.shared_mlp if kind == "moe" else d.mlp)}  # (outputs are not needed backward)
   return c * h + named[remat]
 
 
@@ -336,16 +355,20 @@ def estimate(state_model: StateModel, cfg, layout: Layout, *, seq: int, global_b
   mtp = cfg.num_mtp_layers * t * (sum(lt.get(mtp_kind, layer_terms(d, mtp_kind))[x] for x in ("norms", "attn", "ffn"))
                                   + 5 * c * d.hidden)
   head = (2 + cfg.num_mtp_layers) * t * F32 * d.vocab + mtp
-  if layout.fsdp > 1:  # the embedding / LM head gathered over fsdp
+  if layout.fsdp > 1:  # the embedding / LM head gathered over fsdp; an MTP layer's weights and their gradient
     head += cfg.vocab_size // layout.tensor * cfg.hidden_size * d.p * (1 if cfg.tie_word_embeddings else 2)
+    if cfg.num_mtp_layers:
+      head += 2 * (_layer_weights(cfg, mtp_kind, layout.sizes, cfg.moe_transport != "none")
+                   + 2 * d.hidden * d.hidden * d.p)
   w = 2 * max(_layer_weights(cfg, k, layout.sizes, cfg.moe_transport != "none") for k in set(kinds))
   tp = 2 * c * d.hidden if layout.tensor > 1 else 0  # row-parallel partial sums and their all-reduced copies
   if remat == "none":
     peak = head + w + max(max(x["attn_bwd"], x["ffn_bwd"]) for x in lt.values()) * t
   else:
-    layer = max(x["norms"] + x["attn"] + x["ffn"] - saved_per_token(d, k, remat) + tp
-                + max(x["attn_bwd"], x["ffn_bwd_remat"]) for k, x in lt.items()) * t
-    peak = max(head, layer + w)
+    layer = max(x["recompute"] - saved_per_token(d, k, remat) for k, x in lt.items()) + tp
+    if len(layer_groups(kinds)) > 1:  # XLA overlaps the next group's recomputed forward with this group's backward
+      layer += min(x["norms"] + x["attn"] + x["ffn"] - saved_per_token(d, k, remat) for k, x in lt.items())
+    peak = max(head, layer * t + w)
   if reference_forward:  # a forward-only pass: its logits / cross-entropy and one layer's values
     peak = max(peak, t * (2 * F32 * d.vocab + max(x["norms"] + x["attn"] + x["ffn"] for x in lt.values())))
   update = state.trained + state.moments + state.trained_elements
