@@ -10,7 +10,9 @@ communication one step needs.
 entry points; data files and tokenizers are not read; the architecture is `init_from`'s when that directory
 exists. --devices: the device count. --device-memory: per device, with a unit (GB / GiB / MB / MiB / TB / TiB).
 --margin: the fraction of the device memory a layout may use (default 0.9: XLA's own workspace, fragmentation
-and the estimate's error). --remat: the policies to consider (default all). --top: candidates listed.
+and the estimate's error). --remat: the policies to consider (default all). --top: meshes listed. --compile:
+also compile the chosen layout on the devices this process sees (their number must be --devices; nothing is
+allocated) and print XLA's memory analysis next to the estimate, e.g. on the booked cluster before the run.
 
 Printed: the run; for the config's own mesh, the per-device parameters / gradients / optimizer state and, by
 remat policy (rows) and grad_accum_steps (columns), activations / total with a fit mark; the candidates that
@@ -24,6 +26,8 @@ from __future__ import annotations
 import re
 import sys
 
+import jax
+
 from ernie_jax.config.base import REMATS
 from ernie_jax.parallel import MESH_AXES, ShardingError
 from ernie_jax.train.config import TrainConfigError
@@ -32,6 +36,7 @@ from ernie_jax.train.plan import Candidate, Planner, PlanError
 
 UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+MAX_COLUMNS = 6  # grad_accum_steps columns of the config mesh's table
 SCRIPTS = {"pretrain": "experiments/pretrain.py", "sft": "experiments/sft.py", "dpo": "experiments/dpo.py"}
 
 
@@ -70,8 +75,9 @@ class Report:
       arch += (f", {m.moe_num_experts} experts top-{m.moe_k}, {m.moe_num_shared_experts} shared, "
                f"moe_transport {m.moe_transport}")
     arch += f", {m.num_mtp_layers} MTP" if m.num_mtp_layers else ""
-    return [f"plan: {config_path} ({p.recipe.name}), ERNIE 4.5 {kind} ({arch}); {p.param_count / 1e9:.2f}B "
-            f"parameters ({m.param_dtype}), compute {m.dtype}; architecture from {p.arch_source}",
+    count = f"{p.param_count / 1e9:.2f}B" if p.param_count >= 1e9 else f"{p.param_count / 1e6:.2f}M"
+    return [f"plan: {config_path} ({p.recipe.name}), ERNIE 4.5 {kind} ({arch}); {count} parameters "
+            f"({m.param_dtype}), compute {m.dtype}; architecture from {p.arch_source}",
             f"  {p.global_batch} rows x {p.seq} tokens per step; {plural(p.devices, 'device')} x {self.memory / self.scale:g} "
             f"{self.unit}, usable {self.g(self.usable)} {self.unit} (margin {self.margin:g})"]
 
@@ -93,6 +99,12 @@ class Report:
              f"  activations / total ({self.unit}) by remat policy and grad_accum_steps (rows per device per "
              "micro-batch); * = fits"]
     accums = sorted({a for _, a in table})
+    if len(accums) > MAX_COLUMNS:  # a window from two columns before the first that fits
+      fits = [i for i, a in enumerate(accums) if any(table[r, a].total <= self.usable for r, b in table if b == a)]
+      start = max(0, min(fits[0] - 2 if fits else len(accums), len(accums) - MAX_COLUMNS))
+      shown = accums[start:start + MAX_COLUMNS]
+      lines[-1] += f"; grad_accum_steps {shown[0]}..{shown[-1]} of {accums[0]}..{accums[-1]} shown"
+      accums = shown
     width = 20
     lines.append("  " + "remat".ljust(18) + "".join(
       f"{a} ({table[next(r for r, b in table if b == a), a].micro_rows} rows)".rjust(width) for a in accums))
@@ -135,8 +147,9 @@ class Report:
 
 
 def plan(config, config_path: str, devices: int, device_memory: str, margin: float = 0.9, top: int = 10,
-         remats: str = "") -> list[str]:
-  """The report lines; raises PlanError / TrainConfigError / ShardingError with a one-line message."""
+         remats: str = "", compile_here: bool = False) -> list[str]:
+  """The report lines; raises PlanError / TrainConfigError / ShardingError with a one-line message.
+  compile_here: also compile the chosen layout on this process's devices and print XLA's figures."""
   if not 0 < margin <= 1:
     raise PlanError(f"--margin must be in (0, 1], got {margin}")
   if top < 1:
@@ -165,6 +178,15 @@ def plan(config, config_path: str, devices: int, device_memory: str, margin: flo
                     f"the smallest layout needs {rep.breakdown(smallest)}; use more or larger devices, a smaller "
                     "global_batch_size or data.seq_len, or LoRA (finetune.method=lora)")
   lines += rep.candidates(cands, top) + [""] + rep.chosen(cands[0], config_path)
+  if compile_here:
+    if jax.device_count() != devices:
+      raise PlanError(f"--compile compiles the chosen layout on the devices this process sees: "
+                      f"{jax.device_count()} {jax.default_backend()} devices, not --devices={devices}")
+    x = planner.compiled_step_bytes(cands[0].layout)
+    est = cands[0].memory
+    lines.append(f"XLA ({jax.default_backend()}, compiled here): arguments {rep.g(x['arguments'])} + temporaries "
+                 f"{rep.g(x['temporaries'])} = {rep.g(x['total'])} {unit} per device; estimated "
+                 f"{rep.g(est.arguments)} + {rep.g(est.temporaries)} = {rep.g(est.total)}")
   return lines
 
 
@@ -181,6 +203,8 @@ def main(argv=None) -> None:
   flags.DEFINE_float("margin", 0.9, "fraction of the device memory a layout may use", flag_values=fv)
   flags.DEFINE_integer("top", 10, "candidates listed", flag_values=fv)
   flags.DEFINE_string("remat", "", "comma-separated remat policies to consider (default: all)", flag_values=fv)
+  flags.DEFINE_bool("compile", False, "also compile the chosen layout here (needs --devices devices) and print "
+                    "XLA's memory analysis next to the estimate", flag_values=fv)
   if any(a in ("--help", "-h", "--helpshort") for a in argv[1:]):
     print(__doc__.strip())
     sys.exit(0)
@@ -196,7 +220,7 @@ def main(argv=None) -> None:
     _fail(f"{_root_message(e)} (see --help)", 2)
   try:
     lines = plan(config, fv["config"].config_filename, fv.devices, fv["device-memory"].value, fv.margin, fv.top,
-                 fv.remat)
+                 fv.remat, fv.compile)
   except PlanError as e:
     _fail(str(e), 2 if str(e).startswith("--") else 1)
   except (TrainConfigError, ShardingError, ValueError) as e:

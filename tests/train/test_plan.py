@@ -126,3 +126,12 @@ def test_one_line_errors(capsys):
   plan_cli.main(["plan", f"--config={tiny}", "--devices=8", "--device-memory=1GB", "--top=3"])
   out = capsys.readouterr().out
   assert "chosen:" in out and "--config.grad_accum_steps=" in out
+
+
+def test_compile_flag_prints_xla_next_to_the_estimate():
+  c = default_config(ModelConfig.tiny_dense(num_key_value_heads=2))
+  c.global_batch_size, c.data.seq_len = 8, 64
+  lines = plan_cli.plan(c, "tiny_dense", 8, "1GB", top=1, remats="full", compile_here=True)
+  assert lines[-1].startswith("XLA (cpu, compiled here): arguments")
+  with pytest.raises(PlanError, match="--compile compiles the chosen layout on the devices this process sees: 8"):
+    plan_cli.plan(c, "tiny_dense", 4, "1GB", top=1, remats="full", compile_here=True)
