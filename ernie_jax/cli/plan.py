@@ -78,7 +78,8 @@ class Report:
     count = f"{p.param_count / 1e9:.2f}B" if p.param_count >= 1e9 else f"{p.param_count / 1e6:.2f}M"
     return [f"plan: {config_path} ({p.recipe.name}), ERNIE 4.5 {kind} ({arch}); {count} parameters "
             f"({m.param_dtype}), compute {m.dtype}; architecture from {p.arch_source}",
-            f"  {p.global_batch} rows x {p.seq} tokens per step; {plural(p.devices, 'device')} x {self.memory / self.scale:g} "
+            f"  {p.global_batch} rows x {p.seq} tokens per step; {plural(p.devices, 'device')} x "
+            f"{self.memory / self.scale:g} "
             f"{self.unit}, usable {self.g(self.usable)} {self.unit} (margin {self.margin:g})"]
 
   def mesh_table(self, sizes: dict[str, int], remats) -> list[str]:
@@ -119,7 +120,8 @@ class Report:
 
   def candidates(self, cands: list[Candidate], top: int) -> list[str]:
     n = len(cands)
-    lines = [f"{n} mesh{'' if n == 1 else 'es'} fit; the best {min(top, len(cands))}, each with its best remat policy and "
+    lines = [f"{n} mesh{' fits' if n == 1 else 'es fit'}; the best {min(top, len(cands))}, each with its best remat "
+             "policy and "
              "grad_accum_steps, by communication per step (GB received per device: fsdp gathers + "
              "reduce-scatters, data all-reduces, tensor all-reduces, expert exchanges):",
              "    #  data fsdp tensor expert  remat              accum  rows  memory  " + "comm".rjust(8)
@@ -164,7 +166,8 @@ def plan(config, config_path: str, devices: int, device_memory: str, margin: flo
   lines = rep.header(config_path) + [""]
   own = planner.config_layout()
   if own is None:
-    lines.append(f"the config's mesh {planner.cfg.mesh} does not fit {plural(devices, 'device')} (its fixed axes do not divide "
+    lines.append(f"the config's mesh {planner.cfg.mesh} does not fit {plural(devices, 'device')} (its fixed axes do "
+                 "not divide "
                  "them): see the candidates")
   else:
     lines += rep.mesh_table(own, chosen_remats)
@@ -174,7 +177,8 @@ def plan(config, config_path: str, devices: int, device_memory: str, margin: flo
                     f"{planner.global_batch} rows of a step: change --devices or global_batch_size")
   cands, smallest = planner.candidates(rep.usable, chosen_remats, per_mesh=True)
   if not cands:
-    raise PlanError(f"nothing fits {plural(devices, 'device')} x {memory / scale:g} {unit} (usable {rep.g(rep.usable)} {unit}): "
+    raise PlanError(f"nothing fits {plural(devices, 'device')} x {memory / scale:g} {unit} (usable "
+                    f"{rep.g(rep.usable)} {unit}): "
                     f"the smallest layout needs {rep.breakdown(smallest)}; use more or larger devices, a smaller "
                     "global_batch_size or data.seq_len, or LoRA (finetune.method=lora)")
   lines += rep.candidates(cands, top) + [""] + rep.chosen(cands[0], config_path)

@@ -40,7 +40,7 @@ where
   layer    = one layer recomputed and differentiated (`layer_terms` "recompute": its forward values plus
              the larger of the attention / FFN backward temporaries -- fp32 score gradients, the MLP's 3 wide
              cotangents; the routed experts' rows: 3 H- and 3 I-wide values each) minus the saved values;
-             with several scanned layer groups (e.g. 21B: [dense] x1, [moe] x27) plus the smaller group's
+             with several scanned layer groups (e.g. 21B: [dense] x1, [moe] x27) plus the smaller layer kind's
              recomputed forward, which XLA overlaps with the other group's backward; plus 2 W;
   W        = one decoder layer's weights as the step uses them (unsharded over fsdp; the routed experts also
              over tensor inside the expert-parallel shard_map) in the parameter dtype: the layer's weights
@@ -48,9 +48,9 @@ where
 DPO's reference forward (`lora_base` / `copy`) adds a forward-only pass (its logits and one layer's
 values) on top of the saved values.
 
-Measured error (tests/train/test_memory_model.py, and a sweep of 112 fp32 tiny configs compiled on 8 fake CPU
-devices: dense and MoE (all_to_all transport, capacity factors 1 and 2, mixed dense + MoE and all-MoE layer
-stacks), every remat policy, data / fsdp / tensor / expert meshes, grad_accum 1-4, MTP): the arguments match
+Measured error (tests/train/test_memory_model.py, and `benchmarks/memory_model_sweep.py`: 112 fp32 tiny
+configs on 8 fake CPU devices: dense and MoE (all_to_all transport, capacity factors 1 and 2, mixed dense +
+MoE and all-MoE layer stacks), every remat policy, data / fsdp / tensor / expert meshes, grad_accum 1-4, MTP): the arguments match
 XLA's exactly; the temporaries are within -5% .. +21% of XLA's (mean |error| 4.4%; 90% of the configs within
 -4% .. +12%; the largest over-estimates are remat none with MTP and capacity factor 1). The model errs on the
 safe side: it was fitted so that under-estimates stay small. DPO / SFT (full and LoRA, each reference mode):
