@@ -95,7 +95,7 @@ class FineTuning(trainer.Pretraining):
 
   def __init__(self):
     self.base_fingerprint = None
-    self.model_cfg = None  # the run's model config (set by `setup`)
+    self.model_cfg = None  # the run's model config (set by `model_config`)
 
   def parse(self, config):
     return parse_sft(config)
@@ -116,6 +116,7 @@ class FineTuning(trainer.Pretraining):
                              f"{'a VL' if model_cfg.is_vl else 'a text'} model but model_family="
                              f"{cfg.run.model_family!r}; set --config.model_family={'vl' if model_cfg.is_vl else 'text'}"
                              " (and its data section)")
+    self.model_cfg = model_cfg
     return model_cfg, model
 
   def load_base(self, cfg, mesh):
@@ -131,7 +132,6 @@ class FineTuning(trainer.Pretraining):
     return base
 
   def setup(self, cfg, tokenizer, model_cfg):
-    self.model_cfg = model_cfg
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model_cfg.eos_token_id
     trainer.check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
     rows = cfg.run.global_batch_size // jax.process_count()

@@ -13,11 +13,13 @@ The recipe is the text one -- same loop, jitted step, LoRA / parameter groups, c
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from ernie_jax.data.chat_template import answer_stop_ids
 from ernie_jax.data.vl_chat import (first_heldout_prompt, flatten, load_vl_chat_tokenizer, make_vl_chat_eval_batches,
                                     make_vl_chat_pipeline, text_only_bound)
 from ernie_jax.infer.generate_vl import generate_vl
+from ernie_jax.parallel.sharding import batch_shards
 
 load_tokenizer = load_vl_chat_tokenizer
 eval_batches = make_vl_chat_eval_batches
@@ -46,8 +48,11 @@ def sample(cfg, setup, model, model_cfg) -> tuple[str, str, str] | None:
     return None
   tok = setup.tokenizer
   stops = answer_stop_ids(tok, setup.eos_id)
-  out = generate_vl(model, [prompt.ids.tolist()], max_new_tokens=cfg.finetune.sample_tokens,
-                    pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw, stop_tokens=stops)[0]
+  copies = batch_shards(model.sharding_rules)  # the prompt once per batch shard of the mesh (rows must divide)
+  images = prompt.image_grid_thw
+  out = generate_vl(model, [prompt.ids.tolist()] * copies, max_new_tokens=cfg.finetune.sample_tokens,
+                    pixel_values=None if images is None else np.concatenate([prompt.pixel_values] * copies),
+                    image_grid_thw=None if images is None else images * copies, stop_tokens=stops)[0]
   answer = tok.decode([t for t in out if t not in stops])
   shown = flatten(prompt.messages, lambda i: f"<image {i}>")[-1]["content"]
   return shown, answer, prompt.answer
