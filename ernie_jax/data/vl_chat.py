@@ -108,10 +108,10 @@ def validate_vl(cfg: VLChatDataConfig, vl_cfg) -> None:
   except (KeyError, IndexError, ValueError, AttributeError):
     raise DataError(f"data.image_prefix must be text with at most the field {{i}} (the image's number), got "
                     f"{cfg.image_prefix!r}") from None
-  need = tokens_per_grid(image_grid(vl_cfg, cfg.image_size), False, vl_cfg.vision) + 8
-  if cfg.seq_len < need:
+  tokens = tokens_per_grid(image_grid(vl_cfg, cfg.image_size), False, vl_cfg.vision) + 2  # + start / end
+  if cfg.seq_len < tokens + 8:
     raise DataError(f"data.seq_len={cfg.seq_len} cannot hold one image of data.image_size={cfg.image_size} "
-                    f"({need - 8} tokens) and a turn around it; needs >= {need}")
+                    f"({tokens} tokens) and a turn around it; needs >= {tokens + 8}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,27 +551,29 @@ def text_only_bound(cfg: VLChatDataConfig, tokenizer: Tokenizer, vl_cfg) -> floa
 @dataclasses.dataclass
 class VLPrompt:
   """A generation prompt with images: the messages, ids, pixel values / grids for `generate_vl`, and the answer the
-  data gives (for comparison)."""
+  data gives (for comparison; "" when the question was replaced)."""
 
   messages: list[dict]
   ids: np.ndarray
-  pixel_values: np.ndarray | None
-  image_grid_thw: list | None
+  pixel_values: np.ndarray
+  image_grid_thw: list
   answer: str
 
 
 def first_heldout_prompt(cfg: VLChatDataConfig, tokenizer: Tokenizer, vl_cfg, question: str = "") -> VLPrompt | None:
-  """The first held-out conversation up to its first assistant turn, as a generation prompt; `question` replaces the
-  text of its last user turn (its images stay). None without a held-out split."""
+  """The first held-out conversation whose first question has images, up to its first assistant turn, as a generation
+  prompt; `question` replaces the text of its last user turn (its images stay). None without such a conversation."""
   examples = vl_eval_examples(cfg, tokenizer, vl_cfg)
   if examples is None:
     return None
   for i in range(len(examples.rows)):
     conv = examples.rows[i]
-    if conv is None or not conversation_images(conv):
+    if conv is None:
       continue
     k = next(j for j, m in enumerate(conv) if m["role"] == "assistant")
     prompt = [dict(m) for m in conv[:k]]
+    if not conversation_images(prompt):
+      continue
     if question:
       user = prompt[-1]
       images = [p for p in user["content"] if p["type"] in IMAGE_TYPES] if isinstance(user["content"], list) else []
@@ -581,8 +583,8 @@ def first_heldout_prompt(cfg: VLChatDataConfig, tokenizer: Tokenizer, vl_cfg, qu
     images = conversation_images(prompt)
     if len(images) > cfg.images_per_row or len(ids) > cfg.seq_len:
       continue
-    return VLPrompt(prompt, ids, renderer.pixels(images) if images else None,
-                    [renderer.grid] * len(images) or None, "" if question else conv[k]["content"])
+    return VLPrompt(prompt, ids, renderer.pixels(images), [renderer.grid] * len(images),
+                    "" if question else conv[k]["content"])
   return None
 
 

@@ -49,10 +49,9 @@ def sample(cfg, setup, model, model_cfg) -> tuple[str, str, str] | None:
   tok = setup.tokenizer
   stops = answer_stop_ids(tok, setup.eos_id)
   copies = batch_shards(model.sharding_rules)  # the prompt once per batch shard of the mesh (rows must divide)
-  images = prompt.image_grid_thw
   out = generate_vl(model, [prompt.ids.tolist()] * copies, max_new_tokens=cfg.finetune.sample_tokens,
-                    pixel_values=None if images is None else np.concatenate([prompt.pixel_values] * copies),
-                    image_grid_thw=None if images is None else images * copies, stop_tokens=stops)[0]
+                    pixel_values=np.concatenate([prompt.pixel_values] * copies),
+                    image_grid_thw=prompt.image_grid_thw * copies, stop_tokens=stops)[0]
   answer = tok.decode([t for t in out if t not in stops])
   shown = flatten(prompt.messages, lambda i: f"<image {i}>")[-1]["content"]
   return shown, answer, prompt.answer

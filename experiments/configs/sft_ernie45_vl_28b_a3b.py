@@ -14,8 +14,7 @@ variable image resolution (here every image is resized to data.image_size = 448 
 data.images_per_row = 4 per row), `visual_ld` (layer-wise lr decay in the ViT) and its 4-row steps (batch 1 x
 accumulation 4 on TP4 x PP2): global_batch_size must be divisible by the mesh's batch shards (8 here).
 LoRA (`run_sft_lora_8k.yaml`: rank 32, lr 3e-4): --config.finetune.method=lora --config.optim.lr=3e-4 (targets:
-attention, the dense MLP, shared and routed experts of both sets, the resampler; with freeze_vision no adapter goes
-into the ViT). Data: OpenAI multimodal `messages` or ERNIEKit VL rows (`image_info` / `text_info`), image paths
+attention, the dense MLP, shared and routed experts of both sets, the resampler; LoRA never targets the ViT). Data: OpenAI multimodal `messages` or ERNIEKit VL rows (`image_info` / `text_info`), image paths
 relative to the JSONL file, rendered with the checkpoint's own chat template (data.template=auto).
 """
 
