@@ -7,9 +7,13 @@ tokens only.
       --config.init_from=/path/to/ERNIE-4.5-0.3B-PT --config.data.paths=my_chats.jsonl
   python experiments/sft.py --config=experiments/configs/sft_ernie45_21b_a3b.py \
       --config.init_from=/path/to/ERNIE-4.5-21B-A3B-PT --config.data.paths=my_chats.jsonl --config.lora.rank=32
+  python experiments/sft.py --config=experiments/configs/sft_tiny_vl.py           # ERNIE 4.5 VL, chats with images
+  python experiments/sft.py --config=experiments/configs/sft_ernie45_vl_28b_a3b.py \
+      --config.init_from=/path/to/ERNIE-4.5-VL-28B-A3B-PT --config.data.paths=my_vl_chats.jsonl
 
 Data: JSONL rows in the OpenAI `messages` form or ERNIEKit's SFT form (`ernie_jax/data/sft.py`);
-without `data.paths` the embedded stdlib Q&A set is used. The held-out assistant loss (`eval_loss`) is
+without `data.paths` the embedded stdlib Q&A set is used. VL configs (model_family="vl"): multimodal `messages` or
+ERNIEKit VL rows with images (`ernie_jax/data/vl_chat.py`), the embedded shapes chats by default. The held-out assistant loss (`eval_loss`) is
 measured at the start, every `finetune.eval_every` steps and at the end; a sample answer is printed
 at the end. Resuming, SIGTERM / Ctrl-C, the workdir lock and one-line errors work as in
 experiments/pretrain.py (the loop is the same: `ernie_jax/train/trainer.py`). LoRA checkpoints hold

@@ -14,6 +14,9 @@
   sft            `ChatDataConfig`, the SFT training pipeline and held-out batches (`make_chat_pipeline`, ...)
   preference     `PreferenceDataConfig`, DPO preference pairs: rows, the training pipeline and per-pair batches
   stdlib_qa      the embedded SFT dataset: Q&A from the Python standard library's docstrings (and DPO pairs)
+  vl_chat        `VLChatDataConfig`, VL SFT: chats with images (multimodal messages / ERNIEKit VL rows), rendering,
+                 image-slot rows, the training pipeline and held-out batches (`make_vl_chat_pipeline`, ...)
+  shapes_chat    the embedded VL SFT dataset: questions about drawn shapes, with a text-only bound
 """
 
 from ernie_jax.data.chat import ChatRows, parse_row

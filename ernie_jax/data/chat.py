@@ -41,9 +41,12 @@ def _shown(x, n: int = 40) -> str:
   return s if len(s) <= n else s[:n - 3] + "..."
 
 
-def validate_messages(messages, where: str = "messages", prompt: bool = False) -> list[dict]:
+def validate_messages(messages, where: str = "messages", prompt: bool = False, parse_content=None) -> list[dict]:
   """Check a conversation and return it normalised to [{"role", "content", "loss"}]; raises `BadRow`.
-  prompt=True: a conversation to continue (generation), which need not contain or end with an assistant turn."""
+  prompt=True: a conversation to continue (generation), which need not contain or end with an assistant turn.
+  parse_content(content, at, role) -> the normalised content of one message, raising `BadRow` (default: the content
+  must be a string; `ernie_jax.data.vl_chat` reads lists of text and image parts); an assistant turn's must be a
+  string."""
   if not isinstance(messages, list):
     raise BadRow(f"{where} is {_kind(messages)}, not a list of messages", _FIX)
   if not messages:
@@ -61,7 +64,9 @@ def validate_messages(messages, where: str = "messages", prompt: bool = False) -
     if "content" not in m:
       raise BadRow(f"{at} ({role}) has no 'content'", _FIX)
     content = m["content"]
-    if not isinstance(content, str):
+    if parse_content is not None:
+      content = parse_content(content, at, role)
+    elif not isinstance(content, str):
       raise BadRow(f"{at} ({role}) content is {_kind(content)} ({_shown(content)}), not a string", _FIX)
     loss = m.get("loss", True)
     if not isinstance(loss, bool):

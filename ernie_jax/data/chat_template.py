@@ -226,8 +226,16 @@ class ChatRenderer:
     if missing and self.template.source is None:
       raise ChatTemplateError(f"tokenizer {tokenizer} has no id for {sorted(missing)} (nor a BOS / EOS to use "
                               "instead), which the built-in ERNIE chat template needs")
+    self.compile_specials()
+
+  def compile_specials(self) -> None:
+    """(Re)build the splitter of `self.specials` (call after changing them)."""
     self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")") \
         if self.specials else None
+
+  def special_ids(self, token: str) -> list[int]:
+    """The ids a special token of a rendered piece becomes (one id; `vl_chat` expands image placeholders)."""
+    return [self.specials[token]]
 
   def encode_text(self, text: str) -> list[int]:
     """One piece -> ids: special tokens cut out and mapped, the text between them through `tokenizer.encode`."""
@@ -235,7 +243,7 @@ class ChatRenderer:
     ids: list[int] = []
     for j, part in enumerate(parts):
       if j % 2:
-        ids.append(self.specials[part])
+        ids += self.special_ids(part)
       elif part:
         ids += list(self.tokenizer.encode(part))
     return ids

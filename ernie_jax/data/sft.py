@@ -147,23 +147,28 @@ def _file_rows(cfg: ChatDataConfig, paths: str, what: str):
   return ChatRows(expand_paths(paths, what), cfg.format, cfg.bad_rows)
 
 
-def train_rows(cfg: ChatDataConfig):
-  """The training conversations (a row source: len, [i] -> conversation | None, where(i))."""
+def _embedded_rows(cfg: ChatDataConfig, split: str):
+  return MemoryRows(stdlib_qa.conversations(split), EMBEDDED[split], cfg.bad_rows)
+
+
+def train_rows(cfg: ChatDataConfig, file_rows=_file_rows, embedded=_embedded_rows):
+  """The training conversations (a row source: len, [i] -> conversation | None, where(i)). file_rows(cfg, paths,
+  what) reads files, embedded(cfg, split) is the embedded data set (`ernie_jax.data.vl_chat` passes its own)."""
   if not cfg.paths:
-    return MemoryRows(stdlib_qa.conversations("train"), EMBEDDED["train"], cfg.bad_rows)
-  rows = _file_rows(cfg, cfg.paths, "data.paths")
+    return embedded(cfg, "train")
+  rows = file_rows(cfg, cfg.paths, "data.paths")
   if cfg.eval_paths:
     return rows
   return Subset(rows, _split(len(rows), cfg.eval_fraction)[0])
 
 
-def eval_rows(cfg: ChatDataConfig):
+def eval_rows(cfg: ChatDataConfig, file_rows=_file_rows, embedded=_embedded_rows):
   """The held-out conversations (see the module docstring); None when there is no held-out split."""
   if cfg.eval_paths:
-    return _file_rows(cfg, cfg.eval_paths, "data.eval_paths")
+    return file_rows(cfg, cfg.eval_paths, "data.eval_paths")
   if not cfg.paths:
-    return MemoryRows(stdlib_qa.conversations("heldout"), EMBEDDED["heldout"], cfg.bad_rows)
-  rows = _file_rows(cfg, cfg.paths, "data.paths")
+    return embedded(cfg, "heldout")
+  rows = file_rows(cfg, cfg.paths, "data.paths")
   held = _split(len(rows), cfg.eval_fraction)[1]
   return Subset(rows, held) if len(held) else None
 
@@ -204,29 +209,56 @@ class ChatExamples(CountedExamples):
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray] | None:
     i = int(i)
+    encoded = self.encoded(i)
+    if encoded is None:
+      return None
+    _, ids, mask, turns = encoded
+    end = self.kept_end(i, ids, mask, turns)
+    if end is None:
+      return None
+    return {"inputs": ids[:end - 1], "targets": ids[1:end], "loss_mask": mask[1:end]}
+
+  def encoded(self, i: int):
+    """(conversation, ids, mask, turns) of row i (`ChatRenderer.encode`), or None for a bad row skipped."""
     conv = self.rows[i]
     if conv is None:
       return None
     try:
-      ids, mask, turns = self.renderer.encode(conv)
+      return (conv, *self.renderer.encode(conv))
     except ChatTemplateError as e:
       raise DataError(f"{self.rows.where(i)}: {e}") from None
     except BadRow as e:  # a template that fails on this row
-      if self.rows.bad_rows == "error":
-        raise DataError(f"{self.rows.where(i)}: {e}") from None
-      self.rows.skip(i, f"{self.rows.where(i)}: {e}")
-      return None
-    if len(ids) - 1 > self.seq_len:
-      fits = [end for end, supervised in turns if end - 1 <= self.seq_len and supervised]
-      if self.overlong == "drop" or not fits:
+      return self.bad_row(i, e)
+
+  def bad_row(self, i: int, e: BadRow) -> None:
+    """A row found bad while building its example: a DataError naming file:line (bad_rows="error"), or skipped
+    and counted (returns None)."""
+    if self.rows.bad_rows == "error":
+      raise DataError(f"{self.rows.where(i)}: {e.reason}; {e.fix}, or set data.bad_rows=skip to skip and count such "
+                      "rows") from None
+    self.rows.skip(i, f"{self.rows.where(i)}: {e.reason}")
+    return None
+
+  def fits(self, ids: np.ndarray, end: int) -> bool:
+    """Whether the first `end` tokens of a conversation fit one row (VL adds the image budget)."""
+    return end - 1 <= self.seq_len
+
+  def kept_end(self, i: int, ids: np.ndarray, mask: np.ndarray, turns) -> int | None:
+    """How many tokens of row i's conversation are kept: all when they fit, else (overlong="truncate") up to the
+    end of its last supervised assistant turn that fits; None (counted as dropped) when none fits, with
+    overlong="drop", or when no kept token is supervised."""
+    end = len(ids)
+    if not self.fits(ids, end):
+      ends = [e for e, supervised in turns if supervised and self.fits(ids, e)]
+      if self.overlong == "drop" or not ends:
         self.dropped.add(i)
         return None
       self.truncated.add(i)
-      ids, mask = ids[:fits[-1]], mask[:fits[-1]]
-    if not mask[1:].any():
+      end = ends[-1]
+    if not mask[1:end].any():
       self.dropped.add(i)
       return None
-    return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+    return end
 
 
 def pad_example(ex: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -271,8 +303,17 @@ class ExamplePipeline(GrainIterator):
     return self.renderer.template.name
 
 
+def make_renderer(cfg: ChatDataConfig, tokenizer: Tokenizer) -> ChatRenderer:
+  try:
+    return ChatRenderer(tokenizer, cfg.template)
+  except ChatTemplateError as e:
+    raise DataError(str(e)) from None
+
+
 class ChatPipeline(ExamplePipeline):
-  """Iterator over this process's rows of each global batch: dicts of int32 [batch_size, seq_len] (`KEYS`)."""
+  """Iterator over this process's rows of each global batch: dicts of int32 [batch_size, seq_len] (`KEYS`).
+  Subclasses (`ernie_jax.data.vl_chat.VLChatPipeline`) change the renderer, rows, examples and row layout through
+  `make_renderer`, `rows`, `make_examples` and `to_rows`."""
 
   def __init__(self, cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
                process_count: int = 1):
@@ -280,27 +321,36 @@ class ChatPipeline(ExamplePipeline):
     if batch_size < 1:
       raise DataError(f"batch_size must be >= 1, got {batch_size}")
     self.cfg, self.tokenizer = cfg, tokenizer
-    try:
-      self.renderer = ChatRenderer(tokenizer, cfg.template)
-    except ChatTemplateError as e:
-      raise DataError(str(e)) from None
-    rows = train_rows(cfg)
+    self.renderer = self.make_renderer()
+    rows = self.rows()
     if cfg.max_examples:
       rows = Subset(rows, np.arange(min(cfg.max_examples, len(rows))))
     rows = Subset(rows, np.arange(len(rows))[process_index::process_count])
     if len(rows) == 0:
       raise DataError(f"process {process_index} of {process_count} got no training conversations")
-    self.examples = ChatExamples(rows, self.renderer, cfg.seq_len, cfg.overlong)
+    self.examples = self.make_examples(rows)
     self.examples.check_usable()
-    it = example_stream(self.examples, cfg, batch_size)
-    if cfg.packing:
-      length = {"inputs": cfg.seq_len, "targets": cfg.seq_len, "loss_mask": cfg.seq_len}
-      it = grain.experimental.FirstFitPackIterDataset(it, length_struct=length, num_packing_bins=cfg.packing_bins,
-                                                      seed=cfg.seed, shuffle_bins=cfg.shuffle).map(_canonical)
-    else:
-      it = it.map(lambda ex: pad_example(ex, cfg.seq_len))
+    it = self.to_rows(example_stream(self.examples, cfg, batch_size))
     self.dataset = it.batch(batch_size, drop_remainder=True)
     self._it = iter(self.dataset)
+
+  def make_renderer(self) -> ChatRenderer:
+    return make_renderer(self.cfg, self.tokenizer)
+
+  def rows(self):
+    return train_rows(self.cfg)
+
+  def make_examples(self, rows) -> CountedExamples:
+    return ChatExamples(rows, self.renderer, self.cfg.seq_len, self.cfg.overlong)
+
+  def to_rows(self, it: grain.IterDataset) -> grain.IterDataset:
+    """Examples -> rows of seq_len: packed (first-fit) or padded."""
+    cfg = self.cfg
+    if not cfg.packing:
+      return it.map(lambda ex: pad_example(ex, cfg.seq_len))
+    length = {"inputs": cfg.seq_len, "targets": cfg.seq_len, "loss_mask": cfg.seq_len}
+    return grain.experimental.FirstFitPackIterDataset(it, length_struct=length, num_packing_bins=cfg.packing_bins,
+                                                      seed=cfg.seed, shuffle_bins=cfg.shuffle).map(_canonical)
 
 
 def make_chat_pipeline(cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
@@ -319,19 +369,22 @@ def make_chat_eval_batches(cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_s
   rows = eval_rows(cfg)
   if rows is None:
     return []
-  try:
-    renderer = ChatRenderer(tokenizer, cfg.template)
-  except ChatTemplateError as e:
-    raise DataError(str(e)) from None
-  examples = ChatExamples(rows, renderer, cfg.seq_len, cfg.overlong)
-  padded = [pad_example(ex, cfg.seq_len) for ex in (examples[i] for i in range(len(examples))) if ex is not None]
+  examples = ChatExamples(rows, make_renderer(cfg, tokenizer), cfg.seq_len, cfg.overlong)
+  return padded_batches(examples, lambda ex: pad_example(ex, cfg.seq_len), batch_size, stats)
+
+
+def padded_batches(examples: CountedExamples, pad, batch_size: int, stats: dict | None = None
+                   ) -> list[dict[str, np.ndarray]]:
+  """Every usable example, in order, one per row (`pad(example)` -> a row), as batches of `batch_size` rows (the
+  last one filled with all-zero rows); `stats` receives the examples' counts."""
+  padded = [pad(ex) for ex in (examples[i] for i in range(len(examples))) if ex is not None]
   if stats is not None:
     stats.update(examples.stats())
   batches = []
   for b in range(math.ceil(len(padded) / batch_size)):
     group = padded[b * batch_size:(b + 1) * batch_size]
-    group += [{k: np.zeros(cfg.seq_len, np.int32) for k in KEYS}] * (batch_size - len(group))
-    batches.append({k: np.stack([r[k] for r in group]) for k in KEYS})
+    group += [{k: np.zeros_like(v) for k, v in group[0].items()}] * (batch_size - len(group))
+    batches.append({k: np.stack([r[k] for r in group]) for k in group[0]})
   return batches
 
 

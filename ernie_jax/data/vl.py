@@ -63,8 +63,12 @@ class ShapeCaptions:
     vertical, horizontal = QUADRANTS[rng.integers(len(QUADRANTS))]
     return rng, colour, shape, vertical, horizontal
 
+  def attributes(self, i: int) -> tuple[str, str, str, str]:
+    """(colour, shape, vertical, horizontal) of element i."""
+    return self._attributes(i)[1:]
+
   def caption(self, i: int) -> str:
-    return _caption(*self._attributes(i)[1:])
+    return _caption(*self.attributes(i))
 
   def __getitem__(self, i: int):
     from PIL import Image, ImageDraw

@@ -333,12 +333,17 @@ def validate_vl(c: TrainConfig) -> None:
   need = d.images_per_row * (tokens + int(d.add_bos) + 2)  # + at least one caption token and </s>
   _check(d.seq_len >= need, "data.seq_len", f"{d.seq_len} cannot hold {d.images_per_row} image(s) of "
          f"{tokens} tokens with a caption each (data.image_size={d.image_size}); needs >= {need}")
-  text_ids = {"bytes": 259, "bpe": d.bpe_vocab_size}.get(d.tokenizer)
+  check_vl_token_ids(m, d.tokenizer, d.bpe_vocab_size)
+
+
+def check_vl_token_ids(m, tokenizer: str, bpe_vocab_size: int) -> None:
+  """The VL special token ids of the VLConfig `m` must not be text ids of a byte-level / trained BPE tokenizer."""
+  text_ids = {"bytes": 259, "bpe": bpe_vocab_size}.get(tokenizer)
   if text_ids is not None:
     for name in ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
                  "video_start_token_id", "video_end_token_id"):
       v = getattr(m, name)
-      _check(v >= text_ids, f"model.{name}", f"{v} is a text token of data.tokenizer={d.tokenizer!r} (ids "
+      _check(v >= text_ids, f"model.{name}", f"{v} is a text token of data.tokenizer={tokenizer!r} (ids "
              f"0..{text_ids - 1}); put the VL special tokens after them (e.g. {text_ids}..{text_ids + 5}) "
              f"and model.vocab_size above")
 

@@ -8,8 +8,8 @@ a checkpoint, e.g. ERNIE 4.5 VL on image-caption data, and SFT):
   vision_lr_ratio   VL: the vision tower's learning rate = ratio x lr (ERNIEKit `vit_lr_ratio`, 0.9)
 `FinetuneConfig` is the `finetune` section of the SFT config (`ernie_jax.train.sft_config`):
   method            "full": every Param trains (minus the frozen groups);
-                    "lora": only the LoRA adapters (`nnx.LoRAParam`) train; the base is frozen and
-                    holds no optimizer state (`ernie_jax.model.lora`)
+                    "lora": only the LoRA adapters (`nnx.LoRAParam`) train, minus those inside frozen
+                    groups; the base is frozen and holds no optimizer state (`ernie_jax.model.lora`)
   lora_plus_ratio   LoRA+: the learning rate of the B matrices = ratio x lr (ERNIEKit `lora_plus_scale`;
                     1 = plain LoRA)
   (and the evaluation / sample settings of SFT)
@@ -76,17 +76,17 @@ def group_of(path) -> str:
 
 
 def trained_filter(method: str, groups: GroupsConfig = GroupsConfig()):
-  """The nnx filter of what trains (see the module docstring)."""
-  if method == "lora":
-    return nnx.LoRAParam
+  """The nnx filter of what trains (see the module docstring): every Param ("full") or every LoRAParam ("lora"),
+  minus the frozen groups (with LoRA: the adapters inside them, e.g. none in the vision tower with freeze_vision)."""
+  trained = nnx.LoRAParam if method == "lora" else nnx.Param
   frozen = []
   if groups.freeze_router:
     frozen.append(lambda path, _: group_of(path) == ROUTER)
   if groups.freeze_vision:
     frozen.append(lambda path, _: group_of(path) == VISION)
   if not frozen:
-    return nnx.Param
-  return nnx.All(nnx.Param, nnx.Not(nnx.Any(*frozen)))
+    return trained
+  return nnx.All(trained, nnx.Not(nnx.Any(*frozen)))
 
 
 def group_ratios(groups: GroupsConfig, lora_plus_ratio: float = 1.0) -> dict[str, float]:

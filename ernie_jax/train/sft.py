@@ -14,7 +14,9 @@ What it changes against pretraining:
   optimizer, step, RNG) and name their base by path and content fingerprint (`fingerprint`, a hash of
   every base parameter's bits); resuming against another base is a `CheckpointError`;
 * evaluation: the held-out assistant loss (`eval_loss`) at the start, every `finetune.eval_every`
-  steps and at the end; after the last step one greedy sample answer is printed.
+  steps and at the end; after the last step one greedy sample answer is printed;
+* ERNIE 4.5 VL (model_family="vl"): chats with images and the `VisionLanguage` task
+  (`ernie_jax.train.sft_vl`), through the same step, checkpoints and evaluation.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from ernie_jax.infer.generate import generate
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
 from ernie_jax.model.lora import apply_lora
-from ernie_jax.train import trainer
+from ernie_jax.train import sft_vl, trainer
+from ernie_jax.train.config import TrainConfigError
 from ernie_jax.train.losses import lm_loss_sum
 from ernie_jax.train.param_groups import make_grouped_optimizer, trained_filter
 from ernie_jax.train.sft_config import parse_sft
@@ -93,19 +96,29 @@ class FineTuning(trainer.Pretraining):
   def __init__(self):
     self.base_fingerprint = None
     self.eval_data = None  # the held-out split's counts (`note_heldout`)
+    self.model_cfg = None  # the run's model config (set by `model_config`)
 
   def parse(self, config):
     return parse_sft(config)
 
   def tokenizer(self, cfg, workdir):
+    if cfg.run.model_family == "vl":
+      return sft_vl.load_tokenizer(cfg.data, workdir)
     return load_chat_tokenizer(cfg.data, workdir)
 
   def model_config(self, cfg, ckpt, latest, mesh):
     if cfg.finetune.method != "lora":
-      return trainer.model_config(cfg, ckpt, latest, mesh)
-    # LoRA: checkpoints hold no base, so the base is always loaded (or rebuilt from the seed)
-    base = self.load_base(cfg, mesh)
-    return base.config, AddLora(cfg.lora, cfg.run.seed)(base)
+      model_cfg, model = trainer.model_config(cfg, ckpt, latest, mesh)
+    else:  # LoRA: checkpoints hold no base, so the base is always loaded (or rebuilt from the seed)
+      base = self.load_base(cfg, mesh)
+      model_cfg, model = base.config, AddLora(cfg.lora, cfg.run.seed)(base)
+    if model_cfg.is_vl != (cfg.run.model_family == "vl"):
+      raise TrainConfigError("model_family", f"run.init_from={cfg.run.init_from!r} is "
+                             f"{'a VL' if model_cfg.is_vl else 'a text'} model but model_family="
+                             f"{cfg.run.model_family!r}; set --config.model_family={'vl' if model_cfg.is_vl else 'text'}"
+                             " (and its data section)")
+    self.model_cfg = model_cfg
+    return model_cfg, model
 
   def load_base(self, cfg, mesh):
     """The base model: `run.init_from` (with the config's runtime fields), else `model` initialised from
@@ -123,14 +136,20 @@ class FineTuning(trainer.Pretraining):
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model_cfg.eos_token_id
     trainer.check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
     rows = cfg.run.global_batch_size // jax.process_count()
-    data = make_chat_pipeline(cfg.data, tokenizer, batch_size=rows, process_index=jax.process_index(),
-                              process_count=jax.process_count())
     info = {"tokenizer": getattr(tokenizer, "path", "") or tokenizer.kind, "finetune": cfg.finetune.method,
             "base_fingerprint": self.base_fingerprint}
     what = ("LoRA " + f"rank {cfg.lora.rank}, targets {','.join(cfg.lora.targets)}"
             if cfg.finetune.method == "lora" else "full fine-tuning")
-    lines = [f"data: {cfg.data.paths or 'embedded stdlib Q&A'}, tokenizer {info['tokenizer']}, "
+    embedded = "embedded shapes chats" if model_cfg.is_vl else "embedded stdlib Q&A"
+    lines = [f"data: {cfg.data.paths or embedded}, tokenizer {info['tokenizer']}, "
              f"{cfg.run.global_batch_size * cfg.data.seq_len} tokens/step; {what}"]
+    if model_cfg.is_vl:
+      data, vl_info, line = sft_vl.data(cfg, tokenizer, model_cfg, rows)
+      info.update(vl_info)
+      lines.append(line)
+    else:
+      data = make_chat_pipeline(cfg.data, tokenizer, batch_size=rows, process_index=jax.process_index(),
+                                process_count=jax.process_count())
     return trainer.Setup(data, eos_id, info, lines, tokenizer)
 
   def optimizer(self, cfg, model_cfg):
@@ -180,20 +199,24 @@ class FineTuning(trainer.Pretraining):
 
   def evaluator(self, cfg, setup, graphdef, mesh):
     micro = self.micro_rows(cfg)
-    stats = {}
-    batches = make_chat_eval_batches(cfg.data, setup.tokenizer, batch_size=micro, stats=stats)
+    model_cfg, stats = self.model_cfg, {}
+    if model_cfg.is_vl:
+      batches = sft_vl.eval_batches(cfg.data, setup.tokenizer, model_cfg, batch_size=micro, stats=stats)
+    else:
+      batches = make_chat_eval_batches(cfg.data, setup.tokenizer, batch_size=micro, stats=stats)
     self.note_heldout(cfg, setup, stats, sum(int(b["loss_mask"].any(-1).sum()) for b in batches))
     if cfg.finetune.eval_batches:
       batches = batches[:cfg.finetune.eval_batches]
     if not batches:
       return None
     sharding = batch_sharding(mesh)
+    task = self.task(cfg, model_cfg)  # (its forward pass and LM-loss mask: the VL rows' images, text targets)
 
     @jax.jit
     def sums(state, batch):
       model = nnx.merge(graphdef, state).model
-      out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-      return lm_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
+      out = task.forward(model, batch)
+      return lm_loss_sum(out.logits, batch["targets"], task.lm_mask(batch, model_cfg))
 
     placed = [jax.tree.map(lambda v: v[0], put_batch(b, 1, sharding)) for b in batches]
 
@@ -217,7 +240,17 @@ class FineTuning(trainer.Pretraining):
     summary.update(train_data=dict(counts), **({"eval_data": self.eval_data} if self.eval_data else {}))
     writer.print(f"data: {counts['rows']} training rows; {counts['truncated']} truncated, {counts['dropped']} "
                  f"dropped, {counts['skipped']} skipped (data.seq_len={cfg.data.seq_len})")
+    if "text_only_bound" in setup.info:
+      summary["text_only_bound"] = setup.info["text_only_bound"]
     if not cfg.finetune.sample_tokens:
+      return
+    if self.model_cfg.is_vl:
+      found = sft_vl.sample(cfg, setup, nnx.merge(graphdef, state).model, self.model_cfg)
+      if found is not None:
+        question, answer, expected = found
+        writer.print(f"sample: User: {question}\n        Assistant: {answer}" +
+                     (f"\n        (the data's answer: {expected})" if expected else ""))
+        summary.update(sample_question=question, sample_answer=answer, sample_expected=expected)
       return
     tok = setup.tokenizer
     question = cfg.finetune.sample_prompt or self.sample_question(cfg)

@@ -1,13 +1,15 @@
 """The supervised fine-tuning config (`experiments/sft.py`): the pretraining config's sections
 (`ernie_jax.train.config`: run, model, train, mesh, optim, loss, checkpoint, metrics) with
-  data      ChatDataConfig   chat JSONL / the embedded stdlib Q&A (`ernie_jax.data.sft`)
+  data      ChatDataConfig   chat JSONL / the embedded stdlib Q&A (`ernie_jax.data.sft`); with
+                             model_family="vl": VLChatDataConfig, chats with images / the embedded
+                             shapes chats (`ernie_jax.data.vl_chat`)
   lora      LoraConfig       rank, alpha, rsLoRA, dropout, targets (`ernie_jax.config.lora`); used
                              when finetune.method="lora"
   groups    GroupsConfig     frozen or slower parameter groups (routers, VL vision tower), as in
                              pretraining (`ernie_jax.train.param_groups`)
   finetune  FinetuneConfig   full / LoRA, LoRA+, evaluation, a sample answer
 `run.init_from` names the base model (HF / Paddle / Orbax directory); empty = a randomly initialised
-`model` (the tiny demo). Defaults follow ERNIEKit's SFT recipes (spec §7): AdamW b2 0.95, cosine
+`model` (the tiny demo). model_family="vl" (`default_sft_config(VLConfig)` sets it) fine-tunes ERNIE 4.5 VL. Defaults follow ERNIEKit's SFT recipes (spec §7): AdamW b2 0.95, cosine
 decay, warmup 20, weight decay 0.1; lr 1e-5 for full fine-tuning, 1e-4 for LoRA (set by the configs).
 `parse_sft(config)` builds and validates it; a problem raises `TrainConfigError` naming the field.
 """
@@ -22,6 +24,7 @@ import ml_collections
 
 from ernie_jax.config import LoraConfig, ModelConfig
 from ernie_jax.data.sft import ChatDataConfig
+from ernie_jax.data.vl_chat import VLChatDataConfig
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train import config as config_lib
 from ernie_jax.train.config import (CheckpointConfig, MetricsConfig, PrecisionConfig, RunConfig, TrainConfigError,
@@ -50,15 +53,26 @@ class SFTConfig:
 _SECTIONS = {"train": PrecisionConfig, "mesh": MeshConfig, "data": ChatDataConfig, "optim": OptimConfig,
              "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "lora": LoraConfig,
              "groups": GroupsConfig, "finetune": FinetuneConfig}
+_VL_SECTIONS = {**_SECTIONS, "data": VLChatDataConfig}
+
+
+def sections_for(family: str) -> dict[str, type]:
+  """The config sections of an SFT run of `family` ("text" / "vl": the VL data section)."""
+  return _VL_SECTIONS if family == "vl" else _SECTIONS
 
 
 def default_sft_config(model=None) -> ml_collections.ConfigDict:
-  """Every field with its default (ERNIEKit's SFT defaults); experiment configs change a few."""
+  """Every field with its default (ERNIEKit's SFT defaults); experiment configs change a few. model: a
+  ModelConfig, or a VLConfig (sets model_family="vl" and the VL data section)."""
   c = ml_collections.ConfigDict(dataclasses.asdict(RunConfig()))
   c.workdir = "/tmp/ernie_jax/sft"
   c.steps = 500
-  c.model = config_lib.model_fields(model or ModelConfig.tiny_dense())
-  for name, cls in _SECTIONS.items():
+  if model is not None and model.is_vl:
+    c.model_family = "vl"
+    c.model = config_lib.vl_model_fields(model)
+  else:
+    c.model = config_lib.model_fields(model or ModelConfig.tiny_dense())
+  for name, cls in sections_for(c.model_family).items():
     setattr(c, name, dataclasses.asdict(cls()))
   c.optim.lr = 1e-4
   c.optim.warmup_steps = 20
@@ -106,7 +120,7 @@ def parse_finetune_sections(config: ml_collections.ConfigDict | dict, sections: 
 
 def parse_sft(config: ml_collections.ConfigDict | dict) -> SFTConfig:
   """Typed, validated SFT config (raises TrainConfigError naming the field)."""
-  run, model, parts = parse_finetune_sections(config, _SECTIONS)
+  run, model, parts = parse_finetune_sections(config, sections_for(config.get("model_family", "text")))
   cfg = SFTConfig(run=run, model=model, **parts)
   validate_sft(cfg)
   return cfg
@@ -122,9 +136,7 @@ def validate_sft(c: SFTConfig) -> None:
   _check(ft.eval_every >= 0, "finetune.eval_every", f"must be >= 0, got {ft.eval_every}")
   _check(ft.eval_batches >= 0, "finetune.eval_batches", f"must be >= 0, got {ft.eval_batches}")
   _check(ft.sample_tokens >= 0, "finetune.sample_tokens", f"must be >= 0, got {ft.sample_tokens}")
-  if ft.method == "lora":
-    _check(not (g.freeze_router or g.freeze_vision), "finetune.method",
-           "with LoRA the whole base is frozen already; freeze_router / freeze_vision apply to method='full'")
+  if ft.method == "lora":  # (freeze_router / freeze_vision: no adapter in those groups trains)
     _check(lo.rank > 0, "lora.rank", f"must be > 0, got {lo.rank}")
     _check(getattr(c.model, "fp8_recipe", "none") == "none", "train.precision",
            "FP8 trains every Param; use 'bf16' or 'fp32' with LoRA")
@@ -133,5 +145,23 @@ def validate_sft(c: SFTConfig) -> None:
   _check(d.seq_len <= c.model.max_position_embeddings, "data.seq_len",
          f"{d.seq_len} exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
   if c.model.is_vl:
-    raise TrainConfigError("model_family", "SFT on chat data trains the text models (ModelConfig); VL chat SFT "
-                           "is not supported yet (the VL knobs of `finetune` apply to VL training)")
+    _check(isinstance(d, VLChatDataConfig), "model_family", "model_family='vl' fine-tunes on chats with images "
+           "(experiments/sft.py); preference optimisation of VL models is not supported")
+    validate_vl_data(d, c.model)
+
+
+def validate_vl_data(d: VLChatDataConfig, m) -> None:
+  """The VL chat data layout against the VLConfig (as `config.validate_vl` for image-caption data)."""
+  unit = m.vision.patch_size * m.vision.spatial_merge_size
+  _check(d.image_size > 0 and d.image_size % unit == 0, "data.image_size",
+         f"must be a positive multiple of {unit} (vision patch_size x spatial_merge_size), got {d.image_size}")
+  _check(d.images_per_row >= 1, "data.images_per_row", f"must be >= 1, got {d.images_per_row}")
+  try:
+    d.image_prefix.format(i=1)
+  except (KeyError, IndexError, ValueError):
+    raise TrainConfigError("data.image_prefix", f"must be text with at most the field {{i}} (the image's number), "
+                           f"got {d.image_prefix!r}") from None
+  need = (d.image_size // unit) ** 2 + 2 + 8  # one image with its start / end tokens and a short turn
+  _check(d.seq_len >= need, "data.seq_len", f"{d.seq_len} cannot hold one image of data.image_size={d.image_size} "
+         f"and a turn around it; needs >= {need}")
+  config_lib.check_vl_token_ids(m, d.tokenizer, d.bpe_vocab_size)

@@ -3,7 +3,9 @@ model's buffers after the optimizer step. `ernie_jax.train.step.make_train_step`
 (accumulation, clipping, AdamW, the non-finite guard, sharding) the same way for every task; the model
 class follows from the model config (`ernie_jax.model.model_class`).
 
-The contract (`Task`, a Protocol; SFT / DPO tasks implement the same three methods):
+The contract (`Task`, a Protocol; SFT / DPO tasks implement the same three methods; the built-in LM tasks also
+have `forward(model, batch)` -> the model output on a batch and `lm_mask(batch, model_cfg)` -> the mask of the
+LM-loss targets, which held-out evaluation uses):
   normalisers(rows, cfg) -> dict     constants over the WHOLE batch (all micro-batches, `rows`: every
                                      batch key flattened to [A * b, S, ...]), e.g. token counts, so that
                                      A micro-batches equal one A-times larger batch;
@@ -108,13 +110,21 @@ class TextLM:
       for d in range(cfg.num_mtp_layers)]).astype(jnp.float32) if cfg.num_mtp_layers else None
     return {"lm_count": lm_count, "mtp_counts": mtp_counts}
 
+  @staticmethod
+  def forward(model, batch):
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"])
+
+  @staticmethod
+  def lm_mask(batch, cfg):
+    return batch["loss_mask"]
+
   def loss_fn(self, gdef, rest, grad_accum: int, norms):
     loss_cfg = self.loss
     lm_count, mtp_counts = norms["lm_count"], norms["mtp_counts"]
 
     def loss_fn(params, micro):
       model = merge_here(gdef, params, rest)
-      out = model(micro["inputs"], micro["positions"], micro["segment_ids"])
+      out = self.forward(model, micro)
       lm_sum, _ = lm_loss_sum(out.logits, micro["targets"], micro["loss_mask"])
       lm = lm_sum / lm_count
       total, aux = lm, {"lm_loss": lm}
@@ -171,18 +181,21 @@ class VisionLanguage:
     return {"lm_count": jnp.maximum(jnp.sum(self.lm_mask(rows, cfg)), 1.0),
             "balance": float(rows["inputs"].size)}  # token_balance_seqlen: rows x seq of the batch
 
+  def forward(self, model, batch):
+    """The model on a batch of rows: pixel_values [rows, slots * patches, C*p*p], each row's image slots merged
+    into that row's placeholders (an unused slot -- zeros -- changes nothing, see `lm_vl.merge_embeddings`)."""
+    grid = self.image_grid
+    pixels = batch["pixel_values"]
+    images = pixels.shape[0] * pixels.shape[1] // (grid[0] * grid[1] * grid[2])  # every slot of every row
+    return model(batch["inputs"], positions=batch["positions"], token_types=batch["token_types"],
+                 segment_ids=batch["segment_ids"], pixel_values=pixels, image_grid_thw=(grid,) * images)
+
   def loss_fn(self, gdef, rest, grad_accum: int, norms):
     loss_cfg = self.loss
-    grid = self.image_grid
-    patches = grid[0] * grid[1] * grid[2]
 
     def loss_fn(params, micro):
       model = merge_here(gdef, params, rest)
-      pixels = micro["pixel_values"]  # [rows, images_per_row * patches, C*p*p]
-      pixels = pixels.reshape(-1, pixels.shape[-1])
-      out = model(micro["inputs"], positions=micro["positions"], token_types=micro["token_types"],
-                  segment_ids=micro["segment_ids"], pixel_values=pixels,
-                  image_grid_thw=(grid,) * (pixels.shape[0] // patches))
+      out = self.forward(model, micro)
       lm = vl_losses.token_balanced_lm_loss(out.logits, micro["targets"], self.lm_mask(micro, model.config),
                                             norms["balance"], count=norms["lm_count"])
       total, aux = lm, {"lm_loss": lm}

@@ -42,9 +42,17 @@ class VLOutput:
 
 
 def merge_embeddings(x: jax.Array, tokens: jax.Array, features: jax.Array, token_id: int) -> jax.Array:
-  """Replace x[b, s] where tokens[b, s] == token_id by the next row of `features` (row-major order
-  over the batch, like the reference's masked_scatter)."""
+  """Replace x[b, s] where tokens[b, s] == token_id by the next row of `features`.
+
+  features [M, H]: one sequence for the whole batch, taken in row-major order over the batch (like the
+  reference's masked_scatter). features [B, M, H]: per row -- row b's k-th placeholder takes features[b, k]
+  (rows with a fixed number of image slots: rows that use fewer slots leave their trailing features unused,
+  so an unused slot never shifts another row's images)."""
   mask = tokens == token_id
+  if features.ndim == 3:
+    idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, features.shape[1] - 1)
+    rows = jnp.take_along_axis(features.astype(x.dtype), idx[..., None], axis=1)
+    return jnp.where(mask[..., None], rows, x)
   idx = jnp.cumsum(mask.reshape(-1)) - 1
   rows = jnp.take(features.astype(x.dtype), jnp.clip(idx, 0, features.shape[0] - 1), axis=0)
   return jnp.where(mask[..., None], rows.reshape(x.shape), x)
@@ -82,6 +90,16 @@ class Ernie45VLForConditionalGeneration(DecoderLM):
     """Patches [N, C*p*p] of images / videos with static grids -> LM embeddings [M, hidden]."""
     return self.resampler(self.vision_model(pixel_values, grid_thw), grid_thw)
 
+  def _encode(self, pixels: jax.Array, grid_thw: Grid, rows: int) -> jax.Array:
+    """`encode_vision` of pixels [N, C*p*p] -> [M, hidden], or of per-row pixels [B, N_b, C*p*p] (grid_thw: the
+    grids of all rows' images in order) -> [B, M_b, hidden] (merged per row, see `merge_embeddings`)."""
+    if pixels.ndim != 3:
+      return self.encode_vision(pixels, grid_thw)
+    if pixels.shape[0] != rows:
+      raise ValueError(f"per-row pixel values [B, N, C*p*p] need B = the batch size {rows}, got {pixels.shape}")
+    feats = self.encode_vision(pixels.reshape(-1, pixels.shape[-1]), grid_thw)
+    return feats.reshape(rows, -1, feats.shape[-1])
+
   def vision_mask(self, tokens: jax.Array) -> jax.Array:
     """Tokens the MoE routes to the vision experts: placeholders and image/video start/end tokens."""
     return jnp.isin(tokens, jnp.asarray(self.config.vision_token_ids, tokens.dtype))
@@ -104,7 +122,10 @@ class Ernie45VLForConditionalGeneration(DecoderLM):
       token as text and skips the vision experts (generated tokens).
     pixel_values / pixel_values_videos with their static grids (tuples of (t, h, w)), or
       precomputed image_embeds / video_embeds [M, hidden]: written over the image / video
-      placeholder tokens in order.
+      placeholder tokens in order. Per row instead: pixel values [B, N_b, C*p*p] (every row the same
+      number of image slots; the grids list all B rows' slots in order) or embeds [B, M_b, hidden] --
+      row b's placeholders take row b's features in order and unused trailing slots are ignored
+      (training rows with a fixed image budget, `ernie_jax.data.vl_chat`).
     cache / cache_positions [B, S]: KV cache from `init_cache` and the cache slot of each token.
     """
     c = self.config
@@ -121,11 +142,11 @@ class Ernie45VLForConditionalGeneration(DecoderLM):
       raise ValueError(f"positions must be [batch, seq, 3] (t, h, w), got {positions.shape}")
     x = self.embed_tokens(tokens)
     if pixel_values is not None:
-      image_embeds = self.encode_vision(pixel_values, image_grid_thw)
+      image_embeds = self._encode(pixel_values, image_grid_thw, b)
     if image_embeds is not None:
       x = merge_embeddings(x, tokens, image_embeds, c.image_token_id)
     if pixel_values_videos is not None:
-      video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw)
+      video_embeds = self._encode(pixel_values_videos, video_grid_thw, b)
     if video_embeds is not None:
       x = merge_embeddings(x, tokens, video_embeds, c.video_token_id)
     x = constrain(x, ("batch", "length", "act_embed"), self.sharding_rules)
