@@ -38,6 +38,11 @@ def export(workdir: str, output: str, *, format: str = "hf", step: int | None = 
     if lora_config(trained.model) is None:
       raise CheckpointError(f"{workdir} is a {trained.kind} run: it has no LoRA adapter to export "
                             "(use --format hf or orbax)")
+    if trained.moved_buffers:  # (a peft adapter holds LoRA weights only: the base's buffers would revert)
+      more = f" and {len(trained.moved_buffers) - 1} more" if len(trained.moved_buffers) > 1 else ""
+      raise CheckpointError(f"{workdir}: the run changed {trained.moved_buffers[0]}{more} (the MoE correction "
+                            "bias of aux-loss-free balancing), which a peft adapter cannot carry: export the merged "
+                            "model (--format hf or orbax), or train LoRA with --config.loss.bias_update_lr=0")
     report["adapter_config"] = save_peft_adapter(trained.model, output, base_model_name_or_path=trained.base,
                                                  overwrite=overwrite)
     return report

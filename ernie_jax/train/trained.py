@@ -20,10 +20,12 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
+from ernie_jax.model.state import path_str
 from ernie_jax.parallel import MeshConfig, make_mesh
 from ernie_jax.train.checkpoint import Checkpointer
 from ernie_jax.train.dpo_config import parse_dpo
@@ -39,6 +41,7 @@ class Trained:
   base: str  # the run's init_from ("" = random initialisation)
   tokenizer_dir: str | None
   config: dict[str, Any]  # the run's config (as saved with the checkpoint)
+  moved_buffers: tuple[str, ...] = ()  # LoRA runs: base buffers the run changed (the MoE correction bias)
 
 
 def _tokenizer_dir(workdir: str, data_cfg: dict) -> str | None:
@@ -76,6 +79,10 @@ def load_trained(workdir: str, step: int | None = None, *, mesh=None) -> Trained
     _, model = recipe.model_config(cfg, ckpt, None, mesh)  # the base with LoRA applied
     recipe.check_resume(cfg, meta, ckpt)  # the same base the adapters were trained on (fingerprint)
     _, held = nnx.split_state(nnx.State({"model": nnx.state(model)}), is_frozen_base, ...)
+    base_buffers = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(held["model"])
+                    if not isinstance(v, nnx.LoRAParam)}
     restored = ckpt.restore_model(step, held["model"])
+    moved = tuple(sorted(path_str(p) for p, v in nnx.to_flat_state(restored)
+                         if p in base_buffers and not np.array_equal(np.asarray(v.get_value()), base_buffers[p])))
     nnx.update(model, restored)
-    return Trained(model, step, "lora", base, tokenizer_dir, config)
+    return Trained(model, step, "lora", base, tokenizer_dir, config, moved)

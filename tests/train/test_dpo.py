@@ -19,7 +19,10 @@ from ernie_jax.config import LoraConfig, ModelConfig
 from ernie_jax.data import DataError, stdlib_qa
 from ernie_jax.data.preference import PreferenceDataConfig, make_preference_pipeline
 from ernie_jax.data.tokenizers import get_tokenizer
+from ernie_jax.interop.peft import load_peft_adapter
 from ernie_jax.interop.safetensors_io import CheckpointError
+from ernie_jax.model import model_class
+from ernie_jax.model.lora import merge_lora
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train.config import TrainConfigError
 from ernie_jax.train.dpo import PreferenceTuning
@@ -33,7 +36,7 @@ from ernie_jax.train.step import (abstract_train_state, batch_sharding, build_me
                                   make_train_step, put_batch)
 from ernie_jax.train.trained import load_trained
 from ernie_jax.train.trainer import train
-from tests.helpers import REPO_ROOT, rel, run_config
+from tests.helpers import REPO_ROOT, flat_arrays, rel, run_config
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 from configs import dpo_tiny  # noqa: E402
@@ -94,6 +97,15 @@ def test_reference_modes_start_at_log2_and_agree(tmp_path, xla_cache, method):
   assert trained.kind == method and trained.step == 3
   assert export_cli.main(["--workdir", str(tmp_path / modes[0]), "--output", str(tmp_path / "hf")]) == 0
   assert (tmp_path / "hf" / "model.safetensors").exists() or any((tmp_path / "hf").glob("*.safetensors"))
+  if method == "lora":  # its adapter in peft's format, loaded back onto the (seeded) base: the same merged model
+    assert export_cli.main(["--workdir", str(tmp_path / modes[0]), "--output", str(tmp_path / "peft"),
+                            "--format", "peft"]) == 0
+    cfg = trained.model.config
+    base = load_peft_adapter(model_class(cfg)(cfg, rngs=nnx.Rngs(0)), tmp_path / "peft")
+    want, got = flat_arrays(nnx.state(merge_lora(trained.model))), flat_arrays(nnx.state(merge_lora(base)))
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 MOE = ModelConfig.tiny_moe(num_hidden_layers=2, moe_layer_start_index=1, moe_num_experts=8, moe_k=2,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ernie_jax.cli import export as export_cli
 from ernie_jax.data import ByteTokenizer
 from ernie_jax.data.vl_chat import VLChatDataConfig, make_vl_chat_eval_batches
 from ernie_jax.interop.safetensors_io import CheckpointError
@@ -120,7 +121,7 @@ def test_vl_lora_trains_only_adapters_resumes_and_refuses_another_base(tmp_path,
   run's mesh): three steps on VL chat batches move every adapter (attention, text and vision experts, resampler)
   and nothing of the base, whose parameters hold no optimizer state. Then the same run through `train` (its step
   comes from the compilation cache): resumed from a checkpoint it repeats the losses, against another base it is
-  refused, and the workdir loads for export."""
+  refused, and its peft export is refused (the correction bias moved, an adapter cannot carry it)."""
   from ernie_jax.train.trained import load_trained
 
   run = tmp_path / "lora"
@@ -166,6 +167,10 @@ def test_vl_lora_trains_only_adapters_resumes_and_refuses_another_base(tmp_path,
   assert "\n" not in str(e.value)
   trained = load_trained(str(run))
   assert trained.kind == "lora" and trained.step == 4 and trained.model.config.is_vl
+  # the run moved the MoE correction bias (aux-loss-free balancing), which a peft adapter cannot carry
+  with pytest.raises(CheckpointError, match=r"changed groups/1/.*correction_bias.*cannot carry.*--format hf"):
+    export_cli.export(str(run), str(tmp_path / "adapter"), format="peft")
+  assert not (tmp_path / "adapter").exists()
 
 
 def test_shipped_vl_configs_parse_and_bad_vl_fields_are_named():
