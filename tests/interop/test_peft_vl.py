@@ -22,12 +22,12 @@ from ernie_jax.config.lora import LoraConfig
 from ernie_jax.interop import convert
 from ernie_jax.interop import peft_format as pf
 from ernie_jax.interop.peft import load_peft_adapter, save_peft_adapter
-from ernie_jax.model.lora import apply_lora, lora_config
+from ernie_jax.model.lora import lora_config
 from ernie_jax.model.state import flat_state
 from ernie_jax.model.vl import forward
 from tests import vl_reference as ref
 from tests.helpers import rel
-from tests.interop.test_peft import read_adapter
+from tests.interop.test_peft import lora_model, read_adapter
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -88,19 +88,6 @@ def peft_made(base):
     pm.save_pretrained(str(base["dir"] / case))
     out[case] = (str(base["dir"] / case), hf_logits(pm))
   return out
-
-
-def lora_model(base_dir, lcfg, seed=1):
-  """Our model of `base_dir` with LoRA `lcfg` whose A and B are random and non-zero."""
-  model = ernie_jax.from_pretrained(base_dir)
-  apply_lora(model, lcfg, rngs=nnx.Rngs(seed))
-  rng = np.random.RandomState(seed)
-  state = nnx.state(model)
-  for p, v in flat_state(state).items():
-    if p.endswith(("_lora_a", "_lora_b")):
-      v.set_value(jnp.asarray(rng.normal(0, 0.1, v.shape).astype(np.float32)))
-  nnx.update(model, state)
-  return model
 
 
 def zeroed(model, part: str):
