@@ -54,6 +54,9 @@ from ernie_jax.train.workdir import WorkdirLock
 # ModelConfig fields that may differ from the checkpoint being resumed / initialised from: they
 # change how the model computes, not which parameters it has.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "moe_transport", "moe_capacity_factor")
+#: the data's reference losses a run's summary repeats from `Setup.info` (the unigram entropy of text data; the loss a
+#: model that ignores the images cannot beat, for VL data)
+SUMMARY_BOUNDS = ("unigram_entropy", "text_only_bound")
 # FP8 fields: taken from the config for `init_from` (the FP8 scaling state starts fresh, or from the
 # checkpoint's when it has one), but they must match a checkpoint being resumed (they add state).
 FP8_FIELDS = ("fp8_recipe", "fp8_history_len", "fp8_margin")
@@ -461,7 +464,7 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
     summary = {"step": step, "preempted": preempted, "resumed_from": latest, "last_checkpoint": last_saved,
                "loss": last_metrics.get("loss"), "lm_loss": last_metrics.get("lm_loss"),
                "tokens_per_sec": last_metrics.get("tokens_per_sec"), "mfu": last_metrics.get("mfu"),
-               **{k: v for k, v in setup.info.items() if k == "unigram_entropy"}, **first_eval, **last_eval,
+               **{k: v for k, v in setup.info.items() if k in SUMMARY_BOUNDS}, **first_eval, **last_eval,
                "workdir": workdir}
     if not preempted:
       with jax.set_mesh(mesh):
