@@ -388,10 +388,11 @@ def padded_batches(examples: CountedExamples, pad, batch_size: int, stats: dict 
   return batches
 
 
-def describe_heldout(cfg: ChatDataConfig, stats: dict, usable: int, what: str = "conversations") -> str:
-  """The start-up line for a held-out split whose counts are `stats` ({"rows", "truncated", "dropped", "skipped"})
-  and of which `usable` examples are evaluated; a DataError naming the split and `data.seq_len` when it has rows
+def describe_heldout(cfg: ChatDataConfig, stats: dict, what: str = "conversations") -> str:
+  """The start-up line for a held-out split whose counts are `stats` ({"rows", "truncated", "dropped", "skipped"}; the
+  rows neither dropped nor skipped are evaluated); a DataError naming the split and `data.seq_len` when it has rows
   but none is usable (so no evaluation would run at all)."""
+  usable = stats["rows"] - stats["dropped"] - stats["skipped"]
   where = (f"data.eval_paths ({cfg.eval_paths})" if cfg.eval_paths else
            f"the held-out split (data.eval_fraction={cfg.eval_fraction} of data.paths)" if cfg.paths else
            "the embedded held-out split")

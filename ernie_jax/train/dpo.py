@@ -204,7 +204,7 @@ class PreferenceTuning(FineTuning):
     stats = {}
     batches, indices = preference_pair_batches(cfg.data, setup.tokenizer, batch_size=micro, split="heldout",
                                                stats=stats)
-    self.note_heldout(cfg, setup, stats, sum(int((idx >= 0).sum()) for idx in indices), "pairs")
+    self.note_heldout(cfg, setup, stats, "pairs")
     if cfg.finetune.eval_batches:
       batches, indices = batches[:cfg.finetune.eval_batches], indices[:cfg.finetune.eval_batches]
     if not batches:

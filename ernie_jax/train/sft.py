@@ -204,7 +204,7 @@ class FineTuning(trainer.Pretraining):
       batches = sft_vl.eval_batches(cfg.data, setup.tokenizer, model_cfg, batch_size=micro, stats=stats)
     else:
       batches = make_chat_eval_batches(cfg.data, setup.tokenizer, batch_size=micro, stats=stats)
-    self.note_heldout(cfg, setup, stats, sum(int(b["loss_mask"].any(-1).sum()) for b in batches))
+    self.note_heldout(cfg, setup, stats)
     if cfg.finetune.eval_batches:
       batches = batches[:cfg.finetune.eval_batches]
     if not batches:
@@ -227,12 +227,12 @@ class FineTuning(trainer.Pretraining):
 
     return evaluate
 
-  def note_heldout(self, cfg, setup, stats: dict, usable: int, what: str = "conversations") -> None:
+  def note_heldout(self, cfg, setup, stats: dict, what: str = "conversations") -> None:
     """Checks the held-out split (an error when nothing in it can be evaluated) and adds its start-up line and
     its counts (`summary["eval_data"]`); nothing when there is no held-out split (`stats` empty)."""
     if not stats:
       return
-    setup.lines.append(describe_heldout(cfg.data, stats, usable, what))
+    setup.lines.append(describe_heldout(cfg.data, stats, what))
     self.eval_data = dict(stats)
 
   def finish(self, cfg, setup, graphdef, state, summary, writer):
@@ -240,8 +240,6 @@ class FineTuning(trainer.Pretraining):
     summary.update(train_data=dict(counts), **({"eval_data": self.eval_data} if self.eval_data else {}))
     writer.print(f"data: {counts['rows']} training rows; {counts['truncated']} truncated, {counts['dropped']} "
                  f"dropped, {counts['skipped']} skipped (data.seq_len={cfg.data.seq_len})")
-    if "text_only_bound" in setup.info:
-      summary["text_only_bound"] = setup.info["text_only_bound"]
     if not cfg.finetune.sample_tokens:
       return
     if self.model_cfg.is_vl:
