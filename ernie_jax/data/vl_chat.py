@@ -94,24 +94,33 @@ class VLChatDataConfig(ChatDataConfig):
   image_prefix: str = "Picture {i}:"
 
 
-def validate_vl(cfg: VLChatDataConfig, vl_cfg) -> None:
-  """A one-line DataError naming the first bad VL field (the text fields: `sft.validate`)."""
-  validate(cfg)
+def vl_layout_problem(cfg: VLChatDataConfig, vl_cfg) -> tuple[str, str] | None:
+  """(field, what is wrong) for the first bad image-layout field of `cfg` against the VLConfig, else None (the
+  config check `sft_config.validate_vl_data` and the data check `validate_vl` share it)."""
   unit = vl_cfg.vision.patch_size * vl_cfg.vision.spatial_merge_size
   if not isinstance(cfg.image_size, int) or cfg.image_size <= 0 or cfg.image_size % unit:
-    raise DataError(f"data.image_size must be a positive multiple of {unit} (vision patch_size x spatial_merge_size),"
-                    f" got {cfg.image_size!r}")
+    return "data.image_size", (f"must be a positive multiple of {unit} (vision patch_size x spatial_merge_size), "
+                               f"got {cfg.image_size!r}")
   if not isinstance(cfg.images_per_row, int) or cfg.images_per_row < 1:
-    raise DataError(f"data.images_per_row must be an integer >= 1, got {cfg.images_per_row!r}")
+    return "data.images_per_row", f"must be an integer >= 1, got {cfg.images_per_row!r}"
   try:
     cfg.image_prefix.format(i=1)
   except (KeyError, IndexError, ValueError, AttributeError):
-    raise DataError(f"data.image_prefix must be text with at most the field {{i}} (the image's number), got "
-                    f"{cfg.image_prefix!r}") from None
+    return "data.image_prefix", f"must be text with at most the field {{i}} (the image's number), got " \
+                                f"{cfg.image_prefix!r}"
   tokens = tokens_per_grid(image_grid(vl_cfg, cfg.image_size), False, vl_cfg.vision) + 2  # + start / end
   if cfg.seq_len < tokens + 8:
-    raise DataError(f"data.seq_len={cfg.seq_len} cannot hold one image of data.image_size={cfg.image_size} "
-                    f"({tokens} tokens) and a turn around it; needs >= {tokens + 8}")
+    return "data.seq_len", (f"{cfg.seq_len} cannot hold one image of data.image_size={cfg.image_size} ({tokens} "
+                            f"tokens) and a turn around it; needs >= {tokens + 8}")
+  return None
+
+
+def validate_vl(cfg: VLChatDataConfig, vl_cfg) -> None:
+  """A one-line DataError naming the first bad VL field (the text fields: `sft.validate`)."""
+  validate(cfg)
+  problem = vl_layout_problem(cfg, vl_cfg)
+  if problem is not None:
+    raise DataError(f"{problem[0]} {problem[1]}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import ml_collections
 
 from ernie_jax.config import LoraConfig, ModelConfig
 from ernie_jax.data.sft import ChatDataConfig
-from ernie_jax.data.vl_chat import VLChatDataConfig
+from ernie_jax.data.vl_chat import VLChatDataConfig, vl_layout_problem
 from ernie_jax.parallel import MeshConfig
 from ernie_jax.train import config as config_lib
 from ernie_jax.train.config import (CheckpointConfig, MetricsConfig, PrecisionConfig, RunConfig, TrainConfigError,
@@ -152,16 +152,7 @@ def validate_sft(c: SFTConfig) -> None:
 
 def validate_vl_data(d: VLChatDataConfig, m) -> None:
   """The VL chat data layout against the VLConfig (as `config.validate_vl` for image-caption data)."""
-  unit = m.vision.patch_size * m.vision.spatial_merge_size
-  _check(d.image_size > 0 and d.image_size % unit == 0, "data.image_size",
-         f"must be a positive multiple of {unit} (vision patch_size x spatial_merge_size), got {d.image_size}")
-  _check(d.images_per_row >= 1, "data.images_per_row", f"must be >= 1, got {d.images_per_row}")
-  try:
-    d.image_prefix.format(i=1)
-  except (KeyError, IndexError, ValueError):
-    raise TrainConfigError("data.image_prefix", f"must be text with at most the field {{i}} (the image's number), "
-                           f"got {d.image_prefix!r}") from None
-  need = (d.image_size // unit) ** 2 + 2 + 8  # one image with its start / end tokens and a short turn
-  _check(d.seq_len >= need, "data.seq_len", f"{d.seq_len} cannot hold one image of data.image_size={d.image_size} "
-         f"and a turn around it; needs >= {need}")
+  problem = vl_layout_problem(d, m)
+  if problem is not None:
+    raise TrainConfigError(*problem)
   config_lib.check_vl_token_ids(m, d.tokenizer, d.bpe_vocab_size)
