@@ -28,6 +28,7 @@ import sys
 
 import jax
 
+from ernie_jax.cli.train_main import root_message
 from ernie_jax.config.base import REMATS
 from ernie_jax.parallel import MESH_AXES, ShardingError
 from ernie_jax.train.config import TrainConfigError
@@ -221,7 +222,7 @@ def main(argv=None) -> None:
   except PlanError as e:
     _fail(str(e), 2)
   except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
-    _fail(f"{_root_message(e)} (see --help)", 2)
+    _fail(f"{root_message(e)} (see --help)", 2)
   try:
     lines = plan(config, fv["config"].config_filename, fv.devices, fv["device-memory"].value, fv.margin, fv.top,
                  fv.remat, fv.compile)
@@ -230,13 +231,6 @@ def main(argv=None) -> None:
   except (TrainConfigError, ShardingError, ValueError) as e:
     _fail(str(e), 1)
   print("\n".join(lines), flush=True)
-
-
-def _root_message(e: BaseException) -> str:
-  while e.args and isinstance(e.args[0], BaseException):
-    e = e.args[0]
-  msg = str(e.args[0]) if e.args else str(e)
-  return " ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 
 def _fail(message: str, status: int) -> None:

@@ -35,7 +35,7 @@ def _flat_fields(tree, prefix: str = "") -> list[str]:
   return out
 
 
-def _root_message(e: BaseException) -> str:
+def root_message(e: BaseException) -> str:
   """The innermost message of a flag-parsing error, on one line (ml-collections nests the original
   KeyError inside an AttributeError inside the flag error)."""
   while e.args and isinstance(e.args[0], BaseException):
@@ -59,7 +59,7 @@ def flags_parser(doc: str, default_config: Callable) -> Callable[[list[str]], li
       return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
       unknown = "unknown config field " if isinstance(e.__cause__ or e.__context__, (AttributeError, KeyError)) else ""
-      print(f"error: {unknown}{_root_message(e)} (see --help for the config fields)", file=sys.stderr, flush=True)
+      print(f"error: {unknown}{root_message(e)} (see --help for the config fields)", file=sys.stderr, flush=True)
       sys.exit(2)
 
   return parse
