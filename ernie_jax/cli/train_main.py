@@ -7,8 +7,12 @@ config file, override or run failure, and a `--help` that lists every config fie
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Callable
+
+import jax
 
 from ernie_jax.data import DataError
 from ernie_jax.data.tokenizers import TokenizerError
@@ -88,16 +92,34 @@ def main_for(recipe, script: str, example: str, config_flag) -> Callable[[list[s
     try:
       train(config, recipe)
     except RUN_ERRORS as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(1)
+      fail(f"error: {e}", 1)
     except PermissionError as e:  # a read-only workdir / output directory
-      print(f"error: {e.strerror}: {e.filename} (choose a writable --config.workdir)", file=sys.stderr, flush=True)
-      sys.exit(1)
+      fail(f"error: {e.strerror}: {e.filename} (choose a writable --config.workdir)", 1)
     except KeyboardInterrupt:  # Ctrl-C before the training loop (during start-up): nothing to save
-      print("interrupted during start-up; nothing saved", file=sys.stderr, flush=True)
-      sys.exit(130)
+      fail("interrupted during start-up; nothing saved", 130)
+    except Exception:  # noqa: BLE001 -- a bug: its traceback, and with several processes no hang (see `fail`)
+      if not _several_processes():
+        raise
+      fail(traceback.format_exc().rstrip(), 1)
 
   return main
+
+
+def _several_processes() -> bool:
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def fail(message: str, code: int) -> None:
+  """Print `message` (prefixed with the process index when there are several) and exit with `code`. With
+  several processes the exit is immediate (`os._exit`): a normal exit would wait at JAX's shutdown barrier for
+  processes that are themselves waiting for this one in a collective, and all would hang; this way the
+  coordination service sees the process gone and stops the others within `distributed.heartbeat_timeout`."""
+  if _several_processes():
+    print(f"[process {jax.process_index()}] {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 def run(recipe, doc: str, default_config: Callable, script: str, example: str) -> None:

@@ -5,10 +5,10 @@
 `ernie_jax.data.vl.VLDataPipeline` for `VL_SOURCES`; `load_tokenizer_for` and `unigram_entropy`
 dispatch the same way. (`data.vl` does not import this module, so there is no cycle.)
 
-The text pipeline (grain): source -> per-process shard -> shuffle -> repeat -> tokenize -> pack ->
+The text pipeline (grain): source -> data shard -> shuffle -> repeat -> tokenize -> pack ->
 batch, deterministic and checkpointable (`ernie_jax.data.iterator.GrainIterator`: the position is
 a JSON dict saved with every checkpoint). Each process reads a disjoint slice of the documents
-(index i goes to process i % process_count) and yields its own rows of the global batch.
+(index i goes to shard i % shard_count, see `ernie_jax.data.shards`) and yields its rows of the global batch.
 """
 
 from __future__ import annotations
@@ -117,18 +117,18 @@ def resolve_eos(cfg: DataConfig, tokenizer: Tokenizer | None, model_eos: int) ->
 
 
 class DataPipeline(GrainIterator):
-  """Iterator over this process's rows of each global batch: dicts of int32 [rows, seq_len]."""
+  """Iterator over one data shard's rows of each global batch: dicts of int32 [rows, seq_len]."""
 
   def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None, *, batch_size: int, eos_id: int,
-               process_index: int = 0, process_count: int = 1):
+               shard_index: int = 0, shard_count: int = 1):
     self.cfg, self.tokenizer, self.eos_id = cfg, tokenizer, eos_id
     self.source = build_source(cfg, eos_id, decode=is_text_tokenizer(tokenizer))
     ds = grain.MapDataset.source(self.source)
     if cfg.max_documents:
       ds = ds[:cfg.max_documents]
-    ds = ds[process_index::process_count]
+    ds = ds[shard_index::shard_count]
     if len(ds) == 0:
-      raise sources.DataError(f"process {process_index} of {process_count} got no documents "
+      raise sources.DataError(f"data shard {shard_index} of {shard_count} (run.data_shards) got no documents "
                               f"({len(self.source)} in total)")
     self.num_documents = len(ds)
     if cfg.shuffle:
@@ -154,7 +154,7 @@ class DataPipeline(GrainIterator):
 def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer | None, model_cfg=None, **kw) -> GrainIterator:
   """The pipeline of `cfg.source`: `DataPipeline` (text), or `ernie_jax.data.vl.VLDataPipeline`
   (image-caption sources; needs the VLConfig `model_cfg` for its special tokens and patch sizes).
-  kw: batch_size, eos_id, process_index, process_count."""
+  kw: batch_size, eos_id, shard_index, shard_count."""
   if cfg.source in VL_SOURCES:
     return vl.VLDataPipeline(cfg, tokenizer, model_cfg, **kw)
   return DataPipeline(cfg, tokenizer, **kw)

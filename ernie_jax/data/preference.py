@@ -405,8 +405,8 @@ def _check_ref(ref_logps, n: int) -> np.ndarray:
 class PreferencePipeline(ExamplePipeline):
   """Iterator over this process's rows of each global batch (the row layout of the module docstring)."""
 
-  def __init__(self, cfg: PreferenceDataConfig, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
-               process_count: int = 1, ref_logps: np.ndarray | None = None):
+  def __init__(self, cfg: PreferenceDataConfig, tokenizer: Tokenizer, *, batch_size: int, shard_index: int = 0,
+               shard_count: int = 1, ref_logps: np.ndarray | None = None):
     validate(cfg)
     if batch_size < 1:
       raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -414,10 +414,10 @@ class PreferencePipeline(ExamplePipeline):
     self.renderer = _renderer(cfg, tokenizer)
     rows = train_rows(cfg)
     ref = None if ref_logps is None else _check_ref(ref_logps, len(rows))
-    mine = np.arange(len(rows))[process_index::process_count]
+    mine = np.arange(len(rows))[shard_index::shard_count]
     rows = Subset(rows, mine)
     if len(rows) == 0:
-      raise DataError(f"process {process_index} of {process_count} got no training pairs")
+      raise DataError(f"data shard {shard_index} of {shard_count} (run.data_shards) got no training pairs")
     self.examples = PairExamples(rows, self.renderer, cfg.seq_len, cfg.overlong, None if ref is None else ref[mine])
     self.examples.check_usable()
     it = example_stream(self.examples, cfg, batch_size)
@@ -434,14 +434,14 @@ class PreferencePipeline(ExamplePipeline):
 
 
 def make_preference_pipeline(cfg: PreferenceDataConfig, tokenizer: Tokenizer, *, batch_size: int,
-                             process_index: int = 0, process_count: int = 1,
+                             shard_index: int = 0, shard_count: int = 1,
                              ref_logps: np.ndarray | None = None) -> PreferencePipeline:
-  """The DPO training iterator: rows -> shard (row i to process i % process_count) -> shuffle (reshuffled every
+  """The DPO training iterator: rows -> data shard (row i to shard i % shard_count) -> shuffle (reshuffled every
   epoch) -> repeat -> render -> pack / pad pairs -> batch; deterministic, checkpointable (get_state / set_state).
   `ref_logps` [num_train_pairs(cfg), 2]: reference log-probs per training row, placed as "ref_logps" (see the
   module docstring)."""
-  return PreferencePipeline(cfg, tokenizer, batch_size=batch_size, process_index=process_index,
-                            process_count=process_count, ref_logps=ref_logps)
+  return PreferencePipeline(cfg, tokenizer, batch_size=batch_size, shard_index=shard_index,
+                            shard_count=shard_count, ref_logps=ref_logps)
 
 
 def preference_pair_batches(cfg: PreferenceDataConfig, tokenizer: Tokenizer, *, batch_size: int,

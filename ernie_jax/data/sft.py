@@ -1,7 +1,7 @@
 """The SFT data config and pipelines: chat JSONL (or the embedded stdlib Q&A) -> packed or padded training rows.
 
 `ChatDataConfig` is the `data` section of an SFT config. `make_chat_pipeline` is the training iterator (grain, like
-the pretraining `DataPipeline`): rows -> per-process shard (row i goes to process i % process_count) -> shuffle
+the pretraining `DataPipeline`): rows -> data shard (row i goes to shard i % shard_count, `ernie_jax.data.shards`) -> shuffle
 (seeded, reshuffled every epoch) -> repeat -> render + tokenize (`ernie_jax.data.chat_template`) -> pack or pad ->
 batch; deterministic and checkpointable (`get_state()` / `set_state()` JSON dicts, `ernie_jax.data.iterator`).
 `make_chat_eval_batches` is one pass over the held-out split, one conversation per padded row, in file order.
@@ -315,8 +315,8 @@ class ChatPipeline(ExamplePipeline):
   Subclasses (`ernie_jax.data.vl_chat.VLChatPipeline`) change the renderer, rows, examples and row layout through
   `make_renderer`, `rows`, `make_examples` and `to_rows`."""
 
-  def __init__(self, cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int, shard_index: int = 0,
+               shard_count: int = 1):
     validate(cfg)
     if batch_size < 1:
       raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -325,9 +325,9 @@ class ChatPipeline(ExamplePipeline):
     rows = self.rows()
     if cfg.max_examples:
       rows = Subset(rows, np.arange(min(cfg.max_examples, len(rows))))
-    rows = Subset(rows, np.arange(len(rows))[process_index::process_count])
+    rows = Subset(rows, np.arange(len(rows))[shard_index::shard_count])
     if len(rows) == 0:
-      raise DataError(f"process {process_index} of {process_count} got no training conversations")
+      raise DataError(f"data shard {shard_index} of {shard_count} (run.data_shards) got no training conversations")
     self.examples = self.make_examples(rows)
     self.examples.check_usable()
     it = self.to_rows(example_stream(self.examples, cfg, batch_size))
@@ -353,11 +353,11 @@ class ChatPipeline(ExamplePipeline):
                                                       seed=cfg.seed, shuffle_bins=cfg.shuffle).map(_canonical)
 
 
-def make_chat_pipeline(cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
-                       process_count: int = 1) -> ChatPipeline:
+def make_chat_pipeline(cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int, shard_index: int = 0,
+                       shard_count: int = 1) -> ChatPipeline:
   """The SFT training iterator (see `ChatPipeline` and the module docstring)."""
-  return ChatPipeline(cfg, tokenizer, batch_size=batch_size, process_index=process_index,
-                      process_count=process_count)
+  return ChatPipeline(cfg, tokenizer, batch_size=batch_size, shard_index=shard_index,
+                      shard_count=shard_count)
 
 
 def make_chat_eval_batches(cfg: ChatDataConfig, tokenizer: Tokenizer, *, batch_size: int,

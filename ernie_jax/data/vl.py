@@ -221,16 +221,16 @@ class VLDataPipeline(GrainIterator):
   """Iterator over this process's rows of each global batch: dicts of [rows, ...] arrays
   (`ROW_KEYS`), deterministic; `get_state` / `set_state` as for the text pipeline."""
 
-  def __init__(self, cfg, tokenizer, vl_cfg, *, batch_size: int, eos_id: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, cfg, tokenizer, vl_cfg, *, batch_size: int, eos_id: int, shard_index: int = 0,
+               shard_count: int = 1):
     self.cfg = cfg
     self.source = build_source(cfg)
     ds = grain.MapDataset.source(self.source)
     if cfg.max_documents and cfg.source != "shapes":
       ds = ds[:cfg.max_documents]
-    ds = ds[process_index::process_count]
+    ds = ds[shard_index::shard_count]
     if len(ds) < cfg.images_per_row:
-      raise sources.DataError(f"process {process_index} of {process_count} got {len(ds)} examples, fewer "
+      raise sources.DataError(f"data shard {shard_index} of {shard_count} (run.data_shards) got {len(ds)} examples, fewer "
                               f"than data.images_per_row={cfg.images_per_row}")
     self.num_documents = len(ds)
     if cfg.shuffle:

@@ -509,10 +509,10 @@ class VLChatPipeline(ChatPipeline):
 
 
 def make_vl_chat_pipeline(cfg: VLChatDataConfig, tokenizer: Tokenizer, vl_cfg, *, batch_size: int,
-                          process_index: int = 0, process_count: int = 1) -> VLChatPipeline:
+                          shard_index: int = 0, shard_count: int = 1) -> VLChatPipeline:
   """The VL SFT training iterator (see `VLChatPipeline` and the module docstring)."""
-  return VLChatPipeline(cfg, tokenizer, vl_cfg, batch_size=batch_size, process_index=process_index,
-                        process_count=process_count)
+  return VLChatPipeline(cfg, tokenizer, vl_cfg, batch_size=batch_size, shard_index=shard_index,
+                        shard_count=shard_count)
 
 
 def vl_eval_examples(cfg: VLChatDataConfig, tokenizer: Tokenizer, vl_cfg) -> VLChatExamples | None:

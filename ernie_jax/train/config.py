@@ -12,6 +12,7 @@
                                 (`ernie_jax.train.param_groups`; e.g. continued VL training of a
                                 checkpoint with a frozen ViT)
   mesh         MeshConfig       device mesh axes (`ernie_jax.parallel.MeshConfig`)
+  distributed  DistributedConfig  multi-process start-up (`ernie_jax.parallel.distributed`)
   data         DataConfig       `ernie_jax.data.pipeline.DataConfig`
   optim        OptimConfig      `ernie_jax.train.optimizer.OptimConfig`
   loss         LossConfig       `ernie_jax.train.losses.LossConfig`
@@ -34,6 +35,7 @@ from ernie_jax.config import ConfigError, ModelConfig
 from ernie_jax.data.pipeline import SOURCES, TEXT_SOURCES, VL_SOURCES, DataConfig
 from ernie_jax.config import VLConfig
 from ernie_jax.parallel import MeshConfig
+from ernie_jax.parallel.distributed import DistributedConfig
 from ernie_jax.train.losses import LossConfig
 from ernie_jax.train.optimizer import SCHEDULES, OptimConfig
 from ernie_jax.train.param_groups import GroupsConfig
@@ -50,6 +52,10 @@ class RunConfig:
   steps: int = 1000  # total optimizer steps (a resumed run continues up to this number)
   global_batch_size: int = 16  # rows of data.seq_len tokens per optimizer step, over all processes
   grad_accum_steps: int = 1  # micro-batches per step (global_batch_size must be divisible by it)
+  # The global batch is drawn from this many data shards (ernie_jax.data.shards), each process reading
+  # data_shards / processes of them: the batches and their order are the same for any process count that
+  # divides it, and a checkpoint resumes on any such count. Must divide global_batch_size / grad_accum_steps.
+  data_shards: int = 1
   seed: int = 0  # parameter initialisation and the RNG key of the train state
   # A model checkpoint to start from (loaded with ernie_jax.from_pretrained; architecture from the
   # checkpoint, dtype / remat / MoE implementation fields from `model`). Ignored when the workdir
@@ -107,10 +113,12 @@ class TrainConfig:
   metrics: MetricsConfig
   train: PrecisionConfig = PrecisionConfig()
   groups: GroupsConfig = GroupsConfig()
+  distributed: DistributedConfig = DistributedConfig()
 
 
 _SECTIONS = {"train": PrecisionConfig, "mesh": MeshConfig, "data": DataConfig, "optim": OptimConfig,
-             "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "groups": GroupsConfig}
+             "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "groups": GroupsConfig,
+             "distributed": DistributedConfig}
 
 
 def model_fields(cfg: ModelConfig) -> dict[str, Any]:
@@ -247,6 +255,10 @@ def validate_common(c) -> None:
   _check(r.grad_accum_steps > 0, "grad_accum_steps", f"must be > 0, got {r.grad_accum_steps}")
   _check(r.global_batch_size % r.grad_accum_steps == 0, "grad_accum_steps",
          f"global_batch_size={r.global_batch_size} is not divisible by grad_accum_steps={r.grad_accum_steps}")
+  _check(r.data_shards >= 1, "data_shards", f"must be >= 1, got {r.data_shards}")
+  _check(r.global_batch_size % (r.data_shards * r.grad_accum_steps) == 0, "data_shards",
+         f"{r.data_shards} does not divide global_batch_size / grad_accum_steps = {r.global_batch_size} / "
+         f"{r.grad_accum_steps} (each shard gives the same rows to every micro-batch)")
   _check(r.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {r.nonfinite!r}")
   _check(r.max_skipped_steps > 0, "max_skipped_steps", f"must be > 0, got {r.max_skipped_steps}")
   _check(r.peak_tflops_per_device >= 0, "peak_tflops_per_device", "must be >= 0")
@@ -358,5 +370,7 @@ def check_batch_layout(c: TrainConfig, mesh, process_count: int) -> None:
   _check(micro % shards == 0, "global_batch_size",
          f"{r.global_batch_size} rows / grad_accum_steps {r.grad_accum_steps} = {micro} rows per micro-batch, "
          f"not divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}")
-  _check(r.global_batch_size % (process_count * r.grad_accum_steps) == 0, "global_batch_size",
-         f"must be divisible by processes ({process_count}) x grad_accum_steps ({r.grad_accum_steps})")
+  _check(r.data_shards % process_count == 0, "data_shards",
+         f"{r.data_shards} is not a multiple of the {process_count} processes (each process reads data_shards / "
+         f"processes of them): set --config.data_shards to a multiple of {process_count} that divides "
+         f"global_batch_size / grad_accum_steps = {micro}")

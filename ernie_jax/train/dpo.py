@@ -159,10 +159,9 @@ class PreferenceTuning(FineTuning):
   def setup(self, cfg, tokenizer, model_cfg):
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model_cfg.eos_token_id
     trainer.check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
-    rows = cfg.run.global_batch_size // jax.process_count()
-    data = make_preference_pipeline(cfg.data, tokenizer, batch_size=rows, process_index=jax.process_index(),
-                                    process_count=jax.process_count(),
-                                    ref_logps=self.reference_values.get("train"))
+    ref = self.reference_values.get("train")
+    data = trainer.shard_data(cfg, lambda i, n, rows: make_preference_pipeline(
+      cfg.data, tokenizer, batch_size=rows, shard_index=i, shard_count=n, ref_logps=ref))
     info = {"tokenizer": getattr(tokenizer, "path", "") or tokenizer.kind, "finetune": cfg.finetune.method,
             "base_fingerprint": self.base_fingerprint, "reference": cfg.reference, "dpo": dataclasses.asdict(cfg.dpo)}
     what = ("LoRA " + f"rank {cfg.lora.rank}, targets {','.join(cfg.lora.targets)}"

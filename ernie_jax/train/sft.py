@@ -135,7 +135,6 @@ class FineTuning(trainer.Pretraining):
   def setup(self, cfg, tokenizer, model_cfg):
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model_cfg.eos_token_id
     trainer.check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
-    rows = cfg.run.global_batch_size // jax.process_count()
     info = {"tokenizer": getattr(tokenizer, "path", "") or tokenizer.kind, "finetune": cfg.finetune.method,
             "base_fingerprint": self.base_fingerprint}
     what = ("LoRA " + f"rank {cfg.lora.rank}, targets {','.join(cfg.lora.targets)}"
@@ -144,12 +143,12 @@ class FineTuning(trainer.Pretraining):
     lines = [f"data: {cfg.data.paths or embedded}, tokenizer {info['tokenizer']}, "
              f"{cfg.run.global_batch_size * cfg.data.seq_len} tokens/step; {what}"]
     if model_cfg.is_vl:
-      data, vl_info, line = sft_vl.data(cfg, tokenizer, model_cfg, rows)
+      data, vl_info, line = sft_vl.data(cfg, tokenizer, model_cfg)
       info.update(vl_info)
       lines.append(line)
     else:
-      data = make_chat_pipeline(cfg.data, tokenizer, batch_size=rows, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+      data = trainer.shard_data(cfg, lambda i, n, rows: make_chat_pipeline(cfg.data, tokenizer, batch_size=rows,
+                                                                           shard_index=i, shard_count=n))
     return trainer.Setup(data, eos_id, info, lines, tokenizer)
 
   def optimizer(self, cfg, model_cfg):
@@ -187,7 +186,7 @@ class FineTuning(trainer.Pretraining):
 
   def data_stream(self, cfg):
     d = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_STREAM}
-    return {**d, "global_batch_size": cfg.run.global_batch_size, "processes": jax.process_count()}
+    return {**d, **trainer.batch_stream(cfg)}
 
   @staticmethod
   def micro_rows(cfg) -> int:

@@ -1,5 +1,5 @@
 """The supervised fine-tuning config (`experiments/sft.py`): the pretraining config's sections
-(`ernie_jax.train.config`: run, model, train, mesh, optim, loss, checkpoint, metrics) with
+(`ernie_jax.train.config`: run, model, train, mesh, distributed, optim, loss, checkpoint, metrics) with
   data      ChatDataConfig   chat JSONL / the embedded stdlib Q&A (`ernie_jax.data.sft`); with
                              model_family="vl": VLChatDataConfig, chats with images / the embedded
                              shapes chats (`ernie_jax.data.vl_chat`)
@@ -26,6 +26,7 @@ from ernie_jax.config import LoraConfig, ModelConfig
 from ernie_jax.data.sft import ChatDataConfig
 from ernie_jax.data.vl_chat import VLChatDataConfig, vl_layout_problem
 from ernie_jax.parallel import MeshConfig
+from ernie_jax.parallel.distributed import DistributedConfig
 from ernie_jax.train import config as config_lib
 from ernie_jax.train.config import (CheckpointConfig, MetricsConfig, PrecisionConfig, RunConfig, TrainConfigError,
                                     _check, parse_sections, validate_common, validate_groups)
@@ -48,11 +49,12 @@ class SFTConfig:
   groups: GroupsConfig
   finetune: FinetuneConfig
   train: PrecisionConfig = PrecisionConfig()
+  distributed: DistributedConfig = DistributedConfig()
 
 
 _SECTIONS = {"train": PrecisionConfig, "mesh": MeshConfig, "data": ChatDataConfig, "optim": OptimConfig,
              "loss": LossConfig, "checkpoint": CheckpointConfig, "metrics": MetricsConfig, "lora": LoraConfig,
-             "groups": GroupsConfig, "finetune": FinetuneConfig}
+             "groups": GroupsConfig, "finetune": FinetuneConfig, "distributed": DistributedConfig}
 _VL_SECTIONS = {**_SECTIONS, "data": VLChatDataConfig}
 
 

@@ -12,7 +12,6 @@ The recipe is the text one -- same loop, jitted step, LoRA / parameter groups, c
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from ernie_jax.data.chat_template import answer_stop_ids
@@ -20,20 +19,21 @@ from ernie_jax.data.vl_chat import (first_heldout_prompt, flatten, load_vl_chat_
                                     make_vl_chat_pipeline, text_only_bound)
 from ernie_jax.infer.generate_vl import generate_vl
 from ernie_jax.parallel.sharding import batch_shards
+from ernie_jax.train import trainer
 
 load_tokenizer = load_vl_chat_tokenizer
 eval_batches = make_vl_chat_eval_batches
 
 
-def data(cfg, tokenizer, model_cfg, rows: int):
-  """(training pipeline, run_info fields, start-up line) of a VL SFT run."""
-  pipeline = make_vl_chat_pipeline(cfg.data, tokenizer, model_cfg, batch_size=rows,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
+def data(cfg, tokenizer, model_cfg):
+  """(training pipeline: this process's data shards, run_info fields, start-up line) of a VL SFT run."""
+  pipeline = trainer.shard_data(cfg, lambda i, n, rows: make_vl_chat_pipeline(
+    cfg.data, tokenizer, model_cfg, batch_size=rows, shard_index=i, shard_count=n))
   d = cfg.data
-  tokens = pipeline.renderer.image_tokens
+  tokens = pipeline.first.renderer.image_tokens
   info = {"image_tokens": tokens}
   line = (f"images: {d.image_size} x {d.image_size} px -> {tokens} tokens each, {d.images_per_row} image slots per "
-          f"row, template {pipeline.template}")
+          f"row, template {pipeline.first.template}")
   bound = text_only_bound(d, tokenizer, model_cfg)
   if bound is not None:
     info["text_only_bound"] = bound

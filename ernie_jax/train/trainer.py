@@ -34,11 +34,13 @@ import numpy as np
 
 from ernie_jax.data import DataError, load_tokenizer_for, make_pipeline, resolve_eos, unigram_entropy
 from ernie_jax.data.pipeline import VL_FIELDS, VL_SOURCES
+from ernie_jax.data.shards import ShardedBatches, merge_states
 from ernie_jax.data.sources import TokenWindows, expand_paths
 from ernie_jax.data.tokenizers import TokenizerError
 from ernie_jax.data.vl import text_only_bound
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
+from ernie_jax.parallel import distributed
 from ernie_jax.train import config as config_lib
 from ernie_jax.train import flops as flops_lib
 from ernie_jax.train.checkpoint import Checkpointer
@@ -125,13 +127,13 @@ class Pretraining:
   def setup(self, cfg, tokenizer, model_cfg) -> Setup:
     eos_id = resolve_eos(cfg.data, tokenizer, model_cfg.eos_token_id)
     check_vocab(cfg.data, tokenizer, model_cfg, eos_id)
-    rows = cfg.run.global_batch_size // jax.process_count()
-    data = make_pipeline(cfg.data, tokenizer, model_cfg, batch_size=rows, eos_id=eos_id,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+    data = shard_data(cfg, lambda i, n, rows: make_pipeline(cfg.data, tokenizer, model_cfg, batch_size=rows,
+                                                            eos_id=eos_id, shard_index=i, shard_count=n))
     entropy = unigram_entropy(cfg.data, tokenizer, eos_id, model_cfg.vocab_size, 1_000_000)
     info = {"documents": data.num_documents, "tokenizer": getattr(tokenizer, "path", "pre-tokenized"),
             "unigram_entropy": entropy}
-    line = (f"data: {cfg.data.source} ({data.num_documents} documents on this process), tokenizer "
+    line = (f"data: {cfg.data.source} ({data.num_documents} documents in this process's {len(data.indices)} of "
+            f"{cfg.run.data_shards} shards), tokenizer "
             f"{info['tokenizer']}, {cfg.run.global_batch_size * cfg.data.seq_len} tokens/step; unigram entropy "
             f"{entropy:.3f} nats/token")
     if cfg.data.source == "shapes":  # the best caption loss without looking at the images
@@ -184,7 +186,7 @@ class Pretraining:
     unused = () if d["source"] in VL_SOURCES else VL_FIELDS  # (text checkpoints predate the VL fields)
     for k in ("read_threads", "worker_processes", "bpe_train_documents", "bad_rows") + unused:  # (no effect on order)
       d.pop(k)
-    return {**d, "global_batch_size": cfg.run.global_batch_size, "processes": jax.process_count()}
+    return {**d, **batch_stream(cfg)}
 
   def evaluator(self, cfg, setup: Setup, graphdef, mesh):
     """f(state) -> dict of evaluation metrics (host floats), run every `evaluate_every(cfg)` steps and
@@ -199,6 +201,29 @@ class Pretraining:
 
 
 PRETRAINING = Pretraining()
+
+
+def shard_data(cfg, make) -> ShardedBatches:
+  """This process's part of every global batch, from its `run.data_shards` shards (`ernie_jax.data.shards`);
+  make(shard_index, shard_count, rows) builds one shard's pipeline."""
+  r = cfg.run
+  return ShardedBatches(make, shards=r.data_shards, global_batch=r.global_batch_size, grad_accum=r.grad_accum_steps,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def batch_stream(cfg) -> dict[str, Any]:
+  """The run fields of every recipe's `data_stream`: the rows per step and the shards they come from (not the
+  process count: the batches do not depend on it)."""
+  return {"global_batch_size": cfg.run.global_batch_size, "data_shards": cfg.run.data_shards}
+
+
+def same_stream(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+  """Whether a checkpoint's data stream is this run's. Checkpoints from before data shards name the process
+  count instead: one process read one shard."""
+  saved = dict(saved)
+  if "processes" in saved and "data_shards" not in saved:
+    saved["data_shards"] = saved.pop("processes")
+  return saved == current
 
 
 def check_vocab(data_cfg, tokenizer, model_cfg, eos_id: int) -> None:
@@ -246,6 +271,7 @@ def train(config, recipe: Pretraining = PRETRAINING) -> dict[str, Any]:
   """Run (or resume) a training run; returns a summary dict. `config`: an ml-collections ConfigDict."""
   # 1. Config, tokenizer and data checks: everything that can fail does so before compiling.
   cfg = recipe.parse(config)
+  started = distributed.initialize(cfg.distributed)  # (before anything touches a device)
   run = cfg.run
   workdir = os.path.abspath(run.workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -256,7 +282,7 @@ def train(config, recipe: Pretraining = PRETRAINING) -> dict[str, Any]:
   lock = WorkdirLock(workdir) if is_main else contextlib.nullcontext()  # only process 0 locks
   try:
     with lock:
-      summary = _start(config, cfg, recipe, workdir, is_main)
+      summary = _start(config, cfg, recipe, workdir, is_main, started)
   except BaseException:
     if created and is_main and not _has_progress(workdir):  # a failed start leaves no workdir it created
       shutil.rmtree(workdir, ignore_errors=True)
@@ -272,7 +298,7 @@ def _has_progress(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, "metrics.jsonl")) or (os.path.isdir(ckpts) and bool(os.listdir(ckpts)))
 
 
-def _start(config, cfg, recipe, workdir, is_main) -> dict[str, Any]:
+def _start(config, cfg, recipe, workdir, is_main, started: str) -> dict[str, Any]:
   """`train` with the workdir locked: tokenizer, mesh, checkpoints, then `_train`."""
   run = cfg.run
   if run.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
@@ -288,10 +314,10 @@ def _start(config, cfg, recipe, workdir, is_main) -> dict[str, Any]:
   config_lib.check_batch_layout(cfg, mesh, jax.process_count())
   with Checkpointer(workdir, every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
                     async_save=cfg.checkpoint.async_save) as ckpt:  # closed (saves finished) on any exit
-    return _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main)
+    return _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started)
 
 
-def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict[str, Any]:
+def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started) -> dict[str, Any]:
   """Steps 2 (cont.) to 5 of `train`, with the checkpoint manager open."""
   run = cfg.run
   warn = lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None  # noqa: E731
@@ -311,7 +337,7 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
   if latest is not None:
     meta_json = ckpt.read_json(latest)
     saved_stream = meta_json["data_stream"]
-    if saved_stream != recipe.data_stream(cfg):
+    if not same_stream(saved_stream, recipe.data_stream(cfg)):
       raise CheckpointError(f"{ckpt.directory} was written with another data stream (its data position "
                             f"would not apply): checkpoint {saved_stream} vs config {recipe.data_stream(cfg)}; "
                             "use a new workdir or restore those settings")
@@ -351,7 +377,8 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
   flops_per_step = figures.pop("flops_per_step")
   info = {
     **figures, "kind": recipe.name, "model_family": run.model_family, "tokens_per_step": tokens_per_step,
-    "mesh": dict(mesh.shape), "devices": jax.device_count(),
+    "mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
+    "data_shards": run.data_shards,
     "backend": jax.default_backend(), "peak_flops": peak_total, "peak_flops_source": peak_source,
     **setup.info, "resumed_from": latest, "init_from": run.init_from or None, "model_config": model_cfg.to_dict(),
   }
@@ -376,14 +403,16 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
                f"(params {model_cfg.param_dtype}), remat {model_cfg.remat}")
   for line in setup.lines:
     writer.print(line)
-  writer.print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices; workdir {workdir}; "
+  writer.print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, {started}; "
+               f"workdir {workdir}; "
                + (f"resumed from step {latest}" if latest is not None else
                   f"initialised from {run.init_from}" if run.init_from else "fresh start"))
 
   def save(step: int, state, data_state, *, force: bool) -> bool:
     if not all_finite(state):
       raise NonFiniteError(f"step {step}: the train state holds non-finite values; not saving a checkpoint")
-    meta = {"step": step, "data": data_state, "data_stream": recipe.data_stream(cfg), **recipe.meta(cfg),
+    data_position = merge_states(distributed.gather_json(data_state))  # every process's shards
+    meta = {"step": step, "data": data_position, "data_stream": recipe.data_stream(cfg), **recipe.meta(cfg),
             "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
     saved = ckpt.save(step, recipe.saved(cfg, state), meta, model_cfg, force=force)
     if saved and force:  # the last / preemption save: wait until it has committed
@@ -454,8 +483,9 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main) -> dict
           last_log_time, last_log_step = time.perf_counter(), step
 
         report(ckpt.poll())  # background saves that committed (a failed one raises here, in one line)
-        if preemption.requested:
-          writer.print(f"{preemption.signal_name}: saving a checkpoint at step {step} and exiting")
+        if distributed.any_process(preemption.requested):  # (all processes stop at the same step)
+          writer.print(f"{preemption.signal_name or 'a signal on another process'}: saving a checkpoint at step "
+                       f"{step} and exiting")
           save(step, state, step_data_state, force=True)
           preempted = True
           break

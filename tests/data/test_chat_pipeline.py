@@ -142,7 +142,7 @@ def test_process_shards_are_disjoint_and_eval_split(tmp_path):
   cfg = ChatDataConfig(paths=_jsonl(tmp_path, rows), eval_fraction=0.2, seq_len=64, packing=False, shuffle=False)
   firsts = []
   for p in range(2):
-    pipe = make_chat_pipeline(cfg, TOK, batch_size=8, process_index=p, process_count=2)
+    pipe = make_chat_pipeline(cfg, TOK, batch_size=8, shard_index=p, shard_count=2)
     firsts.append({tuple(r) for r in next(pipe)["inputs"]})
     assert pipe.stats["rows"] == 8  # 16 training rows, 8 per process
   assert not firsts[0] & firsts[1]

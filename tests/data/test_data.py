@@ -100,13 +100,13 @@ def test_stdlib_pipeline_packs_deterministically_and_resumes():
   assert _same(nxt, _take(c, 4))
 
 
-def test_pipeline_shards_documents_over_processes(tmp_path):
+def test_pipeline_shard_reads_every_other_document(tmp_path):
   f = _write(tmp_path, "docs.txt", "".join(f"doc{i:03d}\n" for i in range(20)))
   cfg = DataConfig(source="text", paths=f, text_mode="line", seq_len=5, shuffle=False, add_eos=False)
   tok = ByteTokenizer()
   seen = []
   for p in range(2):
-    pipe = DataPipeline(cfg, tok, batch_size=1, eos_id=2, process_index=p, process_count=2)
+    pipe = DataPipeline(cfg, tok, batch_size=1, eos_id=2, shard_index=p, shard_count=2)
     rows = [tok.decode(np.concatenate([r["inputs"][0][:1], r["targets"][0]])) for r in _take(pipe, 10)]
     seen.append(rows)
   assert seen[0] == [f"doc{i:03d}" for i in range(0, 20, 2)]

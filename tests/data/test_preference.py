@@ -173,7 +173,7 @@ def test_ref_logps_round_trip(tmp_path):
   for b, idx in zip(batches, indices):
     ref[idx[idx >= 0]] = np.stack([fake_logp(b, 1), fake_logp(b, 2)], 1)[idx >= 0]
   for p in range(2):
-    pipe = make_preference_pipeline(cfg, TOK, batch_size=3, ref_logps=ref, process_index=p, process_count=2)
+    pipe = make_preference_pipeline(cfg, TOK, batch_size=3, ref_logps=ref, shard_index=p, shard_count=2)
     for _ in range(4):
       b = next(pipe)
       assert b[REF_KEY].dtype == np.float32 and b[REF_KEY].shape == b["inputs"].shape
