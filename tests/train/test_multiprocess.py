@@ -1,0 +1,130 @@
+"""Two processes x 4 CPU devices (`python -m ernie_jax.launch`, gloo collectives on localhost) against one process x
+8 devices: pretraining of a micro MoE with expert parallelism over all 8 devices (all_to_all transport, so tokens
+cross the process boundary) gives the same per-step losses; SIGTERM to one process saves one checkpoint at the same
+step on both and exits cleanly; SIGKILL of one process stops the other instead of hanging; restarting resumes
+exactly (the final per-step losses equal the uninterrupted one-process run's)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests import xla_flags
+from tests.helpers import REPO_ROOT
+from ernie_jax.train.metrics import read_jsonl
+
+PRETRAIN = os.path.join(REPO_ROOT, "experiments", "pretrain.py")
+TINY = os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")
+STEPS = 16
+OVERRIDES = {
+  "model.hidden_size": 32, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
+  "model.num_key_value_heads": 2, "model.head_dim": 16, "model.intermediate_size": 64,
+  "model.moe_num_experts": 8, "model.moe_k": 2, "model.moe_intermediate_size": 32,
+  "model.moe_transport": "all_to_all", "mesh.data": 1, "mesh.expert": 8,
+  "data.seq_len": 32, "data.max_documents": 300, "global_batch_size": 8, "data_shards": 2,
+  "steps": STEPS, "checkpoint.every_steps": 2, "metrics.log_every": 1, "metrics.progress_bar": False,
+  "metrics.tensorboard": False, "optim.warmup_steps": 2, "compilation_cache_dir": "",
+  "distributed.heartbeat_timeout": 10,
+}
+
+
+def _args(workdir):
+  return [PRETRAIN, f"--config={TINY}", f"--config.workdir={workdir}"] + [
+    f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+
+
+def _env(devices):
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(k, None)
+  return env
+
+
+def _launch(workdir, log):
+  """The launcher with 2 processes x 4 devices, output to the file `log` (so a full pipe never blocks it)."""
+  out = open(log, "w")
+  cmd = [sys.executable, "-m", "ernie_jax.launch", "--num_processes", "2", "--cpu_devices", "4", "--grace", "5",
+         "--", *_args(workdir)]
+  return subprocess.Popen(cmd, env=_env(4), stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT), out
+
+
+def _pids(log, timeout=60):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    found = dict(re.findall(r"\[launch\] process (\d) of 2: pid (\d+)", open(log).read()))
+    if len(found) == 2:
+      return {int(k): int(v) for k, v in found.items()}
+    time.sleep(0.05)
+  raise AssertionError(f"no pids from the launcher:\n{open(log).read()}")
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+
+
+def _wait_for_step(proc, workdir, log, step, timeout=240):
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while not (os.path.exists(path) and max(_losses(workdir), default=0) >= step):
+    assert proc.poll() is None, f"the run ended early:\n{open(log).read()}"
+    assert time.time() < deadline, f"the run is too slow:\n{open(log).read()}"
+    time.sleep(0.02)
+
+
+def _finish(proc, out, log, timeout=240):
+  try:
+    code = proc.wait(timeout=timeout)
+  finally:
+    out.close()
+  return code, open(log).read()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_survive_sigterm_and_sigkill(tmp_path):
+  # the reference: one process x 8 devices, straight through
+  ref_dir = tmp_path / "one"
+  run = subprocess.run([sys.executable, *_args(ref_dir)], env=_env(8), capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stdout + run.stderr
+  ref = _losses(ref_dir)
+  assert sorted(ref) == list(range(1, STEPS + 1))
+
+  work, log = tmp_path / "two", str(tmp_path / "launch.log")
+  # 1. SIGTERM to process 1 (not process 0, which writes the metrics): one checkpoint at the same step, clean exit
+  proc, out = _launch(work, log)
+  pids = _pids(log)
+  _wait_for_step(proc, work, log, 2)
+  os.kill(pids[1], signal.SIGTERM)
+  code, text = _finish(proc, out, log)
+  assert code == 0, text
+  saved = re.search(r"\[p0\] a signal on another process: saving a checkpoint at step (\d+) and exiting", text)
+  assert saved, text
+  stop = int(saved.group(1))
+  assert 2 <= stop < STEPS and f'"preempted": true' in text and "[launch] done: status 0" in text
+  assert os.path.isdir(work / "checkpoints" / str(stop))
+
+  # 2. resume, then SIGKILL process 0 (the coordinator) mid-run: process 1 must not hang
+  proc, out = _launch(work, log)
+  pids = _pids(log)
+  _wait_for_step(proc, work, log, stop + 3)
+  killed_at = time.time()
+  os.kill(pids[0], signal.SIGKILL)
+  code, text = _finish(proc, out, log, timeout=120)
+  assert f"resumed from step {stop}" in text, text
+  assert code == 128 + signal.SIGKILL and "[launch] process 0 exited with status 137" in text, text
+  assert time.time() - killed_at < 60, text
+  assert max(_losses(work)) < STEPS, "the kill came after the end of the run"
+
+  # 3. restart both: the run resumes from its last committed checkpoint and finishes
+  proc, out = _launch(work, log)
+  code, text = _finish(proc, out, log)
+  assert code == 0, text
+  assert re.search(r"resumed from step (\d+)", text), text
+  got = _losses(work)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
+                             rtol=2e-6)
