@@ -1,8 +1,8 @@
 """The prepared GPU benchmark: one command on an H100 / H200 (jax >= 0.11, Python 3.12) that prints
 every speed figure the project quotes, each with its median and spread.
 
-  python benchmarks/gpu_suite.py                       # full: ~8 min on one H100 (--budget 480)
-  python benchmarks/gpu_suite.py --quick               # ~3 min: smaller batch, 3 timed steps, FP8 delayed only
+  python benchmarks/gpu_suite.py                       # full: at most 8 min (--budget 480)
+  python benchmarks/gpu_suite.py --quick               # at most 3 min: smaller batch, 3 timed steps, FP8 delayed only
   python benchmarks/gpu_suite.py --out results.json    # also write every figure as JSON
   python benchmarks/gpu_suite.py --smoke               # CPU, tiny shapes, < 1 min (tests/benchmarks runs it)
 
@@ -28,7 +28,8 @@ step time with min/max, MFU against the measured and the vendor peak (model FLOP
 `ernie_jax.train.flops`: 6 x ACTIVE matmul parameters + causal attention per token; an MFU above 100%
 is printed as "peak is wrong"), and the device's peak memory. The load average is printed before and
 after (a busy host is flagged). A total time budget (--budget) is shared by the cases: a case that
-would not fit is skipped with a line saying so, a case that overruns its share is stopped.
+would not fit is skipped with a line saying so, a case that overruns its share is stopped. (The budgets
+were sized from estimates, not yet from a GPU run: if cases are skipped or stopped, raise --budget.)
 """
 
 from __future__ import annotations

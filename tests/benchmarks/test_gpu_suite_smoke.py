@@ -92,3 +92,11 @@ def test_mfu_above_100_percent_and_short_spreads_are_flagged():
   three = bench_util.spread([0.1, 0.2, 0.3])
   assert "fewer than" not in three and "median 0.2000 s over 3 runs" in three
   assert bench_util.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": 3}
+
+
+def test_vendor_peaks_match_the_device_kind_in_order():
+  """jax's device_kind strings; "H100 PCIe" must not be read as an SXM part."""
+  assert bench_util.vendor_peaks("NVIDIA H100 80GB HBM3") == {"bf16": 989e12, "fp8": 1979e12}
+  assert bench_util.vendor_peaks("NVIDIA H200") == {"bf16": 989e12, "fp8": 1979e12}
+  assert bench_util.vendor_peaks("NVIDIA H100 PCIe") == {"bf16": 756e12, "fp8": 1513e12}
+  assert bench_util.vendor_peaks("cpu") == {"bf16": None, "fp8": None}
