@@ -3,19 +3,34 @@
   python benchmarks/forward_vs_transformers.py                 # small MoE: H512, 8 layers, 16x top-4
   python benchmarks/forward_vs_transformers.py --dense --iters 5
 
-Prints tokens/s for each and the ratio (ours / transformers), plus the max |Δ logits| as a sanity
-check that both computed the same function.
+Prints tokens/s for each (median over --iters forwards, with min/max spread) and the ratio
+(ours / transformers), plus the max |Δ logits| as a sanity check that both computed the same function.
+The load average is printed before and after (a busy machine is flagged).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_util import machine_line, spread  # noqa: E402
+
+
+def timed(fn, iters: int) -> list[float]:
+  """Seconds of each of `iters` calls of fn()."""
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
 
 
 def main():
@@ -28,7 +43,7 @@ def main():
   p.add_argument("--k", type=int, default=4)
   p.add_argument("--dense", action="store_true", help="benchmark a dense model instead of MoE")
   p.add_argument("--vocab", type=int, default=32000)
-  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--iters", type=int, default=5, help="timed forwards per implementation (>= 3 for a spread)")
   p.add_argument("--impls", default="blocked,ragged_dot", help="MoE grouped-matmul implementations")
   p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
   args = p.parse_args()
@@ -58,6 +73,7 @@ def main():
     impls = args.impls.split(",")
   tokens = ref.random_tokens(common["vocab_size"], (args.batch, args.seq), seed=0)
   n_tok = args.batch * args.seq
+  print(machine_line("before"))
   print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
   print(f"model: {'dense' if args.dense else f'MoE {args.experts} experts top-{args.k}'}, "
@@ -66,11 +82,9 @@ def main():
   tt = torch.as_tensor(tokens, dtype=torch.long)
   with torch.no_grad():
     ref_logits = model(tt).logits.numpy()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-      model(tt)
-    t_hf = (time.perf_counter() - t0) / args.iters
-  print(f"transformers           {n_tok / t_hf:10.0f} tokens/s  ({t_hf * 1e3:.0f} ms/forward)")
+    hf_times = timed(lambda: model(tt), args.iters)
+  t_hf = statistics.median(hf_times)
+  print(f"transformers           {n_tok / t_hf:10.0f} tokens/s  ({t_hf * 1e3:.0f} ms/forward)  {spread(hf_times)}")
 
   with tempfile.TemporaryDirectory() as d:
     path = ref.save(model, d)
@@ -83,13 +97,13 @@ def main():
       t0 = time.perf_counter()
       logits = fwd(state, x).block_until_ready()
       compile_s = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      for _ in range(args.iters):
-        fwd(state, x).block_until_ready()
-      t_ours = (time.perf_counter() - t0) / args.iters
+      times = timed(lambda: fwd(state, x).block_until_ready(), args.iters)
+      t_ours = statistics.median(times)
       err = float(np.abs(np.asarray(logits) - ref_logits).max() / np.abs(ref_logits).max())
       print(f"ernie_jax [{impl:10s}] {n_tok / t_ours:10.0f} tokens/s  ({t_ours * 1e3:.0f} ms/forward, "
-            f"compile {compile_s:.1f} s)  ratio {t_hf / t_ours:.2f}x  max|Δlogits|/max|logits| {err:.1e}")
+            f"compile {compile_s:.1f} s)  ratio {t_hf / t_ours:.2f}x  max|Δlogits|/max|logits| {err:.1e}  "
+            f"{spread(times)}")
+  print(machine_line("after"))
 
 
 if __name__ == "__main__":

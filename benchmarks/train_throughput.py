@@ -12,8 +12,10 @@ forward + backward + global-norm clip + AdamW, fp32, for
   * torch: transformers' Ernie4_5(_Moe)ForCausalLM with the same shapes, loss from `labels`,
            `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()` (no MTP, no MoE aux loss).
 MFU = model FLOPs (ernie_jax.train.flops: 6 x active matmul params + causal attention, per token)
-/ (time x peak). On CPU the peak is the measured FLOP/s of a large fp32 matmul on this machine, measured
-before and after the runs (the larger is used; a difference is flagged). The load average is printed
+/ (time x peak). The peak is the measured FLOP/s of a large matmul on this device (CPU: fp32 2048^2;
+GPU/TPU: bf16 8192^2), measured before and after the runs (the larger is used; a difference is
+flagged); on a known accelerator the MFU against the vendor's dense bf16 peak is printed too, and an
+MFU above 100% is printed as "peak is wrong". The load average is printed
 (a busy machine is flagged) and each row gives the median step time with its spread over the runs.
 """
 
@@ -30,7 +32,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import CpuPeak, machine_line, spread  # noqa: E402
+from bench_util import DevicePeak, machine_line, mfu_text, random_batch, spread, time_train_step  # noqa: E402
 
 DEFAULT_SHAPES = {"tiny": (8, 256), "100m": (4, 512)}
 CONFIG_FILES = {"tiny": "tiny", "100m": "ernie45_100m"}
@@ -46,39 +48,11 @@ def model_config(name: str):
   return parse(c)
 
 
-def random_batch(rows: int, seq: int, vocab: int, seed: int = 0):
-  import numpy as np
-
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(3, vocab, (rows, seq + 1)).astype(np.int32)
-  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=np.ones((rows, seq), np.int32),
-              positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)), loss_mask=np.ones((rows, seq), np.int32))
-
-
 def time_jax(cfg, model_cfg, batch, steps: int, return_metrics: bool = False):
-  """Step times in seconds (and the last step's metrics with return_metrics=True)."""
-  import jax
-
-  from ernie_jax.parallel import MeshConfig, make_mesh
-  from ernie_jax.train.optimizer import make_optimizer
-  from ernie_jax.train.step import abstract_train_state, batch_sharding, create_train_state, make_train_step, put_batch
-
-  mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-  tx, schedule = make_optimizer(cfg.optim, 1000)
-  graphdef, state = create_train_state(model_cfg, tx, seed=0, mesh=mesh)
-  _, shardings, _ = abstract_train_state(model_cfg, tx, 0, mesh)
-  step = make_train_step(graphdef, shardings, cfg.loss, schedule)
-  times = []
-  with jax.set_mesh(mesh):
-    b = put_batch(batch, 1, batch_sharding(mesh))
-    state, m = step(state, b)  # compile
-    jax.block_until_ready(m)
-    for _ in range(steps):
-      t = time.perf_counter()
-      state, m = step(state, b)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t)
-  return (times, jax.device_get(m)) if return_metrics else times
+  """Step times in seconds (and the last step's metrics with return_metrics=True) of the jitted step
+  on one device, with the optimizer and loss of the training config `cfg`."""
+  r = time_train_step(model_cfg, batch, steps, optim=cfg.optim, loss=cfg.loss)
+  return (r["times"], r["metrics"]) if return_metrics else r["times"]
 
 
 def hf_model(model_cfg):
@@ -142,16 +116,17 @@ def main():
 
   from ernie_jax.train import flops
 
-  cpu_peak = CpuPeak() if jax.default_backend() == "cpu" else None
-  peak, source = (cpu_peak.value, "measured fp32 matmul (CPU)") if cpu_peak else flops.peak_flops_per_device()
-  print(machine_line())
+  print(machine_line("before"))
+  measured = DevicePeak()
+  peak, source = measured.value, measured.source
   try:
     import torch
     torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
   except ImportError:
     torch_info, args.no_torch = "torch not installed", True
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); {torch_info}; "
-        f"peak {peak / 1e9:.0f} GFLOP/s ({source})")
+        f"peak {peak / 1e9:,.0f} GFLOP/s ({source})"
+        + (f"; vendor peak {measured.vendor / 1e12:.0f} TFLOP/s (dense bf16)" if measured.vendor else ""))
   print(f"{'config':8} {'impl':14} {'params':>8} {'batch':>9} {'step s':>8} {'tokens/s':>10} {'MFU':>7}")
   for name in args.configs.split(","):
     cfg = model_config(name)
@@ -167,14 +142,14 @@ def main():
       times = (time_torch if impl == "torch" else time_jax)(cfg, mcfg, batch, args.steps)
       t = statistics.median(times)
       tokens = rows * seq
-      mfu = flops.train_flops_per_token(mcfg, seq) * tokens / t / peak
+      per_s = flops.train_flops_per_token(mcfg, seq) * tokens / t
+      vendor = f" (vendor peak: {mfu_text(per_s / measured.vendor)})" if measured.vendor else ""
       print(f"{name:8} {impl:14} {flops.total_params(mcfg) / 1e6:7.1f}M {rows:>4}x{seq:<4} {t:8.3f} "
-            f"{tokens / t:10,.0f} {mfu:7.1%}  {spread(times)}", flush=True)
-  if cpu_peak is not None:
-    print(cpu_peak.finish())
-    if cpu_peak.value > peak:
-      print(f"(MFU above uses {peak / 1e9:.0f} GFLOP/s; with the larger peak it is x {peak / cpu_peak.value:.2f})")
-  print(machine_line())
+            f"{tokens / t:10,.0f} {mfu_text(per_s / peak):>7}{vendor}  {spread(times)}", flush=True)
+  print(measured.finish())
+  if measured.value > peak:
+    print(f"(MFU above uses {peak / 1e9:,.0f} GFLOP/s; with the larger peak it is x {peak / measured.value:.2f})")
+  print(machine_line("after"))
 
 
 if __name__ == "__main__":

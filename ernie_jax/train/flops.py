@@ -88,28 +88,52 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 3.0 * (2.0 * active_matmul_params(cfg) + attn)
 
 
-# Dense bf16 peak FLOP/s per device (vendor figures), matched against jax's device_kind.
+# Dense (no 2:4 sparsity) peak FLOP/s per device from the vendors' datasheets, matched in order
+# against jax's device_kind (so "H100 PCIe" comes before "H100"). NVIDIA's datasheets print the sparse
+# figures (H100 SXM: bf16 1979, fp8 3958 TFLOP/s "with sparsity"); the dense ones are half of those.
+# H200 has the H100 SXM's compute (GH100), only more and faster memory.
 PEAK_FLOPS = (
   ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
   ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
-  ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-  ("L40S", 362e12), ("L4", 121e12), ("B200", 2250e12), ("GB200", 2500e12),
+  ("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
+  ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("B200", 2250e12), ("GB200", 2500e12),
 )
+# Dense FP8 (E4M3 / E5M2) tensor-core peak, the same way (devices without FP8 tensor cores are absent).
+PEAK_FP8_FLOPS = (("H100 PCIe", 1513e12), ("H200", 1979e12), ("H100", 1979e12), ("H800", 1979e12))
+
+
+def vendor_peak(kind: str, table=PEAK_FLOPS) -> float | None:
+  """The datasheet peak for a jax `device_kind` from `table` (PEAK_FLOPS or PEAK_FP8_FLOPS), or None."""
+  for name, value in table:
+    if name.lower() in kind.lower():
+      return value
+  return None
+
 
 _MEASURED: dict[str, float] = {}
 
 
-def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
-  """FLOP/s of an n x n matmul on the default device (best of `repeats`)."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
+def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5, chain: int = 1) -> float:
+  """FLOP/s of an n x n matmul on the default device (best of `repeats`). chain > 1 times `chain`
+  dependent matmuls inside one jitted loop, so that a fast device is not timed on its dispatch latency
+  (an FP8 dtype accumulates in bf16 and casts each product back to `dtype`, as an FP8 GEMM chain would)."""
+  ka, kb = jax.random.split(jax.random.PRNGKey(0))
+  scale = 1.0 / n ** 0.5  # keeps the chained products O(1)
+  a = (jax.random.normal(ka, (n, n), jnp.float32) * scale).astype(dtype)
+  b = (jax.random.normal(kb, (n, n), jnp.float32) * scale).astype(dtype)
+  acc = jnp.bfloat16 if jnp.dtype(dtype).itemsize == 1 else None
+  dot = lambda x, y: jnp.dot(x, y, preferred_element_type=acc).astype(dtype)
+  if chain > 1:
+    f = jax.jit(lambda x, y: jax.lax.fori_loop(0, chain, lambda _, z: dot(z, y), x))
+  else:
+    f = jax.jit(dot)
+  f(a, b).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
-    f(a).block_until_ready()
+    f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2.0 * n ** 3 / best
+  return 2.0 * n ** 3 * chain / best
 
 
 def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
@@ -117,9 +141,9 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
   if override_tflops > 0:
     return override_tflops * 1e12, "config"
   kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS:
-    if name.lower() in kind.lower():
-      return flops, f"table ({kind})"
+  flops = vendor_peak(kind)
+  if flops is not None:
+    return flops, f"table ({kind})"
   if jax.default_backend() == "cpu":
     if "cpu" not in _MEASURED:
       _MEASURED["cpu"] = measure_matmul_flops()
