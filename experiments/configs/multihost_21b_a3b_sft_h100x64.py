@@ -33,6 +33,5 @@ def get_config():
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 1, 8, 1, 8
   c.model.remat = "save_dots"
   c.grad_accum_steps = 1
-  # c.data.shards = 64  (set once data.shards exists for chat data: divides the 64 rows of a step and is a multiple
-  # of both 8 processes (one per node) and 64 (one per GPU))
+  c.data_shards = 64  # divides the 64 rows of a step; a multiple of 8 processes (one per node) and of 64 (one per GPU)
   return c

@@ -40,5 +40,5 @@ def get_config():
   c.grad_accum_steps = 4
   c.optim.lr = 3e-5
   c.optim.warmup_steps = 500
-  # c.data.shards = 64  (set once data.shards exists: divides the 256 rows of a micro-batch, a multiple of 8 hosts)
+  c.data_shards = 64  # divides the 256 rows of a micro-batch; a multiple of the 8 hosts
   return c

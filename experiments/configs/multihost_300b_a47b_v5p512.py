@@ -35,5 +35,5 @@ def get_config():
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 1, 32, 1, 8
   c.model.remat = "save_mlp"
   c.grad_accum_steps = 8
-  # c.data.shards = 256  (set once data.shards exists: divides the 256 rows of a micro-batch, a multiple of 64 hosts)
+  c.data_shards = 256  # divides the 256 rows of a micro-batch; a multiple of the 64 hosts
   return c

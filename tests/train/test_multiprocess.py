@@ -104,7 +104,7 @@ def test_two_processes_match_one_and_survive_sigterm_and_sigkill(tmp_path):
   saved = re.search(r"\[p0\] a signal on another process: saving a checkpoint at step (\d+) and exiting", text)
   assert saved, text
   stop = int(saved.group(1))
-  assert 2 <= stop < STEPS and f'"preempted": true' in text and "[launch] done: status 0" in text
+  assert 2 <= stop < STEPS and '"preempted": true' in text and "[launch] done: status 0" in text
   assert os.path.isdir(work / "checkpoints" / str(stop))
 
   # 2. resume, then SIGKILL process 0 (the coordinator) mid-run: process 1 must not hang
