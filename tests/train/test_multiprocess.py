@@ -2,7 +2,8 @@
 8 devices: pretraining of a micro MoE with expert parallelism over all 8 devices (all_to_all transport, so tokens
 cross the process boundary) gives the same per-step losses; SIGTERM to one process saves one checkpoint at the same
 step on both and exits cleanly; SIGKILL of one process stops the other instead of hanging; restarting resumes
-exactly (the final per-step losses equal the uninterrupted one-process run's)."""
+exactly, also on another process count (the final per-step losses equal the uninterrupted one-process run's); an
+error on every process is reported by every process."""
 
 import os
 import re
@@ -20,7 +21,7 @@ from ernie_jax.train.metrics import read_jsonl
 
 PRETRAIN = os.path.join(REPO_ROOT, "experiments", "pretrain.py")
 TINY = os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")
-STEPS = 16
+STEPS = 24
 OVERRIDES = {
   "model.hidden_size": 32, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
   "model.num_key_value_heads": 2, "model.head_dim": 16, "model.intermediate_size": 64,
@@ -45,12 +46,19 @@ def _env(devices):
   return env
 
 
-def _launch(workdir, log):
+def _launch(workdir, log, *extra):
   """The launcher with 2 processes x 4 devices, output to the file `log` (so a full pipe never blocks it)."""
   out = open(log, "w")
   cmd = [sys.executable, "-m", "ernie_jax.launch", "--num_processes", "2", "--cpu_devices", "4", "--grace", "5",
-         "--", *_args(workdir)]
+         "--", *_args(workdir), *extra]
   return subprocess.Popen(cmd, env=_env(4), stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT), out
+
+
+def _one_process(workdir, log):
+  """One process x 8 devices (no launcher), output to `log`."""
+  out = open(log, "w")
+  return subprocess.Popen([sys.executable, *_args(workdir)], env=_env(8), stdout=out, stderr=subprocess.STDOUT,
+                          cwd=REPO_ROOT), out
 
 
 def _pids(log, timeout=60):
@@ -107,7 +115,16 @@ def test_two_processes_match_one_and_survive_sigterm_and_sigkill(tmp_path):
   assert 2 <= stop < STEPS and '"preempted": true' in text and "[launch] done: status 0" in text
   assert os.path.isdir(work / "checkpoints" / str(stop))
 
-  # 2. resume, then SIGKILL process 0 (the coordinator) mid-run: process 1 must not hang
+  # 2. resume on ONE process x 8 devices (another process count: the data position holds both shards); SIGTERM
+  proc, out = _one_process(work, log)
+  _wait_for_step(proc, work, log, stop + 2)
+  proc.send_signal(signal.SIGTERM)
+  code, text = _finish(proc, out, log)
+  assert code == 0 and f"resumed from step {stop}" in text, text
+  stop = int(re.search(r"SIGTERM: saving a checkpoint at step (\d+) and exiting", text).group(1))
+  assert stop < STEPS - 4, text
+
+  # 3. resume on two processes again, then SIGKILL process 0 (the coordinator) mid-run: process 1 must not hang
   proc, out = _launch(work, log)
   pids = _pids(log)
   _wait_for_step(proc, work, log, stop + 3)
@@ -119,7 +136,7 @@ def test_two_processes_match_one_and_survive_sigterm_and_sigkill(tmp_path):
   assert time.time() - killed_at < 60, text
   assert max(_losses(work)) < STEPS, "the kill came after the end of the run"
 
-  # 3. restart both: the run resumes from its last committed checkpoint and finishes
+  # 4. restart both: the run resumes from its last committed checkpoint and finishes
   proc, out = _launch(work, log)
   code, text = _finish(proc, out, log)
   assert code == 0, text
@@ -128,3 +145,14 @@ def test_two_processes_match_one_and_survive_sigterm_and_sigkill(tmp_path):
   assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
                              rtol=2e-6)
+
+
+def test_an_error_on_every_process_is_reported_by_each(tmp_path):
+  log = str(tmp_path / "launch.log")
+  proc, out = _launch(tmp_path / "run", log, "--config.data_shards=1")
+  code, text = _finish(proc, out, log, timeout=120)
+  assert code == 1, text
+  for i in range(2):
+    assert (f"[p{i}] [process {i}] error: config field 'data_shards': 1 is not a multiple of the 2 processes"
+            in text), text
+  assert not os.path.exists(tmp_path / "run"), "a failed start left its workdir behind"
