@@ -79,24 +79,26 @@ def launch(command: list[str], *, num_processes: int, cpu_devices: int = 0, addr
         p.send_signal(signal.SIGTERM)
 
   previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-  status, failed_at = 0, None
+  status, failed_at, reported = 0, None, set()
   try:
-    while any(p.poll() is None for p in procs):
+    while len(reported) < len(procs):
       for i, p in enumerate(procs):
         code = p.poll()
-        if code not in (None, 0) and failed_at is None:
+        if code is None or i in reported:
+          continue
+        reported.add(i)
+        pumps[i].join(timeout=2)  # (its last lines first)
+        out.write(f"[launch] process {i} exited with status {_status(code)}")
+        if code != 0 and failed_at is None:
           status, failed_at = _status(code), time.monotonic()
-          out.write(f"[launch] process {i} exited with status {_status(code)}; stopping the others "
-                    f"(killed after {grace:g} s)\n")
-          out.flush()
+          out.write(f"; stopping the others (killed after {grace:g} s)")
+        out.write("\n")
+        out.flush()
       if failed_at is not None and time.monotonic() - failed_at > grace:
         for p in procs:
           if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
       time.sleep(0.05)
-    for p in procs:
-      if p.returncode != 0 and status == 0:
-        status = _status(p.returncode)
   finally:
     for s, h in previous.items():
       signal.signal(s, h)

@@ -97,10 +97,12 @@ def main_for(recipe, script: str, example: str, config_flag) -> Callable[[list[s
       fail(f"error: {e.strerror}: {e.filename} (choose a writable --config.workdir)", 1)
     except KeyboardInterrupt:  # Ctrl-C before the training loop (during start-up): nothing to save
       fail("interrupted during start-up; nothing saved", 130)
-    except Exception:  # noqa: BLE001 -- a bug: its traceback, and with several processes no hang (see `fail`)
+    except Exception as e:  # noqa: BLE001 -- a bug or a lost peer: with several processes, no hang (see `fail`)
       if not _several_processes():
         raise
-      fail(traceback.format_exc().rstrip(), 1)
+      text = " ".join(str(e).split())[:400]
+      fail(f"error: {type(e).__name__}: {text} (with several processes this is often another process that stopped: "
+           f"see its own output)\n{traceback.format_exc().rstrip()}", 1)
 
   return main
 
