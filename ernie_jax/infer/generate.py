@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ernie_jax.parallel import distributed
 from ernie_jax.infer.sampling import check_sampling_args, sample
 from ernie_jax.parallel.sharding import batch_shards
 
@@ -284,7 +285,7 @@ def generate_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     graphdef=graphdef, max_len=int(max_len), greedy=bool(greedy), top_k=int(top_k),
     use_top_p=bool(not greedy and top_p < 1.0))
   raise_if_non_finite(finite, model)
-  out = np.array(jax.device_get(out))[:, :max_new_tokens]
+  out = np.array(distributed.host_value(out))[:, :max_new_tokens]
   steps = int(steps)
   hit = np.isin(out, stops) & (np.arange(out.shape[1]) < steps)[None]
   n = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, steps).astype(np.int32)

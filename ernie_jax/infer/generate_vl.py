@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ernie_jax.parallel import distributed
 from ernie_jax.infer.generate import (LENGTH_BUCKET, Generation, _check_prompts, _check_stop_tokens,
                                       _round_up, all_finite, pad_prompts, raise_if_non_finite)
 from ernie_jax.infer.sampling import check_sampling_args, sample
@@ -122,7 +123,7 @@ def generate_vl_array(model, prompts: Sequence[Sequence[int]], *, max_new_tokens
     top_k=int(top_k), use_top_p=bool(not greedy and top_p < 1.0), image_grid=static_grids(image_grid_thw),
     video_grid=static_grids(video_grid_thw))
   raise_if_non_finite(finite, model)
-  out = np.array(jax.device_get(out))[:, :max_new_tokens]
+  out = np.array(distributed.host_value(out))[:, :max_new_tokens]
   steps = int(steps)
   hit = np.isin(out, stops) & (np.arange(out.shape[1]) < steps)[None]
   n = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, steps).astype(np.int32)

@@ -173,6 +173,14 @@ def gather_json(obj: Any) -> list[Any]:
   return [json.loads(row[:n].tobytes().decode()) for row, n in zip(everyone, sizes)]
 
 
+def host_value(x) -> np.ndarray:
+  """The whole value of a (possibly multi-process) array on this host: with several processes an array sharded over
+  other processes' devices is gathered (every process must call this at the same point)."""
+  if getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False):
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def barrier(name: str) -> None:
   """Wait until every process reaches `name` (no-op with one process)."""
   if jax.process_count() > 1:

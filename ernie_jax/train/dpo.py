@@ -41,7 +41,8 @@ from ernie_jax.train import dpo_losses, trainer
 from ernie_jax.train.dpo_config import parse_dpo
 from ernie_jax.train.dpo_task import Preference
 from ernie_jax.train.sft import AddLora, FineTuning
-from ernie_jax.train.step import batch_sharding, put_batch
+from ernie_jax.parallel import distributed
+from ernie_jax.train.step import batch_sharding, put_global_batch
 
 REFERENCE_FILE = "reference_logps.npz"
 EVAL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -141,8 +142,7 @@ class PreferenceTuning(FineTuning):
         n = num_train_pairs(cfg.data) if split == "train" else 1 + max((int(i.max()) for i in indices), default=-1)
         out = np.zeros((max(n, 0), 2), np.float32)
         for b, idx in zip(batches, indices):
-          placed = jax.tree.map(lambda v: v[0], put_batch(b, 1, sharding))
-          got = np.asarray(jax.device_get(logps(state, placed)))
+          got = distributed.host_value(logps(state, put_global_batch(b, sharding)))
           keep = idx >= 0
           out[idx[keep]] = got[keep]
         values[split] = out
@@ -224,7 +224,7 @@ class PreferenceTuning(FineTuning):
       loss, metrics = dpo_losses.preference_loss(cfg.dpo, policy, ref, policy["valid"])
       return dict(metrics, loss=loss)
 
-    placed = [jax.tree.map(lambda v: v[0], put_batch(b, 1, sharding)) for b in batches]
+    placed = [put_global_batch(b, sharding) for b in batches]
 
     def evaluate(state) -> dict[str, float]:
       parts = jax.device_get([sums(state, b) for b in placed])

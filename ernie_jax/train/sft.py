@@ -43,7 +43,7 @@ from ernie_jax.train.config import TrainConfigError
 from ernie_jax.train.losses import lm_loss_sum
 from ernie_jax.train.param_groups import make_grouped_optimizer, trained_filter
 from ernie_jax.train.sft_config import parse_sft
-from ernie_jax.train.step import batch_sharding, put_batch
+from ernie_jax.train.step import batch_sharding, put_global_batch
 
 # data fields that do not change the sequence of batches
 _NOT_STREAM = ("bad_rows", "eval_paths", "eval_fraction")
@@ -190,8 +190,9 @@ class FineTuning(trainer.Pretraining):
 
   @staticmethod
   def micro_rows(cfg) -> int:
-    """This process's rows of one micro-batch (the batch size of evaluation / reference passes)."""
-    return max(cfg.run.global_batch_size // cfg.run.grad_accum_steps // jax.process_count(), 1)
+    """The rows of one micro-batch over all processes (the batch size of evaluation / reference passes; each process
+    places its slice, `put_global_batch`)."""
+    return cfg.run.global_batch_size // cfg.run.grad_accum_steps
 
   def evaluate_every(self, cfg):
     return cfg.finetune.eval_every
@@ -217,7 +218,7 @@ class FineTuning(trainer.Pretraining):
       out = task.forward(model, batch)
       return lm_loss_sum(out.logits, batch["targets"], task.lm_mask(batch, model_cfg))
 
-    placed = [jax.tree.map(lambda v: v[0], put_batch(b, 1, sharding)) for b in batches]
+    placed = [put_global_batch(b, sharding) for b in batches]
 
     def evaluate(state) -> dict[str, float]:
       parts = [sums(state, b) for b in placed]  # dispatched back to back; one transfer at the end

@@ -165,6 +165,20 @@ def put_batch(batch: dict[str, np.ndarray], grad_accum: int, sharding: NamedShar
   return out
 
 
+def put_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """A batch every process holds whole (evaluation, reference passes: [B, S, ...]) -> global arrays [B, S, ...]
+  sharded by `sharding` (`batch_sharding`'s, [micro-batches, rows, ...]), each process contributing the rows its
+  own devices hold, so every row is in the global batch once and in its place (whatever the device order)."""
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)[None]
+    held = [ix[1] for ix in sharding.addressable_devices_indices_map(v.shape).values()]
+    start = min(r.start or 0 for r in held)
+    stop = max(v.shape[1] if r.stop is None else r.stop for r in held)
+    out[k] = jax.make_array_from_process_local_data(sharding, v[:, start:stop], v.shape)[0]
+  return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The step.
 def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: Callable, *,

@@ -160,3 +160,46 @@ def test_an_error_on_every_process_is_reported_by_each(tmp_path):
     assert (f"[p{i}] [process {i}] error: config field 'data_shards': 1 is not a multiple of the 2 processes"
             in text), text
   assert not os.path.exists(tmp_path / "run"), "a failed start left its workdir behind"
+
+
+FINETUNE = {"data_shards": 2, "steps": 2, "finetune.eval_every": 2, "finetune.eval_batches": 2,
+            "metrics.progress_bar": False, "metrics.tensorboard": False, "compilation_cache_dir": "",
+            "model.num_hidden_layers": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, config, extra", [
+  ("sft.py", "sft_tiny.py", {"finetune.sample_tokens": 24}),
+  ("dpo.py", "dpo_tiny.py", {"dpo.reference": "precomputed"}),
+])
+def test_fine_tuning_on_two_processes_matches_one(tmp_path, script, config, extra):
+  """SFT (held-out evaluation, the sample answer) and DPO (reference log-probs computed once, evaluation) on
+  2 processes x 4 devices: the same figures as 1 process x 8 devices (every held-out row counted once)."""
+  def args(workdir):
+    over = {**FINETUNE, **extra}
+    return [os.path.join(REPO_ROOT, "experiments", script),
+            f"--config={os.path.join(REPO_ROOT, 'experiments', 'configs', config)}",
+            f"--config.workdir={workdir}"] + [f"--config.{k}={v}" for k, v in over.items()]
+
+  one = subprocess.run([sys.executable, *args(tmp_path / "one")], env=_env(8), capture_output=True, text=True,
+                       timeout=300)
+  assert one.returncode == 0, one.stdout + one.stderr
+  two = subprocess.run([sys.executable, "-m", "ernie_jax.launch", "--num_processes", "2", "--cpu_devices", "4", "--",
+                        *args(tmp_path / "two")], env=_env(4), capture_output=True, text=True, timeout=300,
+                       cwd=REPO_ROOT)
+  assert two.returncode == 0, two.stdout + two.stderr
+  rows = {d: read_jsonl(os.path.join(tmp_path, d, "metrics.jsonl")) for d in ("one", "two")}
+  assert [r["step"] for r in rows["one"]] == [r["step"] for r in rows["two"]] == [0, 2]
+  for a, b in zip(rows["one"], rows["two"]):
+    evals = [k for k in a if k.startswith("eval_")]
+    assert {"eval_loss"} <= set(evals) and set(evals) == {k for k in b if k.startswith("eval_")}
+    for k in evals + ([] if a["step"] == 0 else ["loss"]):
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)  # (rewards: differences of log-probs)
+  if script == "sft.py":
+    sample = lambda text: re.search(r"^(?:\[p0\] )?sample: (.*)$", text, re.M)  # noqa: E731
+    assert sample(one.stdout) and sample(two.stdout), two.stdout
+    assert sample(two.stdout).group(1) == sample(one.stdout).group(1)
+  else:
+    ref = {d: np.load(os.path.join(tmp_path, d, "reference_logps.npz")) for d in ("one", "two")}
+    for split in ("train", "heldout"):
+      np.testing.assert_allclose(ref["two"][split], ref["one"][split], rtol=1e-6)
