@@ -17,7 +17,7 @@ import jax
 from ernie_jax.data import DataError
 from ernie_jax.data.tokenizers import TokenizerError
 from ernie_jax.interop.safetensors_io import CheckpointError
-from ernie_jax.parallel import ShardingError
+from ernie_jax.parallel import ShardingError, distributed
 from ernie_jax.train import config as config_lib
 from ernie_jax.train.trainer import NonFiniteError, train
 from ernie_jax.train.workdir import WorkdirLockedError
@@ -115,10 +115,13 @@ def fail(message: str, code: int) -> None:
   """Print `message` (prefixed with the process index when there are several) and exit with `code`. With
   several processes the exit is immediate (`os._exit`): a normal exit would wait at JAX's shutdown barrier for
   processes that are themselves waiting for this one in a collective, and all would hang; this way the
-  coordination service sees the process gone and stops the others within `distributed.heartbeat_timeout`."""
+  coordination service sees the process gone and stops the others within `distributed.heartbeat_timeout`. It
+  first waits (at most 5 s) for the others to fail too, so that an error every process meets (a config error) is
+  reported by each before process 0 takes the coordination service down."""
   if _several_processes():
     print(f"[process {jax.process_index()}] {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    distributed.wait_for_others("error-exit", seconds=5)  # all failed alike: every one reports before the exit
     os._exit(code)
   print(message, file=sys.stderr, flush=True)
   sys.exit(code)

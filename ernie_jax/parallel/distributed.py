@@ -35,10 +35,11 @@ from jax.experimental import multihost_utils
 from ernie_jax.config import ConfigError
 
 try:  # JAX's own cluster detection and backend state (private: no public API lists the clusters)
+  from jax._src import distributed as _jax_distributed
   from jax._src import xla_bridge as _xla_bridge
   from jax._src.clusters import ClusterEnv as _ClusterEnv
 except ImportError:  # pragma: no cover - a JAX without them: explicit values only
-  _xla_bridge = _ClusterEnv = None
+  _jax_distributed = _xla_bridge = _ClusterEnv = None
 
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
@@ -185,3 +186,17 @@ def barrier(name: str) -> None:
   """Wait until every process reaches `name` (no-op with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def wait_for_others(name: str, seconds: float) -> bool:
+  """Wait up to `seconds` for every process to reach `name` through the coordination service (no devices, no
+  compile); False when they did not (or there is no service). Used before an error exit, so that process 0, which
+  hosts the service, does not take it down while the others are still reporting the same error."""
+  client = getattr(getattr(_jax_distributed, "global_state", None), "client", None)
+  if client is None:
+    return False
+  try:
+    client.wait_at_barrier(name, int(seconds * 1000))
+    return True
+  except Exception:  # noqa: BLE001 - a timed-out or failed barrier: the others are busy or gone
+    return False

@@ -276,13 +276,19 @@ def train(config, recipe: Pretraining = PRETRAINING) -> dict[str, Any]:
   workdir = os.path.abspath(run.workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_lib.TrainConfigError("workdir", f"{workdir} exists and is not a directory")
+  try:
+    mesh = build_mesh(cfg.mesh)
+  except ValueError as e:
+    raise config_lib.TrainConfigError("mesh", str(e)) from None
+  config_lib.check_batch_layout(cfg, mesh, jax.process_count())  # (before any process makes the workdir)
   created = not os.path.exists(workdir)
+  distributed.barrier("workdir-checked")  # process 0 looked before any process made it
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   lock = WorkdirLock(workdir) if is_main else contextlib.nullcontext()  # only process 0 locks
   try:
     with lock:
-      summary = _start(config, cfg, recipe, workdir, is_main, started)
+      summary = _start(config, cfg, recipe, workdir, is_main, started, mesh)
   except BaseException:
     if created and is_main and not _has_progress(workdir):  # a failed start leaves no workdir it created
       shutil.rmtree(workdir, ignore_errors=True)
@@ -298,7 +304,7 @@ def _has_progress(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, "metrics.jsonl")) or (os.path.isdir(ckpts) and bool(os.listdir(ckpts)))
 
 
-def _start(config, cfg, recipe, workdir, is_main, started: str) -> dict[str, Any]:
+def _start(config, cfg, recipe, workdir, is_main, started: str, mesh) -> dict[str, Any]:
   """`train` with the workdir locked: tokenizer, mesh, checkpoints, then `_train`."""
   run = cfg.run
   if run.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
@@ -306,12 +312,7 @@ def _start(config, cfg, recipe, workdir, is_main, started: str) -> dict[str, Any
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   tokenizer = recipe.tokenizer(cfg, workdir)
 
-  # 2. Mesh and checkpoints; the model config (resume > init_from > config).
-  try:
-    mesh = build_mesh(cfg.mesh)
-  except ValueError as e:
-    raise config_lib.TrainConfigError("mesh", str(e)) from None
-  config_lib.check_batch_layout(cfg, mesh, jax.process_count())
+  # 2. Checkpoints (the mesh is built and checked in `train`); the model config (resume > init_from > config).
   with Checkpointer(workdir, every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
                     async_save=cfg.checkpoint.async_save) as ckpt:  # closed (saves finished) on any exit
     return _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started)
@@ -445,6 +446,11 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started
         host = jax.device_get(metrics)  # waits for the step
         writer.advance()
 
+        if not host.get("params_finite", True):  # a finite update that overflowed: nothing to roll back to
+          report(ckpt.wait())
+          raise NonFiniteError(f"step {step}: the update made the parameters non-finite (loss "
+                               f"{float(host['loss'])}, gradient norm {float(host['grad_norm'])}); stopping, the last "
+                               f"checkpoint is step {last_saved}. Lower optim.lr or enable optim.clip_norm.")
         if not host["finite"]:  # the update was not applied: the state is unchanged
           skipped += 1
           msg = (f"step {step}: non-finite loss ({float(host['loss'])}) or gradient norm "
@@ -526,7 +532,7 @@ class Interval:
   def add(self, host: dict[str, Any]) -> None:
     self.count += 1
     for k, v in host.items():
-      if k in ("finite", "lr", "tokens"):
+      if k in ("finite", "params_finite", "lr", "tokens"):
         continue
       v = np.asarray(v, np.float64)
       if k.startswith("expert_usage"):
