@@ -110,6 +110,8 @@ def main():
   p.add_argument("--batch", type=int, default=0, help="rows per step (default per config)")
   p.add_argument("--seq", type=int, default=0, help="tokens per row (default per config)")
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--as-configured", action="store_true",
+                 help="keep the config's dtype and remat policy (default: fp32, no remat, as torch runs)")
   args = p.parse_args()
 
   import jax
@@ -133,11 +135,13 @@ def main():
     rows, seq = DEFAULT_SHAPES.get(name, (cfg.run.global_batch_size, cfg.data.seq_len))
     rows, seq = args.batch or rows, args.seq or seq
     batch = random_batch(rows, seq, cfg.model.vocab_size)
-    runs = [("jax", cfg.model)]
+    model = cfg.model if args.as_configured else cfg.model.replace(dtype="float32", param_dtype="float32",
+                                                                     remat="none")
+    runs = [("jax", model)]
     if cfg.model.num_mtp_layers:
-      runs.append(("jax (no MTP)", cfg.model.replace(num_mtp_layers=0)))
+      runs.append(("jax (no MTP)", model.replace(num_mtp_layers=0)))
     if not args.no_torch:
-      runs.append(("torch", cfg.model.replace(num_mtp_layers=0)))
+      runs.append(("torch", model.replace(num_mtp_layers=0)))
     for impl, mcfg in runs:
       times = (time_torch if impl == "torch" else time_jax)(cfg, mcfg, batch, args.steps)
       t = statistics.median(times)

@@ -192,7 +192,7 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: 
     task = tasks.with_loss(task, loss_cfg)
 
   def step(state, batch):
-    old_leaves, treedef = jax.tree.flatten(state)
+    treedef = jax.tree.structure(state)
     ts = nnx.merge(graphdef, state)
     model = ts.model
     cfg = model.config
@@ -230,17 +230,26 @@ def make_train_step(graphdef, shardings, loss_cfg: LossConfig | None, schedule: 
 
     grad_norm = global_norm(nnx.filter_state(grads, nnx.Param))
     lr = schedule(ts.opt.step[...])
-    ts.opt.update(model, grads)  # with FP8 also writes the new FP8 state exactly (Fp8Optimizer)
-    task.after_update(model, aux)
-    new_params = jax.tree.leaves(nnx.state(model, nnx.Param))
-    param_norm = global_norm(new_params)
-    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in new_params]))
-    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm) & params_finite
+    # The update is applied only when the loss and the gradients are finite; otherwise the state passes through
+    # unchanged. (A conditional, not a select of old vs new over the whole state: the select kept both copies of
+    # parameters and moments alive and cost ~15% of a 0.3B CPU step.)
+    update_ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
 
-    new_leaves, new_treedef = jax.tree.flatten(nnx.state(ts))
-    assert new_treedef == treedef, "train state structure changed inside the step"
-    new_state = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in zip(new_leaves, old_leaves)])
-    metrics = dict(aux, grad_norm=grad_norm, param_norm=param_norm, lr=lr, finite=finite,
+    def apply(state, grads, aux):
+      ts = nnx.merge(graphdef, state)
+      ts.opt.update(ts.model, grads)  # with FP8 also writes the new FP8 state exactly (Fp8Optimizer)
+      task.after_update(ts.model, aux)
+      new = nnx.state(ts)
+      assert jax.tree.structure(new) == treedef, "train state structure changed inside the step"
+      return new
+
+    new_state = jax.lax.cond(update_ok, apply, lambda state, grads, aux: state, state, grads, aux)
+    new_params = jax.tree.leaves(nnx.state(nnx.merge(graphdef, new_state).model, nnx.Param))
+    param_norm = global_norm(new_params)
+    # every parameter finite: the largest magnitude is (NaN propagates through max; no overflow, unlike the norm)
+    params_finite = jnp.isfinite(jnp.max(jnp.stack([jnp.max(jnp.abs(p)) for p in new_params])))
+    finite = update_ok & params_finite
+    metrics = dict(aux, grad_norm=grad_norm, param_norm=param_norm, lr=lr, finite=finite, params_finite=params_finite,
                    tokens=jnp.sum(rows["loss_mask"]))
     return new_state, metrics
 

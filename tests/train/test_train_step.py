@@ -119,6 +119,20 @@ def test_non_finite_step_leaves_state_unchanged(mesh):
     assert all(np.array_equal(b[k], a[k]) for k in b), part
 
 
+def test_an_update_that_overflows_the_parameters_is_reported(mesh):
+  """Loss and gradients finite, the update applied: `params_finite` says whether every parameter still is (huge
+  but finite parameters, whose norm overflows, count as finite)."""
+  cfg = ModelConfig.tiny_dense(vocab_size=64)
+  batch = _batch(2, 16, cfg.vocab_size)
+  for lr, expected in ((float("inf"), False), (1e30, True)):
+    _, _, after, hist = _run(cfg, optax.sgd(lr), mesh, batch)
+    params = list(_flat(after).values())
+    assert hist[0]["finite"] == hist[0]["params_finite"] == expected, (lr, hist[0])
+    assert all(np.all(np.isfinite(p)) for p in params) == expected
+    if expected:
+      assert max(float(np.abs(p).max()) for p in params) > 1e20 and not np.isfinite(hist[0]["param_norm"])
+
+
 def test_weight_decay_mask():
   key = lambda *names: tuple(jax.tree_util.DictKey(n) for n in names)
   assert decays(key("groups", 0, "blocks", "layers", 0, "attn", "q"))
