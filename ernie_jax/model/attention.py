@@ -49,20 +49,44 @@ def cache_mask(positions: jax.Array, max_len: int) -> jax.Array:
   return jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
 
 
+def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array):
+  """q [B,S,N,D] -> [B,K,G,S,D] (N = K*G query heads grouped by their kv head), k/v [B,T,K,D] -> [B,K,T,D]:
+  the layout in which both attention matmuls are plain batched matmuls (no transposes per block)."""
+  b, s, n, d = q.shape
+  kv = k.shape[2]
+  qh = q.reshape(b, s, kv, n // kv, d).transpose(0, 2, 3, 1, 4)
+  return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _attend_heads_major(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array) -> jax.Array:
+  """qh [B,K,G,S,D], kh/vh [B,K,T,D], mask [B,S,T] -> [B,K,G,S,D]; scores and softmax in fp32."""
+  b, kv, g, s, d = qh.shape
+  t = kh.shape[2]
+  scores = jnp.einsum("bkqd,bktd->bkqt", qh.reshape(b, kv, g * s, d), kh, preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, kv, g, s, t) * (d ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype).reshape(b, kv, g * s, t)
+  return jnp.einsum("bkqt,bktd->bkqd", probs, vh).reshape(b, kv, g, s, d)
+
+
+def _tokens_major(oh: jax.Array) -> jax.Array:
+  """[B,K,G,S,D] -> [B,S,N,D]."""
+  b, kv, g, s, d = oh.shape
+  return oh.transpose(0, 3, 1, 2, 4).reshape(b, s, kv * g, d)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """q [B,S,N,D], k/v [B,T,K,D] (N = K*G), mask [B,S,T] -> [B,S,N,D].
 
   Scores and softmax in fp32; probabilities are cast to v.dtype before the value matmul.
   """
-  b, s, n, d = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, s, kv, n // kv, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
-  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, n, d)
+  return _tokens_major(_attend_heads_major(*_heads_major(q, k, v), mask))
+
+
+def query_chunk(seq: int) -> int:
+  """Queries per block of `causal_attend`: 64 up to 2048 tokens, then seq / 32 (at most 32 unrolled blocks).
+  (On a CPU, 64 was the fastest of 32..256 for a 0.3B layer at 512 tokens: 43 ms vs 53 ms at 128.)"""
+  return 64 if seq <= 2048 else seq // 32
 
 
 def causal_attend(q, k, v, segment_ids: jax.Array | None, chunk: int | None = None) -> jax.Array:
@@ -72,9 +96,10 @@ def causal_attend(q, k, v, segment_ids: jax.Array | None, chunk: int | None = No
   saves about half the work of a dense S x S attention for long sequences.
   """
   b, s = q.shape[:2]
-  chunk = chunk or (128 if s <= 4096 else s // 32)  # at most 32 unrolled chunks
+  chunk = chunk or query_chunk(s)
   if s <= chunk or s % chunk:
     return attend(q, k, v, full_mask(segment_ids, b, s))
+  qh, kh, vh = _heads_major(q, k, v)
   outs = []
   for start in range(0, s, chunk):
     end = start + chunk
@@ -83,8 +108,8 @@ def causal_attend(q, k, v, segment_ids: jax.Array | None, chunk: int | None = No
     if segment_ids is not None:
       mask = mask & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
     mask = jnp.broadcast_to(mask, (b, chunk, end))
-    outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask))
-  return jnp.concatenate(outs, axis=1)
+    outs.append(_attend_heads_major(qh[:, :, :, start:end], kh[:, :, :end], vh[:, :, :end], mask))
+  return _tokens_major(jnp.concatenate(outs, axis=3))
 
 
 class _AttnFp8(nnx.Module):

@@ -71,6 +71,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from ernie_jax.config.base import REMATS
+from ernie_jax.model.attention import query_chunk
 from ernie_jax.model.decoder import layer_groups
 from ernie_jax.parallel import DEFAULT_RULES, MESH_AXES, state_shardings
 from ernie_jax.train.step import abstract_train_state, trainable
@@ -203,9 +204,9 @@ class Dims:
 
 
 def attention_chunks(seq: int) -> tuple[int, float]:
-  """(query chunks, mean keys per query) of `model.attention.causal_attend` (128-query chunks up to 4096
-  tokens, else 32 chunks; one dense S x S block when the chunk does not divide S)."""
-  chunk = 128 if seq <= 4096 else seq // 32
+  """(query chunks, mean keys per query) of `model.attention.causal_attend` (`query_chunk` queries per block;
+  one dense S x S block when the chunk does not divide S)."""
+  chunk = query_chunk(seq)
   if seq <= chunk or seq % chunk:
     return 1, float(seq)
   n = seq // chunk

@@ -112,7 +112,7 @@ def test_merged_equals_unmerged(cfg, random_lora):
   assert not nnx.state(merged, nnx.LoRAParam)
   assert lora.lora_targets(model)  # the input model is left unchanged
   got = np.asarray(logits_o2(merged, TOKENS))
-  assert rel(got, want) <= 1e-6
+  assert rel(got, want) <= 3e-6  # fp32 rounding: (W + BA) x vs W x + B (A x)
   assert rel(want, np.asarray(logits(base, TOKENS))) > 1e-3  # the adapters do change the model
   # merged weights W + scale A·B, per expert, from numpy
   e, me = model.groups[-1].blocks.layers[0].mlp, merged.groups[-1].blocks.layers[0].mlp

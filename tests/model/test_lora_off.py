@@ -92,6 +92,6 @@ def test_adapters_off_gives_the_base_model(cfg):
     assert set(flat) == {f"{t}_lora_{x}" for t in targets for x in "ab"}
     assert all(np.isfinite(g).all() for g in flat.values()) and any(np.abs(g).max() > 0 for g in flat.values())
     with adapters_off():  # eager (op by op, so equal to the compiled base up to rounding)
-      np.testing.assert_allclose(np.asarray(model(TOKENS).logits), want, rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(np.asarray(model(TOKENS).logits), want, rtol=3e-6, atol=3e-6)
   np.testing.assert_allclose(np.asarray(policy), adapted, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(reference), want, rtol=1e-6, atol=1e-6)
