@@ -34,7 +34,7 @@ def main():
   p.add_argument("--inter", type=int, default=3072)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--kv_heads", type=int, default=2)
-  p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--head_dim", type=int, default=128)
   p.add_argument("--vocab", type=int, default=103424)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--parts", default="matmul,mlp,attention,lm_loss")

@@ -3,12 +3,14 @@
   python benchmarks/train_throughput.py                       # tiny and ~100M configs, CPU
   python benchmarks/train_throughput.py --configs tiny --steps 10
   python benchmarks/train_throughput.py --configs 100m --batch 4 --seq 512 --no-torch
+  python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --scan_unroll 1,all
 
 What is timed: one optimizer step on a fixed batch of random tokens (data loading excluded) =
 forward + backward + global-norm clip + AdamW, fp32, for
   * jax:   the jitted `ernie_jax.train.step` step (LM loss + MoE losses + MTP when the config has
            it, correction-bias update, non-finite guard), on one device;
   * jax (no MTP): the same model without the MTP layer, as transformers has none;
+  * jax unroll=N: with model.scan_unroll=N (`--scan_unroll`: N layers per iteration of the layer loop);
   * torch: transformers' Ernie4_5(_Moe)ForCausalLM with the same shapes, loss from `labels`,
            `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()` (no MTP, no MoE aux loss).
 MFU = model FLOPs (ernie_jax.train.flops: 6 x active matmul params + causal attention, per token)
@@ -112,6 +114,8 @@ def main():
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--as-configured", action="store_true",
                  help="keep the config's dtype and remat policy (default: fp32, no remat, as torch runs)")
+  p.add_argument("--scan_unroll", default="1",
+                 help="comma-separated model.scan_unroll values to time (an int, or 'all' for every layer unrolled)")
   args = p.parse_args()
 
   import jax
@@ -129,7 +133,7 @@ def main():
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); {torch_info}; "
         f"peak {peak / 1e9:,.0f} GFLOP/s ({source})"
         + (f"; vendor peak {measured.vendor / 1e12:.0f} TFLOP/s (dense bf16)" if measured.vendor else ""))
-  print(f"{'config':8} {'impl':14} {'params':>8} {'batch':>9} {'step s':>8} {'tokens/s':>10} {'MFU':>7}")
+  print(f"{'config':8} {'impl':15} {'params':>8} {'batch':>9} {'step s':>8} {'tokens/s':>10} {'MFU':>7}")
   for name in args.configs.split(","):
     cfg = model_config(name)
     rows, seq = DEFAULT_SHAPES.get(name, (cfg.run.global_batch_size, cfg.data.seq_len))
@@ -137,7 +141,10 @@ def main():
     batch = random_batch(rows, seq, cfg.model.vocab_size)
     model = cfg.model if args.as_configured else cfg.model.replace(dtype="float32", param_dtype="float32",
                                                                      remat="none")
-    runs = [("jax", model)]
+    runs = []
+    for u in args.scan_unroll.split(","):
+      unroll = model.num_hidden_layers if u == "all" else int(u)
+      runs.append(("jax" + ("" if unroll == 1 else f" unroll={u}"), model.replace(scan_unroll=unroll)))
     if cfg.model.num_mtp_layers:
       runs.append(("jax (no MTP)", model.replace(num_mtp_layers=0)))
     if not args.no_torch:
@@ -148,7 +155,7 @@ def main():
       tokens = rows * seq
       per_s = flops.train_flops_per_token(mcfg, seq) * tokens / t
       vendor = f" (vendor peak: {mfu_text(per_s / measured.vendor)})" if measured.vendor else ""
-      print(f"{name:8} {impl:14} {flops.total_params(mcfg) / 1e6:7.1f}M {rows:>4}x{seq:<4} {t:8.3f} "
+      print(f"{name:8} {impl:15} {flops.total_params(mcfg) / 1e6:7.1f}M {rows:>4}x{seq:<4} {t:8.3f} "
             f"{tokens / t:10,.0f} {mfu_text(per_s / peak):>7}{vendor}  {spread(times)}", flush=True)
   print(measured.finish())
   if measured.value > peak:

@@ -76,6 +76,10 @@ class DecoderConfig:
   param_dtype: DType = "float32"
   dtype: DType = "float32"
   remat: Remat = "none"
+  # Layers per iteration of the scan over each group of repeated layers: 1 (default) compiles one layer body
+  # whatever the depth; more trades compile time for speed where a loop iteration costs (XLA:CPU: ~15% of a
+  # 0.3B layer, benchmarks/RESULTS.md). A value >= the number of layers unrolls them all.
+  scan_unroll: int = 1
 
   @property
   def is_vl(self) -> bool:
@@ -105,6 +109,7 @@ def validate_decoder(c: DecoderConfig) -> None:
     raise ConfigError("num_key_value_heads",
                       f"num_attention_heads={c.num_attention_heads} is not divisible by "
                       f"num_key_value_heads={c.num_key_value_heads}")
+  positive(c, "scan_unroll")
   for name in ("rope_theta", "rms_norm_eps"):
     if not getattr(c, name) > 0:
       raise ConfigError(name, f"must be > 0, got {getattr(c, name)!r}")

@@ -138,6 +138,7 @@ class LayerGroup(nnx.Module):
     self.unit = unit
     self.repeats = repeats
     self.remat = cfg.remat
+    self.unroll = min(cfg.scan_unroll, repeats)
 
   def __call__(self, x, cos, sin, positions, segment_ids=None, caches=None, rules=None, **ffn_inputs):
     """caches: per unit position, a KVCache stacked over the repeats ([R, B, T, K, D]). It travels
@@ -153,7 +154,7 @@ class LayerGroup(nnx.Module):
     if self.remat != "none":
       body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=self.unroll,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def scan_fn(block, carry, index):
       return body(block, carry, index)

@@ -55,7 +55,7 @@ from ernie_jax.train.workdir import WorkdirLock
 
 # ModelConfig fields that may differ from the checkpoint being resumed / initialised from: they
 # change how the model computes, not which parameters it has.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "moe_impl", "moe_transport", "moe_capacity_factor")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "moe_impl", "moe_transport", "moe_capacity_factor")
 #: the data's reference losses a run's summary repeats from `Setup.info` (the unigram entropy of text data; the loss a
 #: model that ignores the images cannot beat, for VL data)
 SUMMARY_BOUNDS = ("unigram_entropy", "text_only_bound")

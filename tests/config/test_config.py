@@ -79,6 +79,7 @@ def test_from_paddle_list_fields_and_defaults():
   (dict(moe_impl="magic"), "moe_impl"),
   (dict(eos_token_id=5000), "eos_token_id"),
   (dict(moe_intermediate_size=0), "moe_intermediate_size"),
+  (dict(scan_unroll=0), "scan_unroll"),
 ])
 def test_contradictions_name_the_field(changes, field):
   with pytest.raises(ConfigError) as e:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import ernie_jax
 from ernie_jax.model.layers import apply_rope, rope_angles
@@ -191,3 +192,24 @@ def test_long_sequence_uses_chunked_attention(checkpoints):
   tokens = ref.random_tokens(torch_model.config.vocab_size, (1, 384), seed=6)
   model = ernie_jax.from_pretrained(path)
   _assert_close(model(jnp.asarray(tokens)).logits, ref.logits(torch_model, tokens))
+
+
+def test_scan_unroll_gives_the_same_logits_and_gradients(checkpoints):
+  """model.scan_unroll (2 of 3 repeated layers per loop iteration, a remainder; then all unrolled) changes only
+  how the layer loop is compiled: transformers' logits, and the gradients of the scanned model."""
+  torch_model, path = checkpoints["dense_untied_3layers"]
+  tokens = jnp.asarray(ref.random_tokens(torch_model.config.vocab_size, (2, 24), seed=7))
+  expected = ref.logits(torch_model, np.asarray(tokens))
+
+  def grads(model):
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: jnp.sum(nnx.merge(gdef, p, rest)(tokens).logits ** 2)  # noqa: E731
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+  want = grads(ernie_jax.from_pretrained(path))
+  for unroll in (2, 3):
+    model = ernie_jax.from_pretrained(path, scan_unroll=unroll)
+    assert model.config.scan_unroll == unroll
+    _assert_close(model(tokens).logits, expected)
+    for a, b in zip(grads(model), want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
