@@ -305,7 +305,7 @@ def _has_progress(workdir: str) -> bool:
 
 
 def _start(config, cfg, recipe, workdir, is_main, started: str, mesh) -> dict[str, Any]:
-  """`train` with the workdir locked: tokenizer, mesh, checkpoints, then `_train`."""
+  """`train` with the workdir locked (the mesh built and checked): tokenizer, checkpoints, then `_train`."""
   run = cfg.run
   if run.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(run.compilation_cache_dir))
@@ -446,7 +446,7 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started
         host = jax.device_get(metrics)  # waits for the step
         writer.advance()
 
-        if not host.get("params_finite", True):  # a finite update that overflowed: nothing to roll back to
+        if not host["params_finite"]:  # a finite update that overflowed: nothing to roll back to
           report(ckpt.wait())
           raise NonFiniteError(f"step {step}: the update made the parameters non-finite (loss "
                                f"{float(host['loss'])}, gradient norm {float(host['grad_norm'])}); stopping, the last "

@@ -151,12 +151,12 @@ def _add_block_grads(blocks, d, block_group, w):
 def block_swiglu_hidden(blocks: jax.Array, gate: jax.Array, up: jax.Array, block_group: jax.Array) -> jax.Array:
   """silu(blocks[n] @ gate[g]) * (blocks[n] @ up[g]) with g = block_group[n]: [N, b, H] -> [N, b, I], both
   projections and the gate in one pass per block; its backward like `block_matmul`'s."""
-  return jax.lax.map(lambda a: jax.nn.silu(a[0] @ gate[a[1]]) * (a[0] @ up[a[1]]), (blocks, block_group))
+  return jax.lax.map(lambda a: silu_gate(a[0] @ gate[a[1]], a[0] @ up[a[1]]), (blocks, block_group))
 
 
 def _block_swiglu_hidden_fwd(blocks, gate, up, block_group):
   a, b = jax.lax.map(lambda x: (x[0] @ gate[x[1]], x[0] @ up[x[1]]), (blocks, block_group))
-  return jax.nn.silu(a) * b, (blocks, gate, up, block_group, a, b)
+  return silu_gate(a, b), (blocks, gate, up, block_group, a, b)
 
 
 def _block_swiglu_hidden_bwd(res, dh):
@@ -198,16 +198,16 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None, lora: E
   buf = jnp.zeros((num_blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
   buf = buf.reshape(num_blocks, block, -1)
   blocks = jnp.arange(num_blocks)
-  if lora is None:
+  if lora is None:  # (custom VJPs: the weight gradients accumulate in place)
     h = block_swiglu_hidden(buf, gate, up, block_group)
-    if act is not None:  # on the whole intermediate (padding rows are zero)
-      h = act(h)
-    out = block_matmul(h, down, block_group)
   else:
     h = jax.lax.map(lambda a: silu_gate(bproj(a[0], gate, lg, a[1], a[2]), bproj(a[0], up, lu, a[1], a[2])),
                     (buf, block_group, blocks))
-    if act is not None:  # on the whole intermediate (padding rows are zero)
-      h = act(h)
+  if act is not None:  # on the whole intermediate (padding rows are zero)
+    h = act(h)
+  if lora is None:
+    out = block_matmul(h, down, block_group)
+  else:
     out = jax.lax.map(lambda a: bproj(a[0], down, ld, a[1], a[2]), (h, block_group, blocks))
   return jnp.take(out.reshape(num_blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
 
