@@ -52,6 +52,16 @@ def machine_line(label: str = "") -> str:
 MIN_RUNS = 3
 
 
+def timed(fn, iters: int) -> list[float]:
+  """Seconds of each of `iters` calls of fn() (warm up first: the first call of a jitted function compiles)."""
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
 def summary(times: list[float]) -> dict:
   """{"median", "min", "max", "runs"} of step times in seconds (for JSON results)."""
   if not times:

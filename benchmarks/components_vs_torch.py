@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import MIN_RUNS, machine_line  # noqa: E402
+from bench_util import MIN_RUNS, machine_line, timed  # noqa: E402
 
 
 def main():
@@ -39,8 +39,6 @@ def main():
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--parts", default="matmul,mlp,attention,lm_loss")
   args = p.parse_args()
-
-  import time
 
   import jax
   import jax.numpy as jnp
@@ -62,13 +60,8 @@ def main():
 
   def time_jax(f, inputs):
     g = jax.jit(jax.value_and_grad(f, argnums=tuple(range(len(inputs)))))
-    jax.block_until_ready(g(*inputs))
-    times = []
-    for _ in range(args.iters):
-      t0 = time.perf_counter()
-      jax.block_until_ready(g(*inputs))
-      times.append(time.perf_counter() - t0)
-    return times
+    jax.block_until_ready(g(*inputs))  # compile
+    return timed(lambda: jax.block_until_ready(g(*inputs)), args.iters)
 
   def time_torch(f, inputs):
     ts = [torch.tensor(x, requires_grad=True) for x in inputs]
@@ -78,13 +71,8 @@ def main():
         x.grad = None
       f(*ts).backward()
 
-    once()
-    times = []
-    for _ in range(args.iters):
-      t0 = time.perf_counter()
-      once()
-      times.append(time.perf_counter() - t0)
-    return times
+    once()  # warm-up
+    return timed(once, args.iters)
 
   x, gate, up, down = arr(t, h, scale=1.0), arr(h, i), arr(h, i), arr(i, h)
   q, k, vv = arr(b, s, n, d, scale=1.0), arr(b, s, kv, d, scale=1.0), arr(b, s, kv, d, scale=1.0)

@@ -20,17 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import machine_line, spread  # noqa: E402
-
-
-def timed(fn, iters: int) -> list[float]:
-  """Seconds of each of `iters` calls of fn()."""
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return times
+from bench_util import machine_line, spread, timed  # noqa: E402
 
 
 def main():

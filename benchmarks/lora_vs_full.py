@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import machine_line, spread  # noqa: E402
+from bench_util import machine_line, spread, timed  # noqa: E402
 
 
 def model_config(kind: str):
@@ -120,12 +120,8 @@ def run_torch(args, method: str) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  step()
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
+  step()  # warm-up
+  times = timed(step, args.steps)
   opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
   return {"times": times, "trainable": sum(p.numel() for p in params), "opt_bytes": opt_bytes, "xla_total": 0}
 

@@ -27,14 +27,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import DevicePeak, machine_line, mfu_text, random_batch, spread, time_train_step  # noqa: E402
+from bench_util import DevicePeak, machine_line, mfu_text, random_batch, spread, time_train_step, timed  # noqa: E402
 
 DEFAULT_SHAPES = {"tiny": (8, 256), "100m": (4, 512)}
 CONFIG_FILES = {"tiny": "tiny", "100m": "ernie45_100m"}
@@ -97,12 +96,7 @@ def time_torch(cfg, model_cfg, batch, steps: int) -> list[float]:
     return float(loss.detach())
 
   step()  # warm-up
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return times
+  return timed(step, steps)
 
 
 def main():
