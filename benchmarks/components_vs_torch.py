@@ -9,7 +9,11 @@ Parts (each timed as value-and-grad of a scalar, median of --iters after a warm-
              torch.nn.functional.scaled_dot_product_attention(is_causal=True))
   lm_loss    tied LM head + cross-entropy over the vocabulary (ernie_jax.train.losses.lm_loss_sum vs
              torch.nn.functional.cross_entropy)
+  lm_fused   the same loss through the fused head + cross-entropy (ernie_jax.train.linear_ce, one chunk of
+             --seq positions; what `loss.lm_chunk` runs) vs torch's plain one
   matmul     a plain [tokens, hidden] x [hidden, inter] matmul forward + backward (the backend's own rate)
+  rows       forward-only [M, hidden] x [hidden, inter] matmuls for M = 64 .. 2048 (the sizes of attention
+             blocks and MoE expert groups), fastest-tenth and median GFLOP/s of 200 calls each
 Prints ms per part for each framework, their ratio (torch time / jax time: > 1 means JAX is faster) and the
 achieved GFLOP/s. The load average is printed before and after (a busy machine is flagged).
 """
@@ -37,7 +41,7 @@ def main():
   p.add_argument("--head_dim", type=int, default=128)
   p.add_argument("--vocab", type=int, default=103424)
   p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--parts", default="matmul,mlp,attention,lm_loss")
+  p.add_argument("--parts", default="matmul,mlp,attention,lm_loss,lm_fused,rows")
   args = p.parse_args()
 
   import jax
@@ -47,6 +51,7 @@ def main():
 
   from ernie_jax.model.attention import causal_attend
   from ernie_jax.model.layers import swiglu
+  from ernie_jax.train import linear_ce
   from ernie_jax.train.losses import lm_loss_sum
 
   print(machine_line("before"))
@@ -92,6 +97,10 @@ def main():
     "lm_loss": (3 * 2 * t * h * v,
                 lambda x, e: lm_loss_sum((x @ e.T)[None], jnp.asarray(targets)[None], jnp.ones((1, t)))[0] / t,
                 lambda x, e: torch.nn.functional.cross_entropy(x @ e.T, torch.as_tensor(targets)), (x, emb)),
+    "lm_fused": (3 * 2 * t * h * v,
+                 lambda x, e: linear_ce.nll_sum(x.reshape(b, s, h), e, jnp.asarray(targets).reshape(b, s),
+                                                jnp.ones((b, s)), chunk=s, vocab_major=True) / t,
+                 lambda x, e: torch.nn.functional.cross_entropy(x @ e.T, torch.as_tensor(targets)), (x, emb)),
   }
   def ms(times):
     return f"{np.median(times) * 1e3:8.1f} ({min(times) * 1e3:.0f}-{max(times) * 1e3:.0f})"
@@ -100,12 +109,29 @@ def main():
     print(f"note: --iters {args.iters} < {MIN_RUNS}: the spreads mean little")
   print(f"{'part':10} {'jax ms (min-max)':>20} {'torch ms (min-max)':>20} {'torch/jax':>9} {'jax GFLOP/s':>11} "
         f"{'torch GFLOP/s':>13}")
-  for name in args.parts.split(","):
+  names = args.parts.split(",")
+  for name in names:
+    if name == "rows":
+      continue
     flops, fj, ft, inputs = parts[name]
     tj, tt = time_jax(fj, inputs), time_torch(ft, inputs)
     mj, mt = float(np.median(tj)), float(np.median(tt))
     print(f"{name:10} {ms(tj):>20} {ms(tt):>20} {mt / mj:9.2f} "
           f"{flops / mj / 1e9:11.1f} {flops / mt / 1e9:13.1f}")
+  if "rows" in names:
+    print(f"forward [M, {h}] x [{h}, {i}] GFLOP/s, fastest tenth / median of 200 calls (one jitted dot per call):")
+    print(f"{'M':>6} {'jax':>11} {'torch':>11} {'torch/jax':>9}")
+    for m in (64, 128, 256, 512, 1024, 2048):
+      a, w = arr(m, h, scale=1.0), arr(h, i)
+      ja, jw, ta, tw = jnp.asarray(a), jnp.asarray(w), torch.tensor(a), torch.tensor(w)
+      f = jax.jit(lambda a, w: a @ w)
+      rates = []
+      for call in (lambda: f(ja, jw).block_until_ready(), lambda: ta @ tw):
+        timed(call, 5)  # warm-up (the first jax call compiles)
+        times = sorted(timed(call, 200))
+        rates.append((2 * m * h * i / times[len(times) // 10] / 1e9, 2 * m * h * i / times[len(times) // 2] / 1e9))
+      (jf, jm), (tf, tm) = rates
+      print(f"{m:6d} {jf:5.0f} / {jm:3.0f} {tf:5.0f} / {tm:3.0f} {tm / jm:9.2f}")
   print(machine_line("after"))
 
 

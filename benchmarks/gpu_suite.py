@@ -16,6 +16,8 @@ prints one line and the others still run, and so that peak memory is that case's
   moe_ragged_dot  an ERNIE-4.5-21B-A3B-shaped MoE at its real widths (hidden 2560, 64 experts top-6 of
   moe_blocked     width 1536, 2 shared experts, vocab 103424) with 3 layers (1 dense + 2 MoE): the
                   grouped matmul as jax.lax.ragged_dot vs the block-padded form (`moe_impl`);
+  dense_bf16_lm_chunk  the same with the LM head fused into the cross-entropy, 1024 positions at a time
+                  (`loss.lm_chunk`): peak memory and step time against dense_bf16;
   fp8_delayed     the dense ~1B model with FP8 matmuls (`fp8_recipe`), step time against dense_bf16;
   fp8_current
   ep_all_to_all   with > 1 device: the MoE over an `expert` mesh axis of every device, capacity-padded
@@ -106,7 +108,7 @@ def moe_config(mode: Mode, **kw):
                                      remat="save_dots", **kw)
 
 
-CASES = ("peak", "dense_bf16", "moe_ragged_dot", "moe_blocked", "fp8_delayed", "fp8_current", "ep_all_to_all",
+CASES = ("peak", "dense_bf16", "dense_bf16_lm_chunk", "moe_ragged_dot", "moe_blocked", "fp8_delayed", "fp8_current", "ep_all_to_all",
          "ep_ragged_all_to_all")
 
 
@@ -147,9 +149,13 @@ def run_train(name: str, mode: Mode, deadline: float) -> dict:
   from ernie_jax.parallel import MeshConfig, make_mesh
   from ernie_jax.train import flops
 
-  rows, mesh, note = mode.rows, None, ""
+  from ernie_jax.train.losses import LossConfig
+
+  rows, mesh, note, loss = mode.rows, None, "", None
   if name == "dense_bf16":
     cfg = dense_config(mode)
+  elif name == "dense_bf16_lm_chunk":
+    cfg, loss = dense_config(mode), LossConfig(lm_chunk=min(1024, mode.seq))
   elif name.startswith("moe_"):
     cfg = moe_config(mode, moe_impl=name[len("moe_"):])
   elif name.startswith("fp8_"):
@@ -170,7 +176,7 @@ def run_train(name: str, mode: Mode, deadline: float) -> dict:
     raise ValueError(f"unknown case {name!r}; known: {CASES}")
   devices = 1 if mesh is None else mesh.devices.size
   batch = random_batch(rows, mode.seq, cfg.vocab_size)
-  r = time_train_step(cfg, batch, mode.steps, warmup=mode.warmup, mesh=mesh, deadline=deadline)
+  r = time_train_step(cfg, batch, mode.steps, warmup=mode.warmup, mesh=mesh, loss=loss, deadline=deadline)
   fig = flops.figures(cfg, mode.seq, rows)
   return {"times": r["times"], "first_step_s": r["first_step_s"], "rows": rows, "seq": mode.seq,
           "tokens": rows * mode.seq, "devices": devices, "flops_per_step": fig["flops_per_step"],
@@ -285,7 +291,7 @@ def format_train(name: str, r: dict, peak: dict | None, baseline: dict | None) -
   return lines
 
 
-BASELINES = {"moe_blocked": "moe_ragged_dot", "fp8_delayed": "dense_bf16", "fp8_current": "dense_bf16",
+BASELINES = {"dense_bf16_lm_chunk": "dense_bf16", "moe_blocked": "moe_ragged_dot", "fp8_delayed": "dense_bf16", "fp8_current": "dense_bf16",
              "ep_ragged_all_to_all": "ep_all_to_all"}
 
 

@@ -4,6 +4,8 @@
   python benchmarks/train_throughput.py --configs tiny --steps 10
   python benchmarks/train_throughput.py --configs 100m --batch 4 --seq 512 --no-torch
   python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --scan_unroll 1,all
+  python benchmarks/train_throughput.py --configs moe512     # issue 15's MoE row: H512, 16 experts top-4, 4x512
+  python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --lm_chunk 0,512 --no-torch
 
 What is timed: one optimizer step on a fixed batch of random tokens (data loading excluded) =
 forward + backward + global-norm clip + AdamW, fp32, for
@@ -11,6 +13,7 @@ forward + backward + global-norm clip + AdamW, fp32, for
            it, correction-bias update, non-finite guard), on one device;
   * jax (no MTP): the same model without the MTP layer, as transformers has none;
   * jax unroll=N: with model.scan_unroll=N (`--scan_unroll`: N layers per iteration of the layer loop);
+  * jax lm_chunk=N: with loss.lm_chunk=N (`--lm_chunk`: the LM head fused into the cross-entropy);
   * torch: transformers' Ernie4_5(_Moe)ForCausalLM with the same shapes, loss from `labels`,
            `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()` (no MTP, no MoE aux loss).
 MFU = model FLOPs (ernie_jax.train.flops: 6 x active matmul params + causal attention, per token)
@@ -24,6 +27,7 @@ MFU above 100% is printed as "peak is wrong". The load average is printed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -35,8 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_util import DevicePeak, machine_line, mfu_text, random_batch, spread, time_train_step, timed  # noqa: E402
 
-DEFAULT_SHAPES = {"tiny": (8, 256), "100m": (4, 512)}
-CONFIG_FILES = {"tiny": "tiny", "100m": "ernie45_100m"}
+DEFAULT_SHAPES = {"tiny": (8, 256), "100m": (4, 512), "moe512": (4, 512)}
+CONFIG_FILES = {"tiny": "tiny", "100m": "ernie45_100m", "moe512": "tiny"}
+# moe512: the MoE of issue 15's first row and of forward_vs_transformers.py (hidden 512, 8 layers: 1 dense + 7 MoE
+# of 16 experts top-4 of width 256 and 1 shared expert, vocab 32000), on the tiny config's training settings
+MODELS = {"moe512": dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=64, intermediate_size=2048, moe_num_experts=16, moe_k=4,
+                         moe_intermediate_size=256, moe_num_shared_experts=1, moe_layer_start_index=1,
+                         num_mtp_layers=0)}
 
 
 def model_config(name: str):
@@ -45,6 +55,7 @@ def model_config(name: str):
   from ernie_jax.train.config import parse
 
   c = importlib.import_module(f"configs.{CONFIG_FILES.get(name, name)}").get_config()
+  c.model.update(MODELS.get(name, {}))
   c.data.paths, c.data.tokenizer = "unused", "bytes"
   return parse(c)
 
@@ -101,7 +112,7 @@ def time_torch(cfg, model_cfg, batch, steps: int) -> list[float]:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--configs", default="tiny,100m", help="comma-separated: tiny, 100m, or an experiments/configs name")
+  p.add_argument("--configs", default="tiny,100m", help="comma-separated: tiny, 100m, moe512, or an experiments/configs name")
   p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up / compile step)")
   p.add_argument("--batch", type=int, default=0, help="rows per step (default per config)")
   p.add_argument("--seq", type=int, default=0, help="tokens per row (default per config)")
@@ -110,6 +121,9 @@ def main():
                  help="keep the config's dtype and remat policy (default: fp32, no remat, as torch runs)")
   p.add_argument("--scan_unroll", default="1",
                  help="comma-separated model.scan_unroll values to time (an int, or 'all' for every layer unrolled)")
+  p.add_argument("--lm_chunk", default="0",
+                 help="comma-separated loss.lm_chunk values to time (0: whole logits; N: the fused head, N positions "
+                      "at a time)")
   args = p.parse_args()
 
   import jax
@@ -127,7 +141,7 @@ def main():
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); {torch_info}; "
         f"peak {peak / 1e9:,.0f} GFLOP/s ({source})"
         + (f"; vendor peak {measured.vendor / 1e12:.0f} TFLOP/s (dense bf16)" if measured.vendor else ""))
-  print(f"{'config':8} {'impl':15} {'params':>8} {'batch':>9} {'step s':>8} {'tokens/s':>10} {'MFU':>7}")
+  print(f"{'config':8} {'impl':24} {'params':>8} {'batch':>9} {'step s':>8} {'tokens/s':>10} {'MFU':>7}")
   for name in args.configs.split(","):
     cfg = model_config(name)
     rows, seq = DEFAULT_SHAPES.get(name, (cfg.run.global_batch_size, cfg.data.seq_len))
@@ -138,18 +152,21 @@ def main():
     runs = []
     for u in args.scan_unroll.split(","):
       unroll = model.num_hidden_layers if u == "all" else int(u)
-      runs.append(("jax" + ("" if unroll == 1 else f" unroll={u}"), model.replace(scan_unroll=unroll)))
+      for chunk in (int(c) for c in args.lm_chunk.split(",")):
+        label = "jax" + ("" if unroll == 1 else f" unroll={u}") + (f" lm_chunk={chunk}" if chunk else "")
+        runs.append((label, model.replace(scan_unroll=unroll), chunk))
     if cfg.model.num_mtp_layers:
-      runs.append(("jax (no MTP)", model.replace(num_mtp_layers=0)))
+      runs.append(("jax (no MTP)", model.replace(num_mtp_layers=0), 0))
     if not args.no_torch:
-      runs.append(("torch", model.replace(num_mtp_layers=0)))
-    for impl, mcfg in runs:
-      times = (time_torch if impl == "torch" else time_jax)(cfg, mcfg, batch, args.steps)
+      runs.append(("torch", model.replace(num_mtp_layers=0), 0))
+    for impl, mcfg, chunk in runs:
+      run_cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, lm_chunk=chunk)) if chunk else cfg
+      times = (time_torch if impl == "torch" else time_jax)(run_cfg, mcfg, batch, args.steps)
       t = statistics.median(times)
       tokens = rows * seq
       per_s = flops.train_flops_per_token(mcfg, seq) * tokens / t
       vendor = f" (vendor peak: {mfu_text(per_s / measured.vendor)})" if measured.vendor else ""
-      print(f"{name:8} {impl:15} {flops.total_params(mcfg) / 1e6:7.1f}M {rows:>4}x{seq:<4} {t:8.3f} "
+      print(f"{name:8} {impl:24} {flops.total_params(mcfg) / 1e6:7.1f}M {rows:>4}x{seq:<4} {t:8.3f} "
             f"{tokens / t:10,.0f} {mfu_text(per_s / peak):>7}{vendor}  {spread(times)}", flush=True)
   print(measured.finish())
   if measured.value > peak:

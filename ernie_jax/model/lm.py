@@ -139,9 +139,10 @@ class ErnieForCausalLM(DecoderLM):
     x, router, cache = self.decode_layers(x, cos, sin, positions, segment_ids, cache)
     return CausalLMOutput(self.head(x), x, router, cache)
 
-  def mtp_logits(self, tokens: jax.Array, hidden: jax.Array, positions: jax.Array | None = None,
+  def mtp_hidden(self, tokens: jax.Array, hidden: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> list[jax.Array]:
-    """Logits of each MTP depth d; position t of depth d predicts token t + d + 2.
+    """The last hidden state of each MTP depth d (before the final norm; `head` gives its logits):
+    position t of depth d predicts token t + d + 2.
 
     `hidden` is `CausalLMOutput.hidden`. Embeddings past the end use the pad token (those
     positions have no target and must be masked by the loss).
@@ -160,8 +161,13 @@ class ErnieForCausalLM(DecoderLM):
       z = jnp.concatenate([e, m.hidden_norm(h.astype(e.dtype))], axis=-1)
       z = z @ m.proj[...].astype(z.dtype)
       h, _, _ = m.block(z, cos, sin, positions=positions, segment_ids=segment_ids, rules=self.sharding_rules)
-      out.append(self.head(h))
+      out.append(h)
     return out
+
+  def mtp_logits(self, tokens: jax.Array, hidden: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> list[jax.Array]:
+    """Logits of each MTP depth (`mtp_hidden` through the final norm and LM head)."""
+    return [self.head(h) for h in self.mtp_hidden(tokens, hidden, positions, segment_ids)]
 
 
 def unpad_rows(out: CausalLMOutput, b: int, s: int) -> CausalLMOutput:
@@ -173,16 +179,22 @@ def unpad_rows(out: CausalLMOutput, b: int, s: int) -> CausalLMOutput:
   return out.replace(logits=out.logits[:b], hidden=out.hidden[:b], router=router)
 
 
+def head_parts(model, h: jax.Array) -> tuple[jax.Array, jax.Array, bool]:
+  """(final-normed h in the compute dtype [B, S, H], the LM head weight, whether it is vocab-major): the
+  head's weight is the embedding [V, H] when tied (`model.lm_head` None), else `lm_head` [H, V]."""
+  y = model.norm(h).astype(jnp.dtype(model.config.dtype))
+  if model.lm_head is None:
+    return y, model.embed[...], True
+  return y, model.lm_head[...], False
+
+
 def lm_logits(model, h: jax.Array) -> jax.Array:
-  """Final norm + LM head (tied to `model.embed` when `model.lm_head` is None); logits in fp32."""
-  d = jnp.dtype(model.config.dtype)
-  y = model.norm(h).astype(d)
+  """Final norm + LM head (`head_parts`); logits in fp32."""
+  y, w, vocab_major = head_parts(model, h)
   b, s, hidden = y.shape
   y = y.reshape(b * s, hidden)  # a 2-D matmul: its weight gradient is ~12% faster on XLA:CPU than over [B, S]
-  if model.lm_head is None:
-    logits = jnp.einsum("th,vh->tv", y, model.embed[...].astype(d), preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.einsum("th,hv->tv", y, model.lm_head[...].astype(d), preferred_element_type=jnp.float32)
+  logits = jnp.einsum("th,vh->tv" if vocab_major else "th,hv->tv", y, w.astype(y.dtype),
+                      preferred_element_type=jnp.float32)
   return constrain(logits.reshape(b, s, -1), ("batch", "length", "act_vocab"), model.sharding_rules)
 
 

@@ -126,13 +126,12 @@ class PreferenceTuning(FineTuning):
     micro = self.micro_rows(cfg)
     sharding = batch_sharding(mesh)
     gdef, state = nnx.split(base)
+    task = dataclasses.replace(self.task(cfg, None), pairs_per_row=1)
 
     @jax.jit
     def logps(state, batch):
-      model = nnx.merge(gdef, state)
       with lora_ops.adapters_off():
-        out = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-      lp = dpo_losses.pair_logps(out.logits, batch["targets"], batch["loss_mask"], batch["segment_ids"], 1)
+        lp, _ = task.logps(nnx.merge(gdef, state), batch)
       return jnp.concatenate([lp["chosen_logps"], lp["rejected_logps"]], axis=1)  # [rows, 2]
 
     values = {}

@@ -129,11 +129,17 @@ def pair_logps(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array, segm
   over loss-mask tokens), "chosen_tokens", "rejected_tokens" (fp32 counts): [R, P]; "valid" [R, P] bool
   (the pair is present: both answers have loss tokens); "unassigned_tokens": scalar count of loss-mask
   tokens outside segments 1..2P (0 for well-formed rows: the caller may check it)}."""
+  return pair_sums(token_logps(logits, targets), loss_mask, segment_ids, pairs_per_row)
+
+
+def pair_sums(token_lp: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,
+              pairs_per_row: int) -> dict[str, jax.Array]:
+  """`pair_logps` from the per-position log-probs of the targets [R, S] (e.g. `losses.head_token_nll`, negated)."""
   if not isinstance(pairs_per_row, int) or pairs_per_row < 1:
     raise ValueError(f"pair_logps: pairs_per_row must be an int >= 1, got {pairs_per_row!r}")
   n = 2 * pairs_per_row
   mask = loss_mask > 0
-  lp = jnp.where(mask, token_logps(logits, targets), 0.0)
+  lp = jnp.where(mask, token_lp, 0.0)
   sums = segment_sums(lp, segment_ids, n)
   counts = segment_sums(mask.astype(jnp.float32), segment_ids, n)
   out = {"chosen_logps": sums[:, 0::2], "rejected_logps": sums[:, 1::2],

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from ernie_jax.model import lora_ops
 from ernie_jax.train import dpo_losses
 from ernie_jax.train.dpo_losses import DPOConfig
-from ernie_jax.train.losses import LossConfig
+from ernie_jax.train.losses import LossConfig, head_token_nll
 from ernie_jax.train.tasks import merge_here, text_bias_update, text_moe_terms
 
 REFERENCES = ("lora_base", "copy", "precomputed", "none")
@@ -68,9 +68,11 @@ class Preference:
   def logps(self, model, micro) -> tuple[dict[str, jax.Array], object]:
     """(pair log-probs of `model` on the micro-batch, its forward output)."""
     out = model(micro["inputs"], micro["positions"], micro["segment_ids"])
-    lp = dpo_losses.pair_logps(out.logits, micro["targets"], micro["loss_mask"], micro["segment_ids"],
-                               self.pairs_per_row)
-    return lp, out
+    if self.loss.lm_chunk:  # the head a chunk at a time, no [R, S, V] logits
+      token_lp = -head_token_nll(model, out.hidden, micro["targets"], self.loss.lm_chunk)
+    else:
+      token_lp = dpo_losses.token_logps(out.logits, micro["targets"])
+    return dpo_losses.pair_sums(token_lp, micro["loss_mask"], micro["segment_ids"], self.pairs_per_row), out
 
   def reference_logps(self, model, micro, norms) -> dict[str, jax.Array] | None:
     """The reference's pair log-probs (no gradient), or None for reference-free losses."""

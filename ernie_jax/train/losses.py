@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ernie_jax.model.lm import head_parts, lm_logits
+from ernie_jax.train import linear_ce
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -27,6 +30,7 @@ class LossConfig:
   moe_z_coef: float = 1e-4  # router z-loss coefficient
   moe_orth_coef: float = 0.0  # router orthogonality loss coefficient
   bias_update_lr: float = 1e-3  # aux-loss-free correction-bias step size; 0 freezes the bias
+  lm_chunk: int = 0  # positions per chunk of the fused LM head + cross-entropy (`linear_ce`); 0: whole fp32 logits
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -38,6 +42,31 @@ def lm_loss_sum(logits, targets, loss_mask) -> tuple[jax.Array, jax.Array]:
   """(sum of NLL over masked positions, number of masked positions)."""
   m = loss_mask.astype(jnp.float32)
   return jnp.sum(token_nll(logits, targets) * m), jnp.sum(m)
+
+
+def head_nll_sum(model, hidden, targets, weights, chunk: int = 0) -> jax.Array:
+  """sum over positions of weights * NLL of the model's final norm + LM head on `hidden` ([B, S, H], the last
+  decoder layer's output: `CausalLMOutput.hidden`). chunk > 0: fused with the head a chunk of positions at a
+  time (`linear_ce`, no [B, S, V] logits); 0: from the whole fp32 logits."""
+  if chunk:
+    y, w, vocab_major = head_parts(model, hidden)
+    return linear_ce.nll_sum(y, w, targets, weights, chunk=chunk, vocab_major=vocab_major, rules=model.sharding_rules)
+  return jnp.sum(token_nll(lm_logits(model, hidden), targets) * weights.astype(jnp.float32))
+
+
+def head_token_nll(model, hidden, targets, chunk: int = 0) -> jax.Array:
+  """Per-position NLL [B, S] fp32 of the final norm + LM head on `hidden` (chunk: see `head_nll_sum`; here its
+  backward computes each chunk's logits again, `linear_ce.token_nll`)."""
+  if chunk:
+    y, w, vocab_major = head_parts(model, hidden)
+    return linear_ce.token_nll(y, w, targets, chunk=chunk, vocab_major=vocab_major, rules=model.sharding_rules)
+  return token_nll(lm_logits(model, hidden), targets)
+
+
+def head_loss_sum(model, hidden, targets, loss_mask, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """`lm_loss_sum` of the LM head on `hidden` (see `head_nll_sum`)."""
+  m = loss_mask.astype(jnp.float32)
+  return head_nll_sum(model, hidden, targets, m, chunk), jnp.sum(m)
 
 
 def _shift_left(x: jax.Array, n: int, fill) -> jax.Array:
@@ -60,12 +89,13 @@ def mtp_targets(targets, segment_ids, loss_mask, depth: int) -> tuple[jax.Array,
   return tgt, mask
 
 
-def mtp_loss_sums(mtp_logits: list[jax.Array], targets, segment_ids, loss_mask):
-  """Per depth: (sums [D], counts [D])."""
+def mtp_loss_sums(model, mtp_hidden: list[jax.Array], targets, segment_ids, loss_mask, chunk: int = 0):
+  """Per depth: (sums [D], counts [D]) of the LM head on each MTP depth's hidden state
+  (`ErnieForCausalLM.mtp_hidden`; chunk: see `head_nll_sum`)."""
   sums, counts = [], []
-  for d, logits in enumerate(mtp_logits):
+  for d, h in enumerate(mtp_hidden):
     tgt, mask = mtp_targets(targets, segment_ids, loss_mask, d)
-    s, c = lm_loss_sum(logits, tgt, mask)
+    s, c = head_loss_sum(model, h, tgt, mask, chunk)
     sums.append(s)
     counts.append(c)
   return jnp.stack(sums), jnp.stack(counts)

@@ -34,7 +34,10 @@ where
              experts, the routed rows' inputs / outputs / 6 intermediates: rows = capacity-padded E x C for
              all_to_all, k T without expert parallelism, expert x k x T for ragged_all_to_all (its worst-case
              receive buffer) and allgather), times T, plus the bf16 copies of the weights when c != p;
-  head     = (2 + MTP depths) fp32 [T, V / tensor] (logits and the cross-entropy's exp; one more per MTP depth)
+  head     = (2 + MTP depths) fp32 [T, V / tensor] (logits and the cross-entropy's exp; one more per MTP depth);
+             with `loss.lm_chunk` (the fused head + cross-entropy, `linear_ce`) instead per head (LM and each
+             MTP depth) its weight gradient fp32 [V / tensor, H] and input gradient c [T, H], computed in the
+             forward pass and held to the backward, + 3 fp32 [rows x lm_chunk, V / tensor] of one chunk;
              + the MTP layers' forward values, + with fsdp the gathered embedding / head weight and an MTP
              layer's gathered weights and their gradient;
   layer    = one layer recomputed and differentiated (`layer_terms` "recompute": its forward values plus
@@ -322,10 +325,11 @@ class Memory:
 
 
 def estimate(state_model: StateModel, cfg, layout: Layout, *, seq: int, global_batch: int, batch_keys: int = 5,
-             reference_forward: bool = False) -> Memory:
+             reference_forward: bool = False, lm_chunk: int = 0) -> Memory:
   """Per-device memory of the train step of a text model (`ModelConfig`) on `layout`.
   batch_keys: int32 / fp32 [rows, seq] arrays per batch row (text: 5; DPO with precomputed reference
-  log-probs: 6). reference_forward: DPO's forward-only reference pass (`lora_base` / `copy`).
+  log-probs: 6). reference_forward: DPO's forward-only reference pass (`lora_base` / `copy`). lm_chunk: the
+  training config's `loss.lm_chunk` (0: the whole logits).
   Raises `ShardingError` (the mesh does not divide a parameter) or ValueError (the batch does not split)."""
   if getattr(cfg, "is_vl", False):
     raise ValueError("the memory model covers the text models (ModelConfig); VL configs are not modelled")
@@ -354,7 +358,11 @@ def estimate(state_model: StateModel, cfg, layout: Layout, *, seq: int, global_b
   mtp_kind = "moe" if cfg.num_mtp_layers and cfg.is_moe_layer(0) else "dense"
   mtp = cfg.num_mtp_layers * t * (sum(lt.get(mtp_kind, layer_terms(d, mtp_kind))[x] for x in ("norms", "attn", "ffn"))
                                   + 5 * c * d.hidden)
-  head = (2 + cfg.num_mtp_layers) * t * F32 * d.vocab + mtp
+  if lm_chunk:
+    head = ((1 + cfg.num_mtp_layers) * (d.vocab * d.hidden * F32 + t * d.hidden * c)
+            + 3 * rows * min(lm_chunk, seq) * F32 * d.vocab + mtp)
+  else:
+    head = (2 + cfg.num_mtp_layers) * t * F32 * d.vocab + mtp
   if layout.fsdp > 1:  # the embedding / LM head gathered over fsdp; an MTP layer's weights and their gradient
     head += cfg.vocab_size // layout.tensor * cfg.hidden_size * d.p * (1 if cfg.tie_word_embeddings else 2)
     if cfg.num_mtp_layers:

@@ -139,6 +139,7 @@ class Planner:
     reference = getattr(self.cfg, "reference", None)  # (DPO)
     self.batch_keys = 6 if reference == "precomputed" else 5
     self.reference_forward = reference in ("lora_base", "copy")
+    self.lm_chunk = self.cfg.loss.lm_chunk
     self.seq, self.global_batch = self.cfg.data.seq_len, self.cfg.run.global_batch_size
     self._params = self._param_leaves()
     self.param_count = sum(math.prod(shape) for _, shape, *_ in self._params)
@@ -190,7 +191,8 @@ class Planner:
   def estimate(self, layout: Layout) -> Memory:
     """Per-device memory of one layout (raises ShardingError / ValueError when it is not valid)."""
     return estimate(self.state_model, self.model_cfg, layout, seq=self.seq, global_batch=self.global_batch,
-                    batch_keys=self.batch_keys, reference_forward=self.reference_forward)
+                    batch_keys=self.batch_keys, reference_forward=self.reference_forward,
+                    lm_chunk=self.lm_chunk)
 
   def communication(self, layout: Layout, memory: Memory) -> dict[str, float]:
     """Bytes received per device per optimizer step, by kind (see the module docstring)."""

@@ -40,7 +40,7 @@ from ernie_jax.loading import from_pretrained
 from ernie_jax.model.lora import apply_lora
 from ernie_jax.train import sft_vl, trainer
 from ernie_jax.train.config import TrainConfigError
-from ernie_jax.train.losses import lm_loss_sum
+from ernie_jax.train.losses import head_loss_sum
 from ernie_jax.train.param_groups import make_grouped_optimizer, trained_filter
 from ernie_jax.train.sft_config import parse_sft
 from ernie_jax.train.step import batch_sharding, put_global_batch
@@ -216,7 +216,7 @@ class FineTuning(trainer.Pretraining):
     def sums(state, batch):
       model = nnx.merge(graphdef, state).model
       out = task.forward(model, batch)
-      return lm_loss_sum(out.logits, batch["targets"], task.lm_mask(batch, model_cfg))
+      return head_loss_sum(model, out.hidden, batch["targets"], task.lm_mask(batch, model_cfg), task.loss.lm_chunk)
 
     placed = [put_global_batch(b, sharding) for b in batches]
 

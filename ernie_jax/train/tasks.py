@@ -46,7 +46,7 @@ from flax import nnx
 
 from ernie_jax.data.vl import image_grid
 from ernie_jax.train import moe_losses, vl_losses
-from ernie_jax.train.losses import LossConfig, lm_loss_sum, mtp_loss_sums, mtp_targets
+from ernie_jax.train.losses import LossConfig, head_loss_sum, head_nll_sum, mtp_loss_sums, mtp_targets
 
 #: f(params, micro-batch dict) -> (objective scalar, metrics dict of arrays)
 LossFn = Callable[[nnx.State, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -125,12 +125,13 @@ class TextLM:
     def loss_fn(params, micro):
       model = merge_here(gdef, params, rest)
       out = self.forward(model, micro)
-      lm_sum, _ = lm_loss_sum(out.logits, micro["targets"], micro["loss_mask"])
+      lm_sum, _ = head_loss_sum(model, out.hidden, micro["targets"], micro["loss_mask"], loss_cfg.lm_chunk)
       lm = lm_sum / lm_count
       total, aux = lm, {"lm_loss": lm}
       if model.config.num_mtp_layers:
-        mtp_logits = model.mtp_logits(micro["inputs"], out.hidden, micro["positions"], micro["segment_ids"])
-        sums, _ = mtp_loss_sums(mtp_logits, micro["targets"], micro["segment_ids"], micro["loss_mask"])
+        mtp_hidden = model.mtp_hidden(micro["inputs"], out.hidden, micro["positions"], micro["segment_ids"])
+        sums, _ = mtp_loss_sums(model, mtp_hidden, micro["targets"], micro["segment_ids"], micro["loss_mask"],
+                                loss_cfg.lm_chunk)
         mtp = sums / mtp_counts
         total = total + loss_cfg.mtp_weight * jnp.mean(mtp)
         aux["mtp_loss"] = mtp
@@ -196,8 +197,9 @@ class VisionLanguage:
     def loss_fn(params, micro):
       model = merge_here(gdef, params, rest)
       out = self.forward(model, micro)
-      lm = vl_losses.token_balanced_lm_loss(out.logits, micro["targets"], self.lm_mask(micro, model.config),
-                                            norms["balance"], count=norms["lm_count"])
+      mask = self.lm_mask(micro, model.config)
+      lm = vl_losses.token_balanced(head_nll_sum(model, out.hidden, micro["targets"], mask, loss_cfg.lm_chunk),
+                                    mask, norms["balance"], count=norms["lm_count"])
       total, aux = lm, {"lm_loss": lm}
       if out.router is None:
         return _finish(total, aux, loss_cfg, grad_accum)

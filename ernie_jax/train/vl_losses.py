@@ -67,9 +67,13 @@ def token_balanced_lm_loss(logits, targets, loss_mask, token_balance_seqlen: flo
   whole batch's count, so that the micro-batches' values add up to the batch mean)."""
   m = loss_mask.astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  total = jnp.sum(nll * m)
+  return token_balanced(jnp.sum(nll * m), m, token_balance_seqlen, count)
+
+
+def token_balanced(total, loss_mask, token_balance_seqlen: float, count=None) -> jax.Array:
+  """`token_balanced_lm_loss` from total = sum(NLL * mask) (e.g. `losses.head_nll_sum`)."""
   balanced = total / token_balance_seqlen
-  mean = total / (jnp.maximum(m.sum(), 1.0) if count is None else count)
+  mean = total / (jnp.maximum(loss_mask.astype(jnp.float32).sum(), 1.0) if count is None else count)
   return balanced - jax.lax.stop_gradient(balanced) + jax.lax.stop_gradient(mean)
 
 

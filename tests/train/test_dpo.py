@@ -77,11 +77,15 @@ def test_tiny_dpo_raises_heldout_reward_accuracy(tmp_path, xla_cache):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_reference_modes_start_at_log2_and_agree(tmp_path, xla_cache, method):
   """Step 1: the policy equals the reference (LoRA B = 0 / the initial model), so the sigmoid loss is log 2 and
-  every reward is 0; the frozen copy and the precomputed log-probs then give the same next steps."""
+  every reward is 0; the frozen copy and the precomputed log-probs then give the same next steps. The full
+  fine-tuning run with precomputed log-probs computes its log-probs (policy and reference) with the LM head
+  fused into the cross-entropy, 16 positions at a time (`loss.lm_chunk`): the same steps."""
   modes = ["copy", "precomputed"] if method == "full" else ["lora_base", "precomputed"]
   got = {}
   for mode in modes:
     over = {**MICRO, "steps": 3, "optim.lr": 1e-3, "finetune.method": method, "dpo.reference": mode}
+    if method == "full" and mode == "precomputed":
+      over["loss.lm_chunk"] = 16
     summary = train(_config(tmp_path / mode, xla_cache, **over), PreferenceTuning())
     m = _metrics(tmp_path / mode)
     assert abs(m[1]["dpo_loss"] - math.log(2)) < 1e-6 and m[1]["rewards/margins"] == 0.0, m[1]

@@ -43,14 +43,18 @@ SEQ = 256
 TOLERANCE = (-0.08, 0.15)  # temporaries: estimate / XLA - 1
 
 
-def planner(model: dict, rows: int) -> Planner:
+def planner(model: dict, rows: int, lm_chunk: int = 0) -> Planner:
   c = default_config(ModelConfig(**model))
   c.global_batch_size, c.data.seq_len = rows, SEQ
+  c.loss.lm_chunk = lm_chunk
   return Planner(c, 8)
 
 
-# (model, mesh (data, fsdp, tensor, expert), remat, global rows, grad_accum): rows per device and micro-batch
+# (model, mesh (data, fsdp, tensor, expert), remat, global rows, grad_accum[, loss.lm_chunk]): rows per device and
+# micro-batch
 CASES = {
+  "dense-mtp-none-data8-4rows-lm_chunk64": (dict(DENSE, num_mtp_layers=1, vocab_size=8192), (8, 1, 1, 1), "none", 32, 1,
+                                            64),
   "dense-none-data8-1row": (DENSE, (8, 1, 1, 1), "none", 8, 1),
   "dense-mtp-full-fsdp4-2rows": (dict(DENSE, num_mtp_layers=1), (2, 4, 1, 1), "full", 16, 1),
   "dense-save_dots-tensor2-accum2-1row": (DENSE, (4, 1, 2, 1), "save_dots", 8, 2),
@@ -72,8 +76,8 @@ def _argument_parts(compiled, target) -> dict[str, int]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_matches_xla(case):
-  model, (d, f, t, e), remat, rows, accum = CASES[case]
-  plan = planner(model, rows)
+  model, (d, f, t, e), remat, rows, accum, *chunk = CASES[case]
+  plan = planner(model, rows, *chunk)
   layout = Layout(d, f, t, e, remat, accum)
   est = plan.estimate(layout)
   compiled, target = plan.compile_step(layout)

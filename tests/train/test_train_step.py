@@ -1,6 +1,7 @@
 """The jitted train step: gradient accumulation, MTP loss, MoE losses and bias update, the
 non-finite guard, the optimizer's weight-decay mask and schedule, FLOPs accounting."""
 
+import dataclasses
 import math
 
 import jax
@@ -11,7 +12,8 @@ import pytest
 
 from tests.helpers import flat_arrays
 from ernie_jax import ModelConfig
-from ernie_jax.train import flops
+from ernie_jax.parallel import MeshConfig, make_mesh
+from ernie_jax.train import flops, linear_ce
 from ernie_jax.train.optimizer import OptimConfig, decays, lr_schedule, make_optimizer
 from ernie_jax.train.losses import LossConfig, mtp_targets
 from ernie_jax.train.step import (abstract_train_state, batch_sharding, create_train_state,
@@ -81,6 +83,30 @@ def test_grad_accumulation_and_mtp(mesh):
   after = _flat(one)
   moved = {k for k in p0 if k.startswith("mtp/") and not np.array_equal(p0[k], after[k])}
   assert {"mtp/0/proj", "mtp/0/block/attn/q", "mtp/0/emb_norm/weight", "mtp/0/hidden_norm/weight"} <= moved
+
+
+def test_fused_lm_head_loss_gives_the_step_of_the_whole_logits(mesh, monkeypatch):
+  """loss.lm_chunk (the LM head fused with the cross-entropy, 5 of 16 positions at a time, the MTP heads too)
+  gives the step computed from the whole logits: MoE + MTP with the tied head on one device, and dense + MTP
+  with an untied head on a data x tensor mesh (the vocabulary split over tensor)."""
+  dense = ModelConfig.tiny_dense(vocab_size=64, num_mtp_layers=1, tie_word_embeddings=False, num_key_value_heads=2)
+  split = make_mesh(MeshConfig(data=2, tensor=2), devices=jax.devices()[:4])
+  loss_cfg = LossConfig(moe_aux_coef=0.0, moe_z_coef=0.0, bias_update_lr=0.0)
+  chunks = []
+  fused_loss = linear_ce.nll_sum
+  monkeypatch.setattr(linear_ce, "nll_sum", lambda *a, **kw: chunks.append(kw["chunk"]) or fused_loss(*a, **kw))
+  for cfg, m in ((MOE_MTP, mesh), (dense, split)):
+    batch = _batch(4, 16, cfg.vocab_size, seed=3)
+    _, before, full, h_full = _run(cfg, optax.sgd(0.5), m, batch, loss_cfg=loss_cfg)
+    assert chunks == []
+    _, _, fused, h_fused = _run(cfg, optax.sgd(0.5), m, batch, loss_cfg=dataclasses.replace(loss_cfg, lm_chunk=5))
+    assert chunks == [5, 5]  # traced once: the LM head and the MTP head
+    chunks.clear()
+    for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+      np.testing.assert_allclose(h_fused[0][k], h_full[0][k], rtol=2e-5, err_msg=k)
+    p0, pf, pc = _flat(before), _flat(full), _flat(fused)
+    for name in pf:
+      np.testing.assert_allclose(pc[name] - p0[name], pf[name] - p0[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_mtp_targets_stay_inside_documents():
