@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ernie_jax.model.moe import expert_loop
 from ernie_jax.model.moe.dispatch import experts_loop, experts_sorted
 from ernie_jax.model.moe.router import route
 
@@ -86,3 +87,37 @@ def test_router_grad_flows_through_weights_not_selection():
   np.testing.assert_array_equal(g, np.zeros(5))  # the bias never receives gradient
   gk = jax.grad(lambda kk: (route(x, kk, bias, 2, 1e-12).weights * jnp.arange(2.0)).sum())(kernel)
   assert np.abs(np.asarray(gk)).max() > 0
+
+
+def test_expert_loop_chunks_cover_every_group_and_nothing_else():
+  """The CPU grouped matmul (`expert_loop`) on groups that need big chunks, tails, several small chunks and
+  none, with rows past the last group (masked-out tokens): values and gradients (its own backward passes)
+  against a gather of each row's weights with autodiff."""
+  rs = np.random.RandomState(3)
+  sizes = np.array([0, 37, 1, 40, 0, 10])
+  rows, h, i = 100, 8, 6  # 88 rows in groups, 12 past them
+  assert expert_loop.chunk_sizes(rows, len(sizes)) == (32, 8)
+  xs = jnp.asarray(rs.randn(rows, h), jnp.float32)
+  gate, up = (jnp.asarray(rs.randn(len(sizes), h, i) / 3, jnp.float32) for _ in range(2))
+  down = jnp.asarray(rs.randn(len(sizes), i, h) / 3, jnp.float32)
+  group = np.repeat(np.arange(len(sizes)), sizes)
+  inside = jnp.asarray(np.arange(rows) < sizes.sum())[:, None]
+  g_of = jnp.asarray(np.concatenate([group, np.zeros(rows - sizes.sum(), int)]))
+
+  def reference(xs, gate, up, down):
+    a = jnp.einsum("rh,rhi->ri", xs, gate[g_of])
+    hid = jnp.where(inside, jax.nn.silu(a) * jnp.einsum("rh,rhi->ri", xs, up[g_of]), 0)
+    return jnp.where(inside, jnp.einsum("ri,rih->rh", hid, down[g_of]), 0)
+
+  def looped(xs, gate, up, down):
+    gs = jnp.asarray(sizes, jnp.int32)
+    return expert_loop.matmul(expert_loop.swiglu_hidden(xs, gate, up, gs), down, gs)
+
+  args = (xs, gate, up, down)
+  np.testing.assert_allclose(looped(*args), reference(*args), rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(looped(*args))[sizes.sum():] == 0)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+  got = jax.grad(loss(looped), argnums=(0, 1, 2, 3))(*args)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2, 3))(*args)
+  for name, a, b in zip(("xs", "gate", "up", "down"), got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -3,8 +3,10 @@
 Three implementations of the same function `y[t] = sum_j w[t,j] * Expert_{idx[t,j]}(x[t])`:
 * `ragged_dot`: `jax.lax.ragged_dot` grouped matmuls (the fast path on TPU/GPU; on XLA:CPU it
   lowers to a dense masked matmul over all experts, about E times the needed work);
-* `blocked`: each expert's group is padded to a multiple of a row block and a `lax.map` over blocks
-  multiplies each block by its expert's weights (efficient on CPU; waste <= E blocks);
+* `blocked` (the CPU path): each expert's rows multiplied in chunks of a few sizes, large for the bulk of
+  the group and small for its tail (`expert_loop`, own backward passes; waste < the smallest chunk per
+  expert). With LoRA on the experts: each group padded to a multiple of a row block and a `lax.map` over
+  the blocks (autodiff; the adapters need the block index);
 * `loop`: every expert applied to every token, masked by the routing weights (the test oracle).
 All are dropless and differentiable.
 
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 
 from ernie_jax.model import lora_ops
 from ernie_jax.model.lora_ops import ExpertLora
+from ernie_jax.model.moe import expert_loop
 
 
 def silu_gate(a: jax.Array, b: jax.Array, act=None) -> jax.Array:
@@ -100,79 +103,6 @@ def _blocked_layout(group_sizes: jax.Array, rows: int, block: int):
   return dest, jnp.minimum(block_group, num_groups - 1), num_blocks
 
 
-@jax.custom_vjp
-def block_matmul(blocks: jax.Array, w: jax.Array, block_group: jax.Array) -> jax.Array:
-  """blocks [N, b, in] @ w[block_group[n]] ([G, in, out]) -> [N, b, out], one block at a time. Its own
-  backward accumulates each group's weight gradient in place (autodiff of the indexed weight would add a
-  zero-filled [G, in, out] per block: ~15% of a projection's backward on CPU)."""
-  return jax.lax.map(lambda a: a[0] @ w[a[1]], (blocks, block_group))
-
-
-def _block_matmul_fwd(blocks, w, block_group):
-  return block_matmul(blocks, w, block_group), (blocks, w, block_group)
-
-
-def _block_matmul_bwd(res, dout):
-  blocks, w, block_group = res
-  dblocks = jax.lax.map(lambda a: (a[0] @ w[a[1]].T).astype(blocks.dtype), (dout, block_group))
-  return dblocks, _add_block_grads(blocks, dout, block_group, w), None
-
-
-block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
-
-
-def _vma(x) -> frozenset:
-  """The manual mesh axes `x` varies over inside a shard_map (empty outside one): `aval.mat.varying` in
-  jax >= 0.10, `aval.vma` before."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)
-  return frozenset(mat.varying if mat is not None else (getattr(aval, "vma", ()) or ()))
-
-
-def _add_block_grads(blocks, d, block_group, w):
-  """Each group's weight gradient sum_n blocks[n].T @ d[n] over its blocks, accumulated in place. Inside a
-  shard_map the blocks may vary over more mesh axes than `w` (tokens split over data, weights over experts):
-  the accumulator varies like them, and the sum over those extra axes is the weight's gradient (what autodiff
-  gives a weight used by every data shard)."""
-  extra = tuple(sorted((_vma(blocks) | _vma(d) | _vma(block_group)) - _vma(w)))
-  zeros = jnp.zeros_like(w)
-  if extra:
-    zeros = jax.lax.pcast(zeros, extra, to="varying")
-
-  def add_block(n, dw):
-    g = block_group[n]
-    return jax.lax.dynamic_update_index_in_dim(dw, dw[g] + (blocks[n].T @ d[n]).astype(dw.dtype), g, 0)
-
-  dw = jax.lax.fori_loop(0, blocks.shape[0], add_block, zeros)
-  return jax.lax.psum(dw, extra) if extra else dw
-
-
-@jax.custom_vjp
-def block_swiglu_hidden(blocks: jax.Array, gate: jax.Array, up: jax.Array, block_group: jax.Array) -> jax.Array:
-  """silu(blocks[n] @ gate[g]) * (blocks[n] @ up[g]) with g = block_group[n]: [N, b, H] -> [N, b, I], both
-  projections and the gate in one pass per block; its backward like `block_matmul`'s."""
-  return jax.lax.map(lambda a: silu_gate(a[0] @ gate[a[1]], a[0] @ up[a[1]]), (blocks, block_group))
-
-
-def _block_swiglu_hidden_fwd(blocks, gate, up, block_group):
-  a, b = jax.lax.map(lambda x: (x[0] @ gate[x[1]], x[0] @ up[x[1]]), (blocks, block_group))
-  return silu_gate(a, b), (blocks, gate, up, block_group, a, b)
-
-
-def _block_swiglu_hidden_bwd(res, dh):
-  blocks, gate, up, block_group, a, b = res
-  sig = jax.nn.sigmoid(a)
-  da = (dh * b * sig * (1 + a * (1 - sig))).astype(blocks.dtype)  # d silu(a) = sig(a) (1 + a (1 - sig(a)))
-  db = (dh * a * sig).astype(blocks.dtype)
-  dblocks = jax.lax.map(lambda x: (x[0] @ gate[x[2]].T + x[1] @ up[x[2]].T).astype(blocks.dtype),
-                        (da, db, block_group))
-  return (dblocks, _add_block_grads(blocks, da, block_group, gate), _add_block_grads(blocks, db, block_group, up),
-          None)
-
-
-block_swiglu_hidden.defvjp(_block_swiglu_hidden_fwd, _block_swiglu_hidden_bwd)
-
-
 def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None, lora: ExpertLora | None = None):
   """SwiGLU of each row of `xs` with its group's weights; rows are sorted by group and rows past
   sum(group_sizes) give zeros. xs [N, H]; gate/up [G, H, I]; down [G, I, H]; group_sizes [G];
@@ -192,23 +122,22 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None, lora: E
     y = u @ w[g]
     return y if l is None else y + lora_ops.block_delta(u, l, g, i).astype(y.dtype)
 
+  if lora is None:  # each group's rows in chunks, own backward passes (`expert_loop`)
+    h = expert_loop.swiglu_hidden(xs, gate, up, group_sizes)
+    if act is not None:  # on the whole intermediate (rows past the last group are zero)
+      h = act(h)
+    return expert_loop.matmul(h, down, group_sizes)
   rows = xs.shape[0]
   block = _block_size(rows, gate.shape[0])
   dest, block_group, num_blocks = _blocked_layout(group_sizes, rows, block)
   buf = jnp.zeros((num_blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
   buf = buf.reshape(num_blocks, block, -1)
   blocks = jnp.arange(num_blocks)
-  if lora is None:  # (custom VJPs: the weight gradients accumulate in place)
-    h = block_swiglu_hidden(buf, gate, up, block_group)
-  else:
-    h = jax.lax.map(lambda a: silu_gate(bproj(a[0], gate, lg, a[1], a[2]), bproj(a[0], up, lu, a[1], a[2])),
-                    (buf, block_group, blocks))
+  h = jax.lax.map(lambda a: silu_gate(bproj(a[0], gate, lg, a[1], a[2]), bproj(a[0], up, lu, a[1], a[2])),
+                  (buf, block_group, blocks))
   if act is not None:  # on the whole intermediate (padding rows are zero)
     h = act(h)
-  if lora is None:
-    out = block_matmul(h, down, block_group)
-  else:
-    out = jax.lax.map(lambda a: bproj(a[0], down, ld, a[1], a[2]), (h, block_group, blocks))
+  out = jax.lax.map(lambda a: bproj(a[0], down, ld, a[1], a[2]), (h, block_group, blocks))
   return jnp.take(out.reshape(num_blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
 
 
