@@ -10,7 +10,7 @@ Three implementations of the same function `y[t] = sum_j w[t,j] * Expert_{idx[t,
 * `loop`: every expert applied to every token, masked by the routing weights (the test oracle).
 All are dropless and differentiable.
 
-`sort_by_expert`, `grouped_swiglu`, `combine` and `silu_gate` are the building blocks the
+`sort_by_expert`, `gather_sorted`, `grouped_swiglu`, `combine` and `silu_gate` are the building blocks the
 expert-parallel transports (`ernie_jax.model.moe.transports`) share. `mask_assignments` restricts an
 expert set to some tokens (the VL modalities): the others get an out-of-range expert id, so the sort
 puts them after the last group and the grouped matmul never computes them.
@@ -21,6 +21,8 @@ exactly the code without LoRA.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -61,19 +63,55 @@ def experts_loop(x, gate, up, down, idx, weights, act=None, lora: ExpertLora | N
 
 
 def sort_by_expert(idx: jax.Array, num_experts: int):
-  """Flatten the (token, slot) assignments and order them by expert (stable)."""
+  """Flatten the (token, slot) assignments and order them by expert (stable): (order [T*k], group_sizes [E])."""
   flat = idx.reshape(-1)
   order = jnp.argsort(flat, stable=True)
-  token_of = order // idx.shape[1]
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return order, token_of, group_sizes
+  return order, jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
+def inverse_permutation(p: jax.Array) -> jax.Array:
+  return jnp.zeros_like(p).at[p].set(jnp.arange(p.shape[0], dtype=p.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gather_sorted(x: jax.Array, order: jax.Array, k: int) -> jax.Array:
+  """x [T, H] -> [T*k, H]: each token's row once per routed slot, in `order`. Its backward gathers with the
+  inverse permutation and sums the k slots (autodiff of the gather would scatter-add, slow on CPU)."""
+  return x[order // k]
+
+
+def _gather_sorted_fwd(x, order, k):
+  return gather_sorted(x, order, k), order
+
+
+def _gather_sorted_bwd(k, order, ct):
+  return ct[inverse_permutation(order)].reshape(-1, k, ct.shape[-1]).sum(1), None
+
+
+gather_sorted.defvjp(_gather_sorted_fwd, _gather_sorted_bwd)
+
+
+@jax.custom_vjp
+def unsort(a: jax.Array, order: jax.Array) -> jax.Array:
+  """a [N, ...] in `order` -> the original order; backward: a gather in `order` (not a scatter-add)."""
+  return a[inverse_permutation(order)]
+
+
+def _unsort_fwd(a, order):
+  return unsort(a, order), order
+
+
+def _unsort_bwd(order, ct):
+  return ct[order], None
+
+
+unsort.defvjp(_unsort_fwd, _unsort_bwd)
 
 
 def combine(out_sorted, order, weights):
   """Undo the sort and sum each token's k expert outputs with its routing weights."""
   t, k = weights.shape
-  inverse = jnp.argsort(order)
-  out = out_sorted[inverse].reshape(t, k, -1)
+  out = unsort(out_sorted, order).reshape(t, k, -1)
   return jnp.einsum("tkh,tk->th", out, weights.astype(out.dtype))
 
 
@@ -144,8 +182,8 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None, lora: E
 def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot", act=None,
                    lora: ExpertLora | None = None):
   """Dropless sorted dispatch. Same signature and result as `experts_loop`."""
-  order, token_of, group_sizes = sort_by_expert(idx, gate.shape[0])
-  out = grouped_swiglu(x[token_of], group_sizes, gate, up, down, impl, act, lora)
+  order, group_sizes = sort_by_expert(idx, gate.shape[0])
+  out = grouped_swiglu(gather_sorted(x, order, idx.shape[1]), group_sizes, gate, up, down, impl, act, lora)
   return combine(out, order, weights).astype(x.dtype)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ernie_jax.model.moe.dispatch import combine, sort_by_expert, grouped_swiglu
+from ernie_jax.model.moe.dispatch import combine, gather_sorted, grouped_swiglu, sort_by_expert
 
 
 def allgather_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str, act=None, lora=None, **_):
@@ -19,7 +19,8 @@ def allgather_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str
   local = ia - me * e_local
   mine = (local >= 0) & (local < e_local)
   local = jnp.where(mine, local, e_local)  # everything else -> group e_local, sorted last, not computed
-  order, token_of, group_sizes = sort_by_expert(local, e_local + 1)
-  out = grouped_swiglu(xa[token_of], group_sizes[:e_local], gate, up, down, impl, act, lora)
+  order, group_sizes = sort_by_expert(local, e_local + 1)
+  out = grouped_swiglu(gather_sorted(xa, order, local.shape[1]), group_sizes[:e_local], gate, up, down, impl, act,
+                       lora)
   y = combine(out, order, jnp.where(mine, wa, 0)).astype(x.dtype)
   return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True), jnp.zeros((), jnp.int32)

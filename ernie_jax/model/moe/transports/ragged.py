@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ernie_jax.model.moe.dispatch import combine, sort_by_expert, grouped_swiglu
+from ernie_jax.model.moe.dispatch import combine, gather_sorted, grouped_swiglu, sort_by_expert
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -52,8 +52,8 @@ def ragged_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
   n = jax.lax.axis_size(axis)
   me = jax.lax.axis_index(axis)
   e_local = gate.shape[0]
-  order, token_of, group_sizes = sort_by_expert(idx, n * e_local)
-  xs = x[token_of]  # [N, H] grouped by destination device, then local expert
+  order, group_sizes = sort_by_expert(idx, n * e_local)
+  xs = gather_sorted(x, order, k)  # [N, H] grouped by destination device, then local expert
   counts = group_sizes.reshape(n, e_local)  # [dest, local expert]
   send_sizes = counts.sum(-1)
   input_offsets = jnp.cumsum(send_sizes) - send_sizes
