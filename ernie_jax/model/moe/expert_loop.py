@@ -4,10 +4,10 @@ For expert e (rows [start_e, end_e) of the sorted buffer), chunks of `sizes[0]` 
 many remain, then of `sizes[1]`, ..., and the last size covers the rest (its final chunk may run past end_e:
 those rows are masked out of the result and of the weight gradients). The expert's weights are sliced
 once, every dot is at least `sizes[-1]` rows and at most `sizes[-1] - 1` padding rows are computed per
-expert. Why not one block size: XLA:CPU's dot rate falls with the row count (at H 512 -> 256, ~100-150
+expert. Why not one block size: XLA:CPU's dot rate falls with the row count (at H 512 -> 256, ~75-165
 GFLOP/s at 64-128 rows vs ~270 at 2048: `benchmarks/components_vs_torch.py --parts rows`), so large chunks
-for the bulk of a group and small ones for its tail beat fixed 128-row blocks (each needing its own copy of
-the expert's weights) by ~1.3x.
+for the bulk of a group and small ones for its tail beat fixed 128-row blocks of a padded buffer (each block
+with its own copy of the expert's weights): ~1.4x forward and forward+backward at 512 rows per expert.
 
 `swiglu_hidden(xs, gate, up, group_sizes)` and `matmul(h, down, group_sizes)` have their own backward
 passes (the same chunks; each expert's weight gradient accumulated in place, written once); rows past
