@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ernie_jax.model.moe.dispatch import combine, gather_sorted, grouped_swiglu, sort_by_expert
+from ernie_jax.model.moe.dispatch import combine, gather_sorted, grouped_swiglu, sort_by_expert, unsort
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -69,8 +69,8 @@ def ragged_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
   seg = jnp.repeat(jnp.arange(n * e_local) % e_local, recv_counts.reshape(-1), total_repeat_length=cap)
   seg = jnp.where(jnp.arange(cap) < recv_sizes.sum(), seg, e_local)
   perm = jnp.argsort(seg, stable=True)
-  ys = grouped_swiglu(recv[perm], recv_counts.sum(0), gate, up, down, impl, act, lora)
-  ys = jnp.zeros_like(ys).at[perm].set(ys)  # back to (source, local expert) order
+  ys = grouped_swiglu(gather_sorted(recv, perm, 1), recv_counts.sum(0), gate, up, down, impl, act, lora)
+  ys = unsort(ys, perm)  # back to (source, local expert) order (both permutations: gathers both ways)
   # Return to the senders: chunk for source s goes to its buffer at s's input offset for me.
   recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
   all_inputs = jax.lax.all_gather(input_offsets, axis)  # [source, dest]
