@@ -35,9 +35,13 @@ def nll_sum(y: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, 
   y [B, S, H] (the final-normed hidden state, in the compute dtype); w: the head, [V, H] when
   `vocab_major` (tied embedding) else [H, V]; targets [B, S] int; weights [B, S]; chunk: positions
   per chunk (S need not be a multiple); rules: the model's logical sharding rules."""
+  _check_chunk(chunk)
+  return _nll_sum(y, w, targets, weights.astype(jnp.float32), chunk, vocab_major, rules)
+
+
+def _check_chunk(chunk: int) -> None:
   if chunk < 1:
     raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
-  return _nll_sum(y, w, targets, weights.astype(jnp.float32), chunk, vocab_major, rules)
 
 
 def _chunks(a: jax.Array, c: int) -> jax.Array:
@@ -106,8 +110,7 @@ def token_nll(y: jax.Array, w: jax.Array, targets: jax.Array, *, chunk: int, voc
   """Per-position NLL [B, S] fp32 of the head on y (arguments as `nll_sum`), for losses that are not a
   weighted sum of it (DPO's per-sequence log-probabilities). Its backward computes each chunk's logits
   again (one more head matmul than `nll_sum`: the per-position cotangents are only known then)."""
-  if chunk < 1:
-    raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
+  _check_chunk(chunk)
   return _token_nll(y, w, targets, chunk, vocab_major, rules)
 
 

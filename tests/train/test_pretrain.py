@@ -182,6 +182,8 @@ def test_nonfinite_loss_stops_without_checkpointing_nans(tmp_path, xla_cache):
 def test_errors_before_compilation(tmp_path, xla_cache):
   with pytest.raises(TrainConfigError, match="config field 'optim.lr': must be > 0"):
     pretrain.train(_config(tmp_path, xla_cache, **{"optim.lr": -1.0}))
+  with pytest.raises(TrainConfigError, match="config field 'loss.lm_chunk': must be a finite number >= 0, got -4"):
+    pretrain.train(_config(tmp_path, xla_cache, **{"loss.lm_chunk": -4}))
   with pytest.raises(TrainConfigError, match="config field 'model.moe_k'"):
     pretrain.train(_config(tmp_path, xla_cache, **{"model.moe_k": 9}))
   with pytest.raises(TrainConfigError, match="config field 'data.paths'"):

@@ -156,15 +156,16 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None, lora: E
   if impl != "blocked":
     raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
 
-  def bproj(u, w, l, g, i):  # one block u [block, in], all rows of group g
-    y = u @ w[g]
-    return y if l is None else y + lora_ops.block_delta(u, l, g, i).astype(y.dtype)
-
   if lora is None:  # each group's rows in chunks, own backward passes (`expert_loop`)
     h = expert_loop.swiglu_hidden(xs, gate, up, group_sizes)
     if act is not None:  # on the whole intermediate (rows past the last group are zero)
       h = act(h)
     return expert_loop.matmul(h, down, group_sizes)
+
+  def bproj(u, w, l, g, i):  # one block u [block, in], all rows of group g
+    y = u @ w[g]
+    return y if l is None else y + lora_ops.block_delta(u, l, g, i).astype(y.dtype)
+
   rows = xs.shape[0]
   block = _block_size(rows, gate.shape[0])
   dest, block_group, num_blocks = _blocked_layout(group_sizes, rows, block)
