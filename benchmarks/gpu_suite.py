@@ -18,6 +18,8 @@ prints one line and the others still run, and so that peak memory is that case's
                   grouped matmul as jax.lax.ragged_dot vs the block-padded form (`moe_impl`);
   dense_bf16_lm_chunk  the same with the LM head fused into the cross-entropy, 1024 positions at a time
                   (`loss.lm_chunk`): peak memory and step time against dense_bf16;
+  dense_bf16_cudnn  the same with cuDNN flash attention (`model.attention_impl=cudnn`; dense_bf16 runs the
+                  XLA query-block attention): step time against dense_bf16 (GPU only);
   fp8_delayed     the dense ~1B model with FP8 matmuls (`fp8_recipe`), step time against dense_bf16;
   fp8_current
   ep_all_to_all   with > 1 device: the MoE over an `expert` mesh axis of every device, capacity-padded
@@ -108,14 +110,19 @@ def moe_config(mode: Mode, **kw):
                                      remat="save_dots", **kw)
 
 
-CASES = ("peak", "dense_bf16", "dense_bf16_lm_chunk", "moe_ragged_dot", "moe_blocked", "fp8_delayed", "fp8_current", "ep_all_to_all",
-         "ep_ragged_all_to_all")
+CASES = ("peak", "dense_bf16", "dense_bf16_lm_chunk", "dense_bf16_cudnn", "moe_ragged_dot", "moe_blocked",
+         "fp8_delayed", "fp8_current", "ep_all_to_all", "ep_ragged_all_to_all")
 
 
 def skip_reason(name: str, mode: Mode, peak: dict | None) -> str | None:
   """Why a case does not run in this mode / on these devices (None: it runs)."""
   if name.startswith("fp8_") and name[len("fp8_"):] not in mode.fp8_recipes:
     return f"not run in --{mode.name} (the full suite runs it)"
+  if name == "dense_bf16_cudnn":
+    if peak is None:
+      return "backend unknown (the peak case did not succeed)"
+    if peak.get("backend", "gpu") != "gpu":  # (the budget planner asks with a dict of the device count only)
+      return f"cuDNN attention needs an NVIDIA GPU (backend {peak['backend']})"
   if name.startswith("ep_"):
     if peak is None:
       return "device count unknown (the peak case did not succeed)"
@@ -156,6 +163,8 @@ def run_train(name: str, mode: Mode, deadline: float) -> dict:
     cfg = dense_config(mode)
   elif name == "dense_bf16_lm_chunk":
     cfg, loss = dense_config(mode), LossConfig(lm_chunk=min(1024, mode.seq))
+  elif name == "dense_bf16_cudnn":
+    cfg = dense_config(mode).replace(attention_impl="cudnn")
   elif name.startswith("moe_"):
     cfg = moe_config(mode, moe_impl=name[len("moe_"):])
   elif name.startswith("fp8_"):
@@ -291,8 +300,8 @@ def format_train(name: str, r: dict, peak: dict | None, baseline: dict | None) -
   return lines
 
 
-BASELINES = {"dense_bf16_lm_chunk": "dense_bf16", "moe_blocked": "moe_ragged_dot", "fp8_delayed": "dense_bf16", "fp8_current": "dense_bf16",
-             "ep_ragged_all_to_all": "ep_all_to_all"}
+BASELINES = {"dense_bf16_lm_chunk": "dense_bf16", "dense_bf16_cudnn": "dense_bf16", "moe_blocked": "moe_ragged_dot",
+             "fp8_delayed": "dense_bf16", "fp8_current": "dense_bf16", "ep_ragged_all_to_all": "ep_all_to_all"}
 
 
 def suite(mode: Mode, budget: float, out: str, xla_cache: str) -> int:

@@ -15,12 +15,15 @@ from typing import Any, Literal, get_args
 
 DType = Literal["float32", "bfloat16", "float16"]
 MoEImpl = Literal["auto", "ragged_dot", "blocked", "loop"]
+AttentionImpl = Literal["auto", "xla", "splash", "cudnn"]
 Remat = Literal["none", "full", "save_dots", "save_qkv", "save_attn_out", "save_mlp", "save_qkv_attn_out"]
 Transport = Literal["none", "all_to_all", "ragged_all_to_all", "allgather"]
 Fp8RecipeName = Literal["none", "delayed", "current"]
 
 DTYPES: tuple[str, ...] = get_args(DType)
 MOE_IMPLS: tuple[str, ...] = get_args(MoEImpl)
+ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
+CUDNN_DTYPES = ("bfloat16", "float16")  # what cuDNN flash attention takes
 REMATS: tuple[str, ...] = get_args(Remat)
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 FP8_RECIPES: tuple[str, ...] = get_args(Fp8RecipeName)
@@ -76,6 +79,10 @@ class DecoderConfig:
   param_dtype: DType = "float32"
   dtype: DType = "float32"
   remat: Remat = "none"
+  # Training / scoring attention (ernie_jax.model.attention_kernels): "xla" (query blocks in JAX, every
+  # backend), "splash" (TPU Pallas kernel, segment ids in the kernel), "cudnn" (NVIDIA GPUs, bf16/fp16),
+  # "auto" (splash on TPU, xla elsewhere). Generation with a KV cache always uses the XLA form.
+  attention_impl: AttentionImpl = "auto"
   # Layers per iteration of the scan over each group of repeated layers: 1 (default) compiles one layer body
   # whatever the depth; more trades compile time for speed where a loop iteration costs (XLA:CPU: ~15% of a
   # 0.3B layer, benchmarks/RESULTS.md). A value >= the number of layers unrolls them all.
@@ -114,9 +121,12 @@ def validate_decoder(c: DecoderConfig) -> None:
     if not getattr(c, name) > 0:
       raise ConfigError(name, f"must be > 0, got {getattr(c, name)!r}")
   for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES), ("moe_impl", MOE_IMPLS),
-                        ("remat", REMATS), ("moe_transport", TRANSPORTS)):
+                        ("remat", REMATS), ("moe_transport", TRANSPORTS), ("attention_impl", ATTENTION_IMPLS)):
     if getattr(c, name) not in allowed:
       raise ConfigError(name, f"must be one of {allowed}, got {getattr(c, name)!r}")
+  if c.attention_impl == "cudnn" and c.dtype not in CUDNN_DTYPES:
+    raise ConfigError("attention_impl", f"'cudnn' computes in {' or '.join(CUDNN_DTYPES)}, but dtype is "
+                                        f"{c.dtype!r}: set dtype='bfloat16' or attention_impl='xla'")
   for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
     v = getattr(c, name)
     if not 0 <= v < c.vocab_size:

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
-from ernie_jax.model import fp8
+from ernie_jax.model import attention_kernels, fp8
 from ernie_jax.model.layers import make_param, normal
 from ernie_jax.model.layers import apply_rope
 from ernie_jax.model.lora_ops import adapter, add
@@ -119,13 +119,15 @@ class _AttnFp8(nnx.Module):
 
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               param_dtype, dtype, init_std: float, rngs: nnx.Rngs, fp8_recipe: fp8.Fp8Recipe | None = None):
+               param_dtype, dtype, init_std: float, rngs: nnx.Rngs, fp8_recipe: fp8.Fp8Recipe | None = None,
+               impl: str = "xla"):
     init = normal(init_std)
     self.q = make_param(rngs, init, (hidden, num_heads, head_dim), param_dtype, ("embed", "heads", "head_dim"))
     self.k = make_param(rngs, init, (hidden, num_kv_heads, head_dim), param_dtype, ("embed", "kv_heads", "head_dim"))
     self.v = make_param(rngs, init, (hidden, num_kv_heads, head_dim), param_dtype, ("embed", "kv_heads", "head_dim"))
     self.o = make_param(rngs, init, (num_heads, head_dim, hidden), param_dtype, ("heads", "head_dim", "embed"))
     self.dtype = dtype
+    self.impl = impl  # training / scoring kernel (`attention_kernels`; model.attention_impl)
     self.fp8 = None if fp8_recipe is None else _AttnFp8(fp8_recipe)
 
   def _proj(self, name, eq, x, w, lora_eqs):
@@ -149,7 +151,11 @@ class Attention(nnx.Module):
     q, k, v = (checkpoint_name(constrain(t, heads, rules), "qkv") for t in (q, k, v))
     b, s = x.shape[:2]
     if cache is None:
-      out = causal_attend(q, k, v, segment_ids)
+      impl = attention_kernels.resolve(self.impl)
+      if impl == "xla":
+        out = causal_attend(q, k, v, segment_ids)
+      else:
+        out = attention_kernels.fused_attend(impl, q, k, v, segment_ids, rules=rules)
     else:
       rows = jnp.arange(b)[:, None]
       at = (rows, positions) if cache_index is None else (cache_index, rows, positions)

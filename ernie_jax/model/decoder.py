@@ -56,7 +56,7 @@ class DecoderLayer(nnx.Module):
     self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                           cfg.head_dim, param_dtype=pd, dtype=d, init_std=cfg.initializer_range,
-                          rngs=rngs, fp8_recipe=ffn.fp8)
+                          rngs=rngs, fp8_recipe=ffn.fp8, impl=cfg.attention_impl)
     self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     if kind == "moe":
       self.mlp = MoE(cfg, ffn.expert_sets, fp8_recipe=ffn.fp8, rngs=rngs)

@@ -40,6 +40,7 @@ from ernie_jax.data.tokenizers import TokenizerError
 from ernie_jax.data.vl import text_only_bound
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
+from ernie_jax.model import attention_kernels
 from ernie_jax.parallel import distributed
 from ernie_jax.train import config as config_lib
 from ernie_jax.train import flops as flops_lib
@@ -55,7 +56,8 @@ from ernie_jax.train.workdir import WorkdirLock
 
 # ModelConfig fields that may differ from the checkpoint being resumed / initialised from: they
 # change how the model computes, not which parameters it has.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "moe_impl", "moe_transport", "moe_capacity_factor")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention_impl", "moe_impl", "moe_transport",
+                  "moe_capacity_factor")
 #: the data's reference losses a run's summary repeats from `Setup.info` (the unigram entropy of text data; the loss a
 #: model that ignores the images cannot beat, for VL data)
 SUMMARY_BOUNDS = ("unigram_entropy", "text_only_bound")
@@ -401,7 +403,8 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started
       json.dump(info, f, indent=1)
   writer.print(f"model: {info['model_params'] / 1e6:.2f}M parameters ({info['active_params'] / 1e6:.2f}M "
                f"active matmul), {describe(model_cfg)}, dtype {model_cfg.dtype} "
-               f"(params {model_cfg.param_dtype}), remat {model_cfg.remat}")
+               f"(params {model_cfg.param_dtype}), remat {model_cfg.remat}, "
+               f"attention {attention_kernels.resolve(model_cfg.attention_impl)}")
   for line in setup.lines:
     writer.print(line)
   writer.print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, {started}; "

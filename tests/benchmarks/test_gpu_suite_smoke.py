@@ -57,7 +57,8 @@ def test_smoke_every_case_prints_its_figures(tmp_path):
   assert cases["ep_all_to_all"]["devices"] == 2 and cases["dense_bf16"]["devices"] == 1
   assert "vs moe_ragged_dot: x" in printed["moe_blocked"] and "vs dense_bf16: x" in printed["fp8_delayed"]
   assert "CPU emulation" in printed["ep_ragged_all_to_all"]
-  # FP8 "current" is left to the full suite, and says so
+  # cuDNN attention needs a GPU; FP8 "current" is left to the full suite; each says so
+  assert cases["dense_bf16_cudnn"]["status"] == "skipped" and "needs an NVIDIA GPU" in printed["dense_bf16_cudnn"]
   assert cases["fp8_current"]["status"] == "skipped" and "skipped: not run in --smoke" in printed["fp8_current"]
   assert results["meta"]["versions"]["jax"] and "load_after" in results["meta"]
 
@@ -68,12 +69,13 @@ def test_one_device_skips_the_transports_and_a_spent_budget_skips_everything():
   assert "1 device visible" in gpu_suite.skip_reason("ep_all_to_all", smoke, {"devices": 1})
   assert gpu_suite.skip_reason("ep_all_to_all", smoke, {"devices": 2}) is None
   assert "peak case did not succeed" in gpu_suite.skip_reason("ep_ragged_all_to_all", smoke, None)
+  assert gpu_suite.skip_reason("dense_bf16_cudnn", smoke, {"backend": "gpu", "devices": 1}) is None
   assert "--quick" in gpu_suite.skip_reason("fp8_current", gpu_suite.MODES["quick"], {"devices": 1})
   p = subprocess.run([sys.executable, SUITE, "--smoke", "--budget", "1"], env=_env(1), capture_output=True, text=True,
                      timeout=60)
   assert p.returncode == 0, p.stderr
-  # every case but fp8_current and the two ep ones (which give their own reasons)
-  assert p.stdout.count("skipped: --budget spent") == len(gpu_suite.CASES) - 3, p.stdout
+  # every case but fp8_current, dense_bf16_cudnn and the two ep ones (which give their own reasons)
+  assert p.stdout.count("skipped: --budget spent") == len(gpu_suite.CASES) - 4, p.stdout
 
 
 def test_a_failing_or_overrunning_case_is_one_line():

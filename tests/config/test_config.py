@@ -80,6 +80,8 @@ def test_from_paddle_list_fields_and_defaults():
   (dict(eos_token_id=5000), "eos_token_id"),
   (dict(moe_intermediate_size=0), "moe_intermediate_size"),
   (dict(scan_unroll=0), "scan_unroll"),
+  (dict(attention_impl="flash"), "attention_impl"),
+  (dict(attention_impl="cudnn"), "attention_impl"),  # cuDNN attention refuses float32
 ])
 def test_contradictions_name_the_field(changes, field):
   with pytest.raises(ConfigError) as e:
