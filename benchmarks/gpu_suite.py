@@ -153,9 +153,9 @@ def run_peak(mode: Mode) -> dict:
 def run_train(name: str, mode: Mode, deadline: float) -> dict:
   import jax
 
+  from ernie_jax.model.moe import dispatch
   from ernie_jax.parallel import MeshConfig, make_mesh
   from ernie_jax.train import flops
-
   from ernie_jax.train.losses import LossConfig
 
   rows, mesh, note, loss = mode.rows, None, "", None
@@ -183,6 +183,8 @@ def run_train(name: str, mode: Mode, deadline: float) -> dict:
       note = f"capacity factor {cfg.moe_capacity_factor} (tokens over capacity are dropped)"
   else:
     raise ValueError(f"unknown case {name!r}; known: {CASES}")
+  if cfg.is_moe and dispatch.resolve_impl(cfg.moe_impl) == "ragged_dot":  # as the trainer: jax's Pallas-Triton
+    note = "; ".join(filter(None, (note, dispatch.use_gpu_grouped_matmul_kernel())))  # kernels where it has them
   devices = 1 if mesh is None else mesh.devices.size
   batch = random_batch(rows, mode.seq, cfg.vocab_size)
   r = time_train_step(cfg, batch, mode.steps, warmup=mode.warmup, mesh=mesh, loss=loss, deadline=deadline)

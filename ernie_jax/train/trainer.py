@@ -41,6 +41,7 @@ from ernie_jax.data.vl import text_only_bound
 from ernie_jax.interop.safetensors_io import CheckpointError
 from ernie_jax.loading import from_pretrained
 from ernie_jax.model import attention_kernels
+from ernie_jax.model.moe import dispatch
 from ernie_jax.parallel import distributed
 from ernie_jax.train import config as config_lib
 from ernie_jax.train import flops as flops_lib
@@ -326,6 +327,9 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started
   warn = lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None  # noqa: E731
   latest = ckpt.latest_intact_step(warn)  # damaged newer steps are moved aside (by process 0)
   model_cfg, pretrained = recipe.model_config(cfg, ckpt, latest, mesh)
+  grouped_matmul = None  # set before anything compiles: the flag changes how ragged_dot lowers
+  if model_cfg.is_moe and dispatch.resolve_impl(model_cfg.moe_impl) == "ragged_dot":
+    grouped_matmul = dispatch.use_gpu_grouped_matmul_kernel()
   # peak FLOP/s for MFU (on CPU measured now, before data threads compete for the cores)
   peak, peak_source = flops_lib.peak_flops_per_device(run.peak_tflops_per_device)
   peak_total = peak * (1 if jax.default_backend() == "cpu" else jax.device_count())  # CPU devices share cores
@@ -405,6 +409,8 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started
                f"active matmul), {describe(model_cfg)}, dtype {model_cfg.dtype} "
                f"(params {model_cfg.param_dtype}), remat {model_cfg.remat}, "
                f"attention {attention_kernels.resolve(model_cfg.attention_impl)}")
+  if grouped_matmul is not None:
+    writer.print(f"MoE grouped matmul: {grouped_matmul}")
   for line in setup.lines:
     writer.print(line)
   writer.print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, {started}; "

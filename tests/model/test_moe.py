@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ernie_jax.model.moe import expert_loop
+from ernie_jax.model.moe import dispatch, expert_loop
 from ernie_jax.model.moe.dispatch import experts_loop, experts_sorted
 from ernie_jax.model.moe.router import route
 
@@ -121,3 +121,21 @@ def test_expert_loop_chunks_cover_every_group_and_nothing_else():
   want = jax.grad(loss(reference), argnums=(0, 1, 2, 3))(*args)
   for name, a, b in zip(("xs", "gate", "up", "down"), got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_gpu_ragged_dot_lowering_is_chosen_by_what_jax_ships(monkeypatch):
+  """On GPU, ragged_dot goes through jax's Pallas-Triton kernels when this jax has them (a process-wide flag),
+  else the line names the fallback; other backends are left alone."""
+  flag = dispatch.PALLAS_RAGGED_DOT_FLAG
+  before = jax.config.values.get(flag)
+  assert "own lowering" in dispatch.use_gpu_grouped_matmul_kernel("tpu")
+  monkeypatch.setattr(dispatch, "has_pallas_ragged_dot", lambda: False)
+  assert "moe_impl=blocked" in dispatch.use_gpu_grouped_matmul_kernel("gpu")
+  assert jax.config.values.get(flag) == before
+  if flag in jax.config.values:  # the flag exists from jax 0.10 on; the kernels behind it in later versions
+    monkeypatch.setattr(dispatch, "has_pallas_ragged_dot", lambda: True)
+    try:
+      assert "Pallas-Triton" in dispatch.use_gpu_grouped_matmul_kernel("gpu")
+      assert jax.config.values[flag] is True
+    finally:
+      jax.config.update(flag, before)

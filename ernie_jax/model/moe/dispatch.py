@@ -23,6 +23,7 @@ exactly the code without LoRA.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -193,6 +194,34 @@ def resolve_impl(impl: str) -> str:
   if impl != "auto":
     return impl
   return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+PALLAS_RAGGED_DOT_FLAG = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
+PALLAS_RAGGED_DOT_MODULE = "jax._src.lax.pallas_lowerings.gpu.ragged_dot"
+
+
+def has_pallas_ragged_dot() -> bool:
+  """Whether this jax ships the Pallas-Triton lowering of `jax.lax.ragged_dot` for GPUs (grouped matmul
+  kernels for the forward and both gradients), behind the flag PALLAS_RAGGED_DOT_FLAG."""
+  try:
+    return (PALLAS_RAGGED_DOT_FLAG in jax.config.values
+            and importlib.util.find_spec(PALLAS_RAGGED_DOT_MODULE) is not None)
+  except ModuleNotFoundError:  # a parent package is missing
+    return False
+
+
+def use_gpu_grouped_matmul_kernel(backend: str | None = None) -> str:
+  """For entry points (process-wide: it sets a jax flag). On GPU, route `jax.lax.ragged_dot` through jax's
+  Pallas-Triton grouped matmul when this jax ships it: XLA's default GPU lowering of a ragged_dot may expand
+  it into a dense matmul against every expert's weights (E times the FLOPs and an [rows, E x width]
+  intermediate). Returns one line saying which lowering `moe_impl=ragged_dot` gets."""
+  if (backend or jax.default_backend()) != "gpu":
+    return "ragged_dot: the backend's own lowering"
+  if not has_pallas_ragged_dot():
+    return (f"ragged_dot: XLA's default GPU lowering (jax {jax.__version__} has no Pallas-Triton ragged_dot "
+            "lowering; if the MoE step is slow or out of memory, try moe_impl=blocked)")
+  jax.config.update(PALLAS_RAGGED_DOT_FLAG, True)
+  return "ragged_dot: jax's Pallas-Triton grouped matmul kernels"
 
 
 def routed_experts(x, gate, up, down, idx, weights, impl: str = "auto", act=None, lora: ExpertLora | None = None):
