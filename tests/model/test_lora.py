@@ -152,7 +152,7 @@ def test_vl_merged_equals_unmerged():
   randomize(model)
   want = np.asarray(_vl_logits(model, *_vl_inputs()))
   got = np.asarray(_vl_logits(lora.merge_lora(model), *_vl_inputs()))
-  assert rel(got, want) <= 1e-6 and rel(want, base) > 1e-3
+  assert rel(got, want) <= 3e-6 and rel(want, base) > 1e-3  # fp32 rounding (1.3e-6 on an AMD EPYC, < 1e-6 on a Xeon)
   # each expert set's adapter matters (a set's B zeroed changes the logits)
   for name in ("text_experts", "vision_experts"):
     e = model.groups[-1].blocks.layers[0].mlp
