@@ -88,7 +88,8 @@ def test_reference_modes_start_at_log2_and_agree(tmp_path, xla_cache, method):
       over["loss.lm_chunk"] = 16
     summary = train(_config(tmp_path / mode, xla_cache, **over), PreferenceTuning())
     m = _metrics(tmp_path / mode)
-    assert abs(m[1]["dpo_loss"] - math.log(2)) < 1e-6 and m[1]["rewards/margins"] == 0.0, m[1]
+    # policy == reference: rewards 0 up to fp32 rounding (two compiled passes; exactly 0 on some CPUs only)
+    assert abs(m[1]["dpo_loss"] - math.log(2)) < 1e-6 and abs(m[1]["rewards/margins"]) < 1e-5, m[1]
     assert m[1]["rewards/accuracies"] == 0.5
     assert summary["eval_loss_at_start"] == pytest.approx(math.log(2), abs=1e-6)
     got[mode] = [m[s]["loss"] for s in (1, 2, 3)]
