@@ -183,8 +183,8 @@ def run_train(name: str, mode: Mode, deadline: float) -> dict:
       note = f"capacity factor {cfg.moe_capacity_factor} (tokens over capacity are dropped)"
   else:
     raise ValueError(f"unknown case {name!r}; known: {CASES}")
-  if cfg.is_moe and dispatch.resolve_impl(cfg.moe_impl) == "ragged_dot":  # as the trainer: jax's Pallas-Triton
-    note = "; ".join(filter(None, (note, dispatch.use_gpu_grouped_matmul_kernel())))  # kernels where it has them
+  if cfg.is_moe:  # as the trainer: ragged_dot through jax's Pallas-Triton kernels where this jax has them
+    note = "; ".join(filter(None, (note, dispatch.use_gpu_grouped_matmul_kernel(cfg.moe_impl))))
   devices = 1 if mesh is None else mesh.devices.size
   batch = random_batch(rows, mode.seq, cfg.vocab_size)
   r = time_train_step(cfg, batch, mode.steps, warmup=mode.warmup, mesh=mesh, loss=loss, deadline=deadline)

@@ -34,8 +34,8 @@ Metrics (sums over valid pairs; divide by "pairs"), with TRL's / ERNIEKit's name
 rewards/chosen = beta (pc - rc), rewards/rejected = beta (pr - rr) on the length-handled log-probs the loss
 uses (detached), rewards/margins = chosen - rejected, rewards/accuracies = [margin > 0] with a tie
 (margin 0 up to fp32 rounding of the log-probs, TIE_RTOL; e.g. before the first update when policy ==
-reference) counted 1/2 (TRL and ERNIEKit count a tie 0); logps/chosen, logps/rejected = the policy's RAW sequence log-prob sums (ERNIEKit logs the
-normalised ones); plus "pairs", "dpo_loss" (preference term) and "sft_loss" (SFT term), unweighted.
+reference) counted 1/2 (TRL and ERNIEKit count a tie 0); logps/chosen, logps/rejected = the policy's RAW
+sequence log-prob sums (ERNIEKit logs the normalised ones); plus "pairs", "dpo_loss" (preference term) and "sft_loss" (SFT term), unweighted.
 
 `DPOConfig` is the `dpo` section of a DPO experiment config; `validate_dpo` raises `TrainConfigError`
 (a ValueError) naming `dpo.<field>`. The reference choice (`reference`) is interpreted by the train side:
@@ -215,7 +215,7 @@ def preference_loss(cfg: DPOConfig, policy: dict, reference: dict | None, valid)
   # a tie: |x| within fp32 rounding of the log-probs it is made of. Policy == reference (before the first update)
   # gives x = 0 in exact arithmetic, but the policy's pass (under autodiff) and the reference's (another pass, or
   # another program) are compiled separately and may round differently in the last bits (seen on an AMD EPYC).
-  tie = sg(jnp.abs(x) <= TIE_RTOL * (jnp.abs(pc) * s_c + jnp.abs(pr) * s_r + jnp.abs(rc) * s_c + jnp.abs(rr) * s_r))
+  tie = jnp.abs(x) <= TIE_RTOL * ((jnp.abs(pc) + jnp.abs(rc)) * s_c + (jnp.abs(pr) + jnp.abs(rr)) * s_r)
   acc = jnp.where(tie, 0.5, jnp.where(margin > 0, 1.0, 0.0))
   metrics = {"rewards/chosen": total(r_c), "rewards/rejected": total(r_r), "rewards/margins": total(margin),
              "rewards/accuracies": total(acc), "logps/chosen": total(sg(pc)), "logps/rejected": total(sg(pr)),

@@ -327,9 +327,8 @@ def _train(config, cfg, recipe, ckpt, mesh, tokenizer, workdir, is_main, started
   warn = lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None  # noqa: E731
   latest = ckpt.latest_intact_step(warn)  # damaged newer steps are moved aside (by process 0)
   model_cfg, pretrained = recipe.model_config(cfg, ckpt, latest, mesh)
-  grouped_matmul = None  # set before anything compiles: the flag changes how ragged_dot lowers
-  if model_cfg.is_moe and dispatch.resolve_impl(model_cfg.moe_impl) == "ragged_dot":
-    grouped_matmul = dispatch.use_gpu_grouped_matmul_kernel()
+  # before anything compiles: the flag it may set changes how ragged_dot lowers
+  grouped_matmul = dispatch.use_gpu_grouped_matmul_kernel(model_cfg.moe_impl) if model_cfg.is_moe else None
   # peak FLOP/s for MFU (on CPU measured now, before data threads compete for the cores)
   peak, peak_source = flops_lib.peak_flops_per_device(run.peak_tflops_per_device)
   peak_total = peak * (1 if jax.default_backend() == "cpu" else jax.device_count())  # CPU devices share cores

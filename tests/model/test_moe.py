@@ -128,14 +128,15 @@ def test_gpu_ragged_dot_lowering_is_chosen_by_what_jax_ships(monkeypatch):
   else the line names the fallback; other backends are left alone."""
   flag = dispatch.PALLAS_RAGGED_DOT_FLAG
   before = jax.config.values.get(flag)
-  assert "own lowering" in dispatch.use_gpu_grouped_matmul_kernel("tpu")
+  assert "own lowering" in dispatch.use_gpu_grouped_matmul_kernel("ragged_dot", "tpu")
+  assert dispatch.use_gpu_grouped_matmul_kernel("blocked", "gpu") is None  # not a ragged_dot model: nothing to say
   monkeypatch.setattr(dispatch, "has_pallas_ragged_dot", lambda: False)
-  assert "moe_impl=blocked" in dispatch.use_gpu_grouped_matmul_kernel("gpu")
+  assert "moe_impl=blocked" in dispatch.use_gpu_grouped_matmul_kernel("ragged_dot", "gpu")
   assert jax.config.values.get(flag) == before
   if flag in jax.config.values:  # the flag exists from jax 0.10 on; the kernels behind it in later versions
     monkeypatch.setattr(dispatch, "has_pallas_ragged_dot", lambda: True)
     try:
-      assert "Pallas-Triton" in dispatch.use_gpu_grouped_matmul_kernel("gpu")
+      assert "Pallas-Triton" in dispatch.use_gpu_grouped_matmul_kernel("ragged_dot", "gpu")
       assert jax.config.values[flag] is True
     finally:
       jax.config.update(flag, before)

@@ -210,11 +210,13 @@ def has_pallas_ragged_dot() -> bool:
     return False
 
 
-def use_gpu_grouped_matmul_kernel(backend: str | None = None) -> str:
+def use_gpu_grouped_matmul_kernel(moe_impl: str, backend: str | None = None) -> str | None:
   """For entry points (process-wide: it sets a jax flag). On GPU, route `jax.lax.ragged_dot` through jax's
   Pallas-Triton grouped matmul when this jax ships it: XLA's default GPU lowering of a ragged_dot may expand
   it into a dense matmul against every expert's weights (E times the FLOPs and an [rows, E x width]
-  intermediate). Returns one line saying which lowering `moe_impl=ragged_dot` gets."""
+  intermediate). Returns one line saying which lowering `moe_impl` gets, or None when it is not ragged_dot."""
+  if resolve_impl(moe_impl) != "ragged_dot":
+    return None
   if (backend or jax.default_backend()) != "gpu":
     return "ragged_dot: the backend's own lowering"
   if not has_pallas_ragged_dot():
