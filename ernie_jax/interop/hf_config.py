@@ -14,6 +14,12 @@ from ernie_jax.config import VL_MODEL_TYPES, ConfigError, ModelConfig, VisionCon
 from ernie_jax.config.base import read_json, req, tok
 
 
+def _opt(d: dict, key: str, default):
+  """d[key], or `default` when the key is missing or null (transformers >= 5.25 writes unset fields as null)."""
+  v = d.get(key)
+  return default if v is None else v
+
+
 def read_text(cfg: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
   """From a transformers `config.json` (model_type `ernie4_5` or `ernie4_5_moe`), dict or path."""
   d = read_json(cfg)
@@ -26,7 +32,7 @@ def read_text(cfg: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConf
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type != "default":
     raise ConfigError("rope_parameters.rope_type", f"only 'default' RoPE is supported, got {rope_type!r}")
-  theta = rope.get("rope_theta", d.get("rope_theta", 500000.0))
+  theta = rope.get("rope_theta", _opt(d, "rope_theta", 500000.0))
   hidden, heads = req(d, "hidden_size"), req(d, "num_attention_heads")
   # Dense HF config defaults head_dim to 128; the MoE config has no such field and attention
   # falls back to hidden // heads.
@@ -37,22 +43,22 @@ def read_text(cfg: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConf
     num_key_value_heads=d.get("num_key_value_heads") or heads,
     intermediate_size=req(d, "intermediate_size"),
     head_dim=d.get("head_dim") or default_head_dim, rope_theta=float(theta),
-    rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-    tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-    max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+    rms_norm_eps=float(_opt(d, "rms_norm_eps", 1e-5)),
+    tie_word_embeddings=bool(_opt(d, "tie_word_embeddings", True)),
+    max_position_embeddings=int(_opt(d, "max_position_embeddings", 131072)),
     pad_token_id=tok(d.get("pad_token_id"), 0), bos_token_id=tok(d.get("bos_token_id"), 1),
     eos_token_id=tok(d.get("eos_token_id"), 2),
   )
   if model_type == "ernie4_5_moe":
     kw.update(
-      moe_num_experts=int(d.get("moe_num_experts", 64)), moe_k=int(d.get("moe_k", 6)),
-      moe_intermediate_size=int(d.get("moe_intermediate_size", 1536)),
-      moe_num_shared_experts=int(d.get("moe_num_shared_experts", 2)),
-      moe_layer_start_index=int(d.get("moe_layer_start_index", 1)),
-      moe_layer_end_index=int(d.get("moe_layer_end_index", -1)),
-      moe_layer_interval=int(d.get("moe_layer_interval", 1)),
-      moe_norm_min=float(d.get("moe_norm_min", 1e-12)),
-      num_mtp_layers=int(d.get("num_nextn_predict_layers", 0)),
+      moe_num_experts=int(_opt(d, "moe_num_experts", 64)), moe_k=int(_opt(d, "moe_k", 6)),
+      moe_intermediate_size=int(_opt(d, "moe_intermediate_size", 1536)),
+      moe_num_shared_experts=int(_opt(d, "moe_num_shared_experts", 2)),
+      moe_layer_start_index=int(_opt(d, "moe_layer_start_index", 1)),
+      moe_layer_end_index=int(_opt(d, "moe_layer_end_index", -1)),
+      moe_layer_interval=int(_opt(d, "moe_layer_interval", 1)),
+      moe_norm_min=float(_opt(d, "moe_norm_min", 1e-12)),
+      num_mtp_layers=int(_opt(d, "num_nextn_predict_layers", 0)),
     )
   return ModelConfig(**{**kw, **overrides})
 

@@ -107,3 +107,9 @@ def test_reader_errors_name_the_field():
 def test_round_trip_dict():
   c = ModelConfig.tiny_moe(num_mtp_layers=1)
   assert ModelConfig.from_dict(c.to_dict()) == c
+
+
+def test_null_fields_read_as_their_defaults():
+  """transformers >= 5.25 writes unset MoE fields as null (e.g. num_nextn_predict_layers): the defaults apply."""
+  c = hf_config.read_text(_hf_moe(num_nextn_predict_layers=None, moe_norm_min=None))
+  assert c.num_mtp_layers == 0 and c.moe_norm_min == 1e-12
