@@ -29,10 +29,10 @@ def read_text(cfg: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConf
   if d.get("use_bias"):
     raise ConfigError("use_bias", "ERNIE 4.5 has no biases; use_bias=true is not supported")
   rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  rope_type = _opt(rope, "rope_type", _opt(rope, "type", "default"))
   if rope_type != "default":
     raise ConfigError("rope_parameters.rope_type", f"only 'default' RoPE is supported, got {rope_type!r}")
-  theta = rope.get("rope_theta", _opt(d, "rope_theta", 500000.0))
+  theta = _opt(rope, "rope_theta", _opt(d, "rope_theta", 500000.0))
   hidden, heads = req(d, "hidden_size"), req(d, "num_attention_heads")
   # Dense HF config defaults head_dim to 128; the MoE config has no such field and attention
   # falls back to hidden // heads.
@@ -164,7 +164,7 @@ def parse_vl(d: dict[str, Any], *, paddle: bool) -> dict[str, Any]:
       _req(v, key, "vision_config.")
     if v.get("hidden_size") is None and v.get("embed_dim") is None:
       raise ConfigError("vision_config.embed_dim", "missing from config.json (nor vision_config.hidden_size)")
-    if float(d.get("compression_ratio", 1.0)) != 1.0:
+    if float(_opt(d, "compression_ratio", 1.0)) != 1.0:
       raise ConfigError("compression_ratio", f"{d['compression_ratio']}: the VL model has no position compression")
     if d.get("rope_3d") is False:
       raise ConfigError("rope_3d", "false (1-D RoPE in a VL model) is not supported")
@@ -173,85 +173,81 @@ def parse_vl(d: dict[str, Any], *, paddle: bool) -> dict[str, Any]:
   if t.get("use_bias"):
     raise ConfigError(pre + "use_bias", "ERNIE 4.5 VL has no LM biases; use_bias=true is not supported")
   rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  rope_type = _opt(rope, "rope_type", _opt(rope, "type", "default"))
   if rope_type != "default":
     raise ConfigError(pre + "rope_parameters.rope_type", f"only 'default' is supported, got {rope_type!r}")
   hidden, heads = _req(t, "hidden_size", pre), _req(t, "num_attention_heads", pre)
   head_dim = t.get("head_dim") or hidden // heads
-  if "mrope_section" in rope:
+  if rope.get("mrope_section") is not None:
     mrope = tuple(rope["mrope_section"])
-  elif "freq_allocation" in t:  # flat layout: t gets the last `freq_allocation` slots
+  elif t.get("freq_allocation") is not None:  # flat layout: t gets the last `freq_allocation` slots
     hw = head_dim // 2 - int(t["freq_allocation"])
     mrope = (hw // 2, hw // 2, int(t["freq_allocation"]))
   else:
     mrope = (22, 22, 20)
   layers = _req(t, "num_hidden_layers", pre)
   kinds = t.get("mlp_layer_types")
-  if kinds is None and "moe_layer_start_index" in t:
+  if kinds is None and t.get("moe_layer_start_index") is not None:
     start = min(_as_list(t["moe_layer_start_index"]))
-    end = max(layers - 1 if e == -1 else e for e in _as_list(t.get("moe_layer_end_index", -1)))
-    interval = _as_list(t.get("moe_layer_interval", 1))[0]
+    end = max(layers - 1 if e == -1 else e for e in _as_list(_opt(t, "moe_layer_end_index", -1)))
+    interval = _as_list(_opt(t, "moe_layer_interval", 1))[0]
     kinds = ["sparse" if (i + 1) % interval == 0 and start <= i <= end else "dense" for i in range(layers)]
-  experts = _as_list(t.get("moe_num_experts", 64))
+  experts = _as_list(_opt(t, "moe_num_experts", 64))
   if len(set(experts)) != 1:
     raise ConfigError(pre + "moe_num_experts",
                       f"text and vision expert counts must be equal (reference layout), got {experts}")
-  ks = _as_list(t.get("moe_k", 6))
+  ks = _as_list(_opt(t, "moe_k", 6))
   inter = _as_list(t.get("moe_intermediate_size") or [1536, 512])
   if len(inter) == 1:
     inter = inter * 2
-  shared = _as_list(t.get("moe_num_shared_experts", 0 if paddle else 2))[0]
+  shared = _as_list(_opt(t, "moe_num_shared_experts", 0 if paddle else 2))[0]
 
-  def tok(key, default, alt=None):
+  def token_id(key, default, alt=None):  # top level first, then the text part (flat / nested layouts)
     for src in (d, t):
       for k in (key, alt):
         if k and src.get(k) is not None:
-          return int(src[k])
+          return tok(src[k], default)
     return default
 
   vision_hidden = int(v.get("hidden_size") or v.get("embed_dim") or 1280)
   if paddle and d.get("pixel_hidden_size") not in (None, vision_hidden):
     raise ConfigError("pixel_hidden_size", f"{d['pixel_hidden_size']} != vision hidden size {vision_hidden}")
-  merge = int(v.get("spatial_merge_size", d.get("spatial_conv_size", 2)))
+  merge = int(_opt(v, "spatial_merge_size", _opt(d, "spatial_conv_size", 2)))
   if paddle and d.get("spatial_conv_size") not in (None, merge):
     raise ConfigError("spatial_conv_size", f"{d['spatial_conv_size']} != vision_config.spatial_merge_size {merge}")
   vision = VisionConfig(
-    depth=int(v.get("depth", 32)), hidden_size=vision_hidden,
-    intermediate_size=int(v.get("intermediate_size") or int(vision_hidden * v.get("mlp_ratio", 4))),
-    num_heads=int(v.get("num_heads", 16)), in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
-    patch_size=int(v.get("patch_size", 14)), spatial_merge_size=merge,
-    temporal_merge_size=int(v.get("temporal_merge_size", d.get("temporal_conv_size", 2))),
-    rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-    layer_norm_eps=float(v.get("rms_norm_eps", 1e-6)), hidden_act=v.get("hidden_act", "quick_gelu"))
+    depth=int(_opt(v, "depth", 32)), hidden_size=vision_hidden,
+    intermediate_size=int(v.get("intermediate_size") or int(vision_hidden * _opt(v, "mlp_ratio", 4))),
+    num_heads=int(_opt(v, "num_heads", 16)), in_channels=int(_opt(v, "in_channels", _opt(v, "in_chans", 3))),
+    patch_size=int(_opt(v, "patch_size", 14)), spatial_merge_size=merge,
+    temporal_merge_size=int(_opt(v, "temporal_merge_size", _opt(d, "temporal_conv_size", 2))),
+    rope_theta=float(_opt(v.get("rope_parameters") or {}, "rope_theta", 10000.0)),
+    layer_norm_eps=float(_opt(v, "rms_norm_eps", 1e-6)), hidden_act=_opt(v, "hidden_act", "quick_gelu"))
   kw = dict(
     vocab_size=_req(t, "vocab_size", pre), hidden_size=hidden, num_hidden_layers=layers,
     num_attention_heads=heads, num_key_value_heads=t.get("num_key_value_heads") or heads,
     head_dim=head_dim, intermediate_size=_req(t, "intermediate_size", pre),
-    rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 500000.0))), mrope_section=mrope,
-    rms_norm_eps=float(t.get("rms_norm_eps", 1e-5)),
-    tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", True))),
-    max_position_embeddings=int(t.get("max_position_embeddings", t.get("max_sequence_length", 131072))),
+    rope_theta=float(_opt(rope, "rope_theta", _opt(t, "rope_theta", 500000.0))), mrope_section=mrope,
+    rms_norm_eps=float(_opt(t, "rms_norm_eps", 1e-5)),
+    tie_word_embeddings=bool(_opt(d, "tie_word_embeddings", _opt(t, "tie_word_embeddings", True))),
+    max_position_embeddings=int(_opt(t, "max_position_embeddings", _opt(t, "max_sequence_length", 131072))),
     mlp_layer_types=tuple(kinds or ()), moe_num_experts=int(experts[0]), moe_k=int(ks[0]),
     moe_intermediate_size=(int(inter[0]), int(inter[1])), moe_num_shared_experts=int(shared),
-    moe_norm_min=float(t.get("moe_norm_min", 1e-12)),
-    image_token_id=tok("image_token_id", 100295, alt="im_patch_id"),
-    image_start_token_id=tok("image_start_token_id", 101304),
-    image_end_token_id=tok("image_end_token_id", 101305),
-    video_token_id=tok("video_token_id", 103367),
-    video_start_token_id=tok("video_start_token_id", 101306),
-    video_end_token_id=tok("video_end_token_id", 101307),
-    pad_token_id=tok(t.get("pad_token_id"), 0), bos_token_id=tok(t.get("bos_token_id"), 1),
-    eos_token_id=tok(t.get("eos_token_id"), 2), vision=vision)
+    moe_norm_min=float(_opt(t, "moe_norm_min", 1e-12)),
+    image_token_id=token_id("image_token_id", 100295, alt="im_patch_id"),
+    image_start_token_id=token_id("image_start_token_id", 101304),
+    image_end_token_id=token_id("image_end_token_id", 101305),
+    video_token_id=token_id("video_token_id", 103367),
+    video_start_token_id=token_id("video_start_token_id", 101306),
+    video_end_token_id=token_id("video_end_token_id", 101307),
+    pad_token_id=token_id("pad_token_id", 0), bos_token_id=token_id("bos_token_id", 1),
+    eos_token_id=token_id("eos_token_id", 2), vision=vision)
   if paddle:
-    kw["moe_use_correction_bias"] = bool(d.get("moe_use_aux_free", True))
+    kw["moe_use_correction_bias"] = bool(_opt(d, "moe_use_aux_free", True))
   return kw
 
 
 # --------------------------------------------------------------------------------------------------
-def _as_list(v):
-  return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
 def _as_list(v):
   return list(v) if isinstance(v, (list, tuple)) else [v]
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ernie_jax import ConfigError, ModelConfig
+from ernie_jax.config import VLConfig
 from ernie_jax.model.decoder import layer_groups, layer_locations
 from ernie_jax.interop import hf_config, paddle_config
 
@@ -113,3 +114,22 @@ def test_null_fields_read_as_their_defaults():
   """transformers >= 5.25 writes unset MoE fields as null (e.g. num_nextn_predict_layers): the defaults apply."""
   c = hf_config.read_text(_hf_moe(num_nextn_predict_layers=None, moe_norm_min=None))
   assert c.num_mtp_layers == 0 and c.moe_norm_min == 1e-12
+
+
+def test_vl_round_trip_keeps_token_ids_and_nulls_read_as_defaults():
+  """The VL reader once took the token-id VALUES as keys and always returned the defaults: eos 7 came back as 2."""
+  cfg = VLConfig.tiny(pad_token_id=5, bos_token_id=6, eos_token_id=7)
+  d = hf_config.write_vl(cfg)
+  assert hf_config.read_vl(d) == cfg
+  d["text_config"]["eos_token_id"] = [7, 8]  # generation configs list several stop ids: the first is ours
+  assert hf_config.read_vl(d).eos_token_id == 7
+  for key in ("moe_norm_min", "rms_norm_eps", "moe_num_shared_experts", "max_position_embeddings"):
+    d["text_config"][key] = None
+  for key in ("depth", "patch_size", "hidden_act", "rms_norm_eps"):
+    d["vision_config"][key] = None
+  d["tie_word_embeddings"] = None
+  c = hf_config.read_vl(d)
+  assert (c.moe_norm_min, c.rms_norm_eps, c.moe_num_shared_experts, c.max_position_embeddings,
+          c.tie_word_embeddings) == (1e-12, 1e-5, 2, 131072, cfg.tie_word_embeddings)
+  assert (c.vision.depth, c.vision.patch_size, c.vision.hidden_act, c.vision.layer_norm_eps) == (
+    32, 14, "quick_gelu", 1e-6)
