@@ -2,7 +2,8 @@
 (load average against the cores, before and after), the device peak measured from a large matmul
 (and the vendor's datasheet peak where the device is known), the median and spread of repeated
 timings, MFU that refuses to print a value above 100% as if it were plausible, peak device memory,
-and the timed pretraining step itself (`time_train_step`).
+and the timed pretraining step itself (`TrainStepRunner`, `time_train_step`; `round_robin` to time
+several variants in turn).
 
 jax and ernie_jax are imported inside the functions that need them, so that a script can print
 `machine_line()` (or a GPU suite parent process can run) without importing jax.
@@ -170,38 +171,66 @@ def random_batch(rows: int, seq: int, vocab: int, seed: int = 0):
               positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)), loss_mask=np.ones((rows, seq), np.int32))
 
 
+class TrainStepRunner:
+  """The jitted pretraining step (`ernie_jax.train.step`) on a fixed batch, built and warmed up
+  (`warmup` steps, the first compiles); `step()` runs one more optimizer step and returns its seconds.
+  mesh: default one device. optim / loss: an `OptimConfig` / `LossConfig` (defaults: the library's,
+  without LR warm-up). Several runners can be alive at once (see `round_robin`)."""
+
+  def __init__(self, model_cfg, batch, *, warmup: int = 1, optim=None, loss=None, mesh=None):
+    import jax
+
+    from ernie_jax.parallel import MeshConfig, make_mesh
+    from ernie_jax.train.losses import LossConfig
+    from ernie_jax.train.optimizer import OptimConfig, make_optimizer
+    from ernie_jax.train.step import abstract_train_state, batch_sharding, create_train_state, make_train_step, put_batch
+
+    self.mesh = mesh or make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(optim or OptimConfig(warmup_steps=0), 1000)
+    graphdef, self.state = create_train_state(model_cfg, tx, seed=0, mesh=self.mesh)
+    _, shardings, _ = abstract_train_state(model_cfg, tx, 0, self.mesh)
+    self._step = make_train_step(graphdef, shardings, loss or LossConfig(), schedule)
+    with jax.set_mesh(self.mesh):
+      self.batch = put_batch(batch, 1, batch_sharding(self.mesh))
+    self.metrics = None
+    self.first_step_s = self.step()
+    for _ in range(max(warmup, 1) - 1):
+      self.step()
+
+  def step(self) -> float:
+    import jax
+
+    with jax.set_mesh(self.mesh):
+      t = time.perf_counter()
+      self.state, m = self._step(self.state, self.batch)
+      jax.block_until_ready(m)
+      seconds = time.perf_counter() - t
+    self.metrics = m
+    return seconds
+
+
+def round_robin(steps: dict, rounds: int) -> dict[str, list[float]]:
+  """{name: seconds of each call} of `rounds` rounds calling every `steps[name]()` once per round, in turn:
+  the variants share whatever the machine does meanwhile, so a drift in its speed (another VM on the
+  host, thermal state) moves all of them alike instead of whichever happened to run during it."""
+  times: dict[str, list[float]] = {name: [] for name in steps}
+  for _ in range(rounds):
+    for name, fn in steps.items():
+      times[name].append(fn())
+  return times
+
+
 def time_train_step(model_cfg, batch, steps: int, *, warmup: int = 1, optim=None, loss=None, mesh=None,
                     deadline: float | None = None) -> dict:
-  """Times `steps` optimizer steps of the jitted pretraining step (`ernie_jax.train.step`) on a fixed
-  batch after `warmup` steps (the first compiles). mesh: default one device. optim / loss: an
-  `OptimConfig` / `LossConfig` (defaults: the library's, without LR warm-up). deadline: a
-  `time.time()` after which no further timed step starts (at least one always runs).
+  """Times `steps` optimizer steps of a `TrainStepRunner` after its `warmup` steps (the first compiles).
+  deadline: a `time.time()` after which no further timed step starts (at least one always runs).
   Returns {"times": [s], "first_step_s": compile + first step, "metrics": the last step's, host}."""
   import jax
 
-  from ernie_jax.parallel import MeshConfig, make_mesh
-  from ernie_jax.train.losses import LossConfig
-  from ernie_jax.train.optimizer import OptimConfig, make_optimizer
-  from ernie_jax.train.step import abstract_train_state, batch_sharding, create_train_state, make_train_step, put_batch
-
-  mesh = mesh or make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-  tx, schedule = make_optimizer(optim or OptimConfig(warmup_steps=0), 1000)
-  graphdef, state = create_train_state(model_cfg, tx, seed=0, mesh=mesh)
-  _, shardings, _ = abstract_train_state(model_cfg, tx, 0, mesh)
-  step = make_train_step(graphdef, shardings, loss or LossConfig(), schedule)
-  times, first = [], None
-  with jax.set_mesh(mesh):
-    b = put_batch(batch, 1, batch_sharding(mesh))
-    for i in range(max(warmup, 1)):
-      t = time.perf_counter()
-      state, m = step(state, b)
-      jax.block_until_ready(m)
-      first = first if i else time.perf_counter() - t
-    for _ in range(steps):
-      if times and deadline is not None and time.time() > deadline:
-        break
-      t = time.perf_counter()
-      state, m = step(state, b)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t)
-  return {"times": times, "first_step_s": first, "metrics": jax.device_get(m)}
+  r = TrainStepRunner(model_cfg, batch, warmup=warmup, optim=optim, loss=loss, mesh=mesh)
+  times = []
+  for _ in range(steps):
+    if times and deadline is not None and time.time() > deadline:
+      break
+    times.append(r.step())
+  return {"times": times, "first_step_s": r.first_step_s, "metrics": jax.device_get(r.metrics)}

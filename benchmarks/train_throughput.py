@@ -6,6 +6,7 @@
   python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --scan_unroll 1,all
   python benchmarks/train_throughput.py --configs moe512     # issue 15's MoE row: H512, 16 experts top-4, 4x512
   python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --lm_chunk 0,512 --no-torch
+  python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --remat none,save_dots --interleave
 
 What is timed: one optimizer step on a fixed batch of random tokens (data loading excluded) =
 forward + backward + global-norm clip + AdamW, fp32, for
@@ -14,8 +15,14 @@ forward + backward + global-norm clip + AdamW, fp32, for
   * jax (no MTP): the same model without the MTP layer, as transformers has none;
   * jax unroll=N: with model.scan_unroll=N (`--scan_unroll`: N layers per iteration of the layer loop);
   * jax lm_chunk=N: with loss.lm_chunk=N (`--lm_chunk`: the LM head fused into the cross-entropy);
+  * jax remat=P: with model.remat=P (`--remat`: the layers' rematerialisation policy; default none, as
+           torch runs; on a CPU `save_dots` is faster for dense layers: it recomputes the cheap elementwise
+           values in the backward pass instead of storing and reloading them);
   * torch: transformers' Ernie4_5(_Moe)ForCausalLM with the same shapes, loss from `labels`,
            `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()` (no MTP, no MoE aux loss).
+With `--interleave` every variant of a config is built (and compiled) first and the timed steps then
+go round-robin (one step of each in turn): a drift in the machine's speed during the run (a shared
+VM's neighbours) then moves every variant alike. It holds all variants' states in memory at once.
 MFU = model FLOPs (ernie_jax.train.flops: 6 x active matmul params + causal attention, per token)
 / (time x peak). The peak is the measured FLOP/s of a large matmul on this device (CPU: fp32 2048^2;
 GPU/TPU: bf16 8192^2), measured before and after the runs (the larger is used; a difference is
@@ -31,13 +38,15 @@ import dataclasses
 import os
 import statistics
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import DevicePeak, machine_line, mfu_text, random_batch, spread, time_train_step, timed  # noqa: E402
+from bench_util import (DevicePeak, TrainStepRunner, machine_line, mfu_text, random_batch, round_robin,  # noqa: E402
+                        spread, time_train_step)
 
 DEFAULT_SHAPES = {"tiny": (8, 256), "100m": (4, 512), "moe512": (4, 512)}
 CONFIG_FILES = {"tiny": "tiny", "100m": "ernie45_100m", "moe512": "tiny"}
@@ -87,7 +96,13 @@ def hf_model(model_cfg):
   return transformers.Ernie4_5ForCausalLM(transformers.Ernie4_5Config(**common))
 
 
-def time_torch(cfg, model_cfg, batch, steps: int) -> list[float]:
+def jax_runner(cfg, model_cfg, batch):
+  """One timed step of the jitted step (seconds per call), built and warmed up."""
+  return TrainStepRunner(model_cfg, batch, optim=cfg.optim, loss=cfg.loss).step
+
+
+def torch_runner(cfg, model_cfg, batch):
+  """One timed step of transformers' model + AdamW (seconds per call), built and warmed up."""
   import torch
 
   torch.manual_seed(0)
@@ -106,8 +121,13 @@ def time_torch(cfg, model_cfg, batch, steps: int) -> list[float]:
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
+  def timed_step() -> float:
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
+
   step()  # warm-up
-  return timed(step, steps)
+  return timed_step
 
 
 def main():
@@ -121,6 +141,11 @@ def main():
                  help="keep the config's dtype and remat policy (default: fp32, no remat, as torch runs)")
   p.add_argument("--scan_unroll", default="1",
                  help="comma-separated model.scan_unroll values to time (an int, or 'all' for every layer unrolled)")
+  p.add_argument("--remat", default="",
+                 help="comma-separated model.remat policies to time (default: none, or the config's with "
+                      "--as-configured)")
+  p.add_argument("--interleave", action="store_true",
+                 help="build every variant first, then time them round-robin (one step of each in turn)")
   p.add_argument("--lm_chunk", default="0",
                  help="comma-separated loss.lm_chunk values to time (0: whole logits; N: the fused head, N positions "
                       "at a time)")
@@ -150,18 +175,32 @@ def main():
     model = cfg.model if args.as_configured else cfg.model.replace(dtype="float32", param_dtype="float32",
                                                                      remat="none")
     runs = []
-    for u in args.scan_unroll.split(","):
-      unroll = model.num_hidden_layers if u == "all" else int(u)
-      for chunk in (int(c) for c in args.lm_chunk.split(",")):
-        label = "jax" + ("" if unroll == 1 else f" unroll={u}") + (f" lm_chunk={chunk}" if chunk else "")
-        runs.append((label, model.replace(scan_unroll=unroll), chunk))
+    for remat in args.remat.split(",") if args.remat else [model.remat]:
+      for u in args.scan_unroll.split(","):
+        unroll = model.num_hidden_layers if u == "all" else int(u)
+        for chunk in (int(c) for c in args.lm_chunk.split(",")):
+          label = ("jax" + ("" if remat == model.remat else f" remat={remat}") + ("" if unroll == 1 else f" unroll={u}")
+                   + (f" lm_chunk={chunk}" if chunk else ""))
+          runs.append((label, model.replace(scan_unroll=unroll, remat=remat), chunk))
     if cfg.model.num_mtp_layers:
       runs.append(("jax (no MTP)", model.replace(num_mtp_layers=0), 0))
     if not args.no_torch:
       runs.append(("torch", model.replace(num_mtp_layers=0), 0))
-    for impl, mcfg, chunk in runs:
+
+    def runner(impl, mcfg, chunk):
       run_cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, lm_chunk=chunk)) if chunk else cfg
-      times = (time_torch if impl == "torch" else time_jax)(run_cfg, mcfg, batch, args.steps)
+      return (torch_runner if impl == "torch" else jax_runner)(run_cfg, mcfg, batch)
+
+    if args.interleave:
+      all_times = round_robin({impl: runner(impl, mcfg, chunk) for impl, mcfg, chunk in runs}, args.steps)
+    else:  # one variant alive at a time
+      all_times = {}
+      for impl, mcfg, chunk in runs:
+        step = runner(impl, mcfg, chunk)
+        all_times[impl] = [step() for _ in range(args.steps)]
+        del step
+    for impl, mcfg, chunk in runs:
+      times = all_times[impl]
       t = statistics.median(times)
       tokens = rows * seq
       per_s = flops.train_flops_per_token(mcfg, seq) * tokens / t
