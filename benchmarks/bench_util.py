@@ -2,8 +2,7 @@
 (load average against the cores, before and after), the device peak measured from a large matmul
 (and the vendor's datasheet peak where the device is known), the median and spread of repeated
 timings, MFU that refuses to print a value above 100% as if it were plausible, peak device memory,
-and the timed pretraining step itself (`TrainStepRunner`, `time_train_step`; `round_robin` to time
-several variants in turn).
+and the timed pretraining step itself (`TrainStepRunner`, `time_train_step`).
 
 jax and ernie_jax are imported inside the functions that need them, so that a script can print
 `machine_line()` (or a GPU suite parent process can run) without importing jax.
@@ -175,7 +174,7 @@ class TrainStepRunner:
   """The jitted pretraining step (`ernie_jax.train.step`) on a fixed batch, built and warmed up
   (`warmup` steps, the first compiles); `step()` runs one more optimizer step and returns its seconds.
   mesh: default one device. optim / loss: an `OptimConfig` / `LossConfig` (defaults: the library's,
-  without LR warm-up). Several runners can be alive at once (see `round_robin`)."""
+  without LR warm-up)."""
 
   def __init__(self, model_cfg, batch, *, warmup: int = 1, optim=None, loss=None, mesh=None):
     import jax
@@ -207,17 +206,6 @@ class TrainStepRunner:
       seconds = time.perf_counter() - t
     self.metrics = m
     return seconds
-
-
-def round_robin(steps: dict, rounds: int) -> dict[str, list[float]]:
-  """{name: seconds of each call} of `rounds` rounds calling every `steps[name]()` once per round, in turn:
-  the variants share whatever the machine does meanwhile, so a drift in its speed (another VM on the
-  host, thermal state) moves all of them alike instead of whichever happened to run during it."""
-  times: dict[str, list[float]] = {name: [] for name in steps}
-  for _ in range(rounds):
-    for name, fn in steps.items():
-      times[name].append(fn())
-  return times
 
 
 def time_train_step(model_cfg, batch, steps: int, *, warmup: int = 1, optim=None, loss=None, mesh=None,

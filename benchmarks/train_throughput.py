@@ -6,7 +6,7 @@
   python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --scan_unroll 1,all
   python benchmarks/train_throughput.py --configs moe512     # issue 15's MoE row: H512, 16 experts top-4, 4x512
   python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --lm_chunk 0,512 --no-torch
-  python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --remat none,save_dots --interleave
+  python benchmarks/train_throughput.py --configs ernie45_0p3b --batch 2 --seq 512 --remat none,save_dots
 
 What is timed: one optimizer step on a fixed batch of random tokens (data loading excluded) =
 forward + backward + global-norm clip + AdamW, fp32, for
@@ -20,9 +20,8 @@ forward + backward + global-norm clip + AdamW, fp32, for
            values in the backward pass instead of storing and reloading them);
   * torch: transformers' Ernie4_5(_Moe)ForCausalLM with the same shapes, loss from `labels`,
            `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()` (no MTP, no MoE aux loss).
-With `--interleave` every variant of a config is built (and compiled) first and the timed steps then
-go round-robin (one step of each in turn): a drift in the machine's speed during the run (a shared
-VM's neighbours) then moves every variant alike. It holds all variants' states in memory at once.
+The variants run one after the other, one alive at a time. (Timing them round-robin in one process was
+tried and is not neutral: after a torch step its threads slow the next JAX step, 8.7 -> 15.5 s at 100M.)
 MFU = model FLOPs (ernie_jax.train.flops: 6 x active matmul params + causal attention, per token)
 / (time x peak). The peak is the measured FLOP/s of a large matmul on this device (CPU: fp32 2048^2;
 GPU/TPU: bf16 8192^2), measured before and after the runs (the larger is used; a difference is
@@ -45,8 +44,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_util import (DevicePeak, TrainStepRunner, machine_line, mfu_text, random_batch, round_robin,  # noqa: E402
-                        spread, time_train_step)
+from bench_util import (DevicePeak, TrainStepRunner, machine_line, mfu_text, random_batch, spread,  # noqa: E402
+                        time_train_step)
 
 DEFAULT_SHAPES = {"tiny": (8, 256), "100m": (4, 512), "moe512": (4, 512)}
 CONFIG_FILES = {"tiny": "tiny", "100m": "ernie45_100m", "moe512": "tiny"}
@@ -144,8 +143,6 @@ def main():
   p.add_argument("--remat", default="",
                  help="comma-separated model.remat policies to time (default: none, or the config's with "
                       "--as-configured)")
-  p.add_argument("--interleave", action="store_true",
-                 help="build every variant first, then time them round-robin (one step of each in turn)")
   p.add_argument("--lm_chunk", default="0",
                  help="comma-separated loss.lm_chunk values to time (0: whole logits; N: the fused head, N positions "
                       "at a time)")
@@ -191,16 +188,10 @@ def main():
       run_cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, lm_chunk=chunk)) if chunk else cfg
       return (torch_runner if impl == "torch" else jax_runner)(run_cfg, mcfg, batch)
 
-    if args.interleave:
-      all_times = round_robin({impl: runner(impl, mcfg, chunk) for impl, mcfg, chunk in runs}, args.steps)
-    else:  # one variant alive at a time
-      all_times = {}
-      for impl, mcfg, chunk in runs:
-        step = runner(impl, mcfg, chunk)
-        all_times[impl] = [step() for _ in range(args.steps)]
-        del step
     for impl, mcfg, chunk in runs:
-      times = all_times[impl]
+      step = runner(impl, mcfg, chunk)
+      times = [step() for _ in range(args.steps)]
+      del step
       t = statistics.median(times)
       tokens = rows * seq
       per_s = flops.train_flops_per_token(mcfg, seq) * tokens / t
