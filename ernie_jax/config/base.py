@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 DType = Literal["float32", "bfloat16", "float16"]
 MoEImpl = Literal["auto", "ragged_dot", "blocked", "loop"]
 AttentionImpl = Literal["auto", "xla", "splash", "cudnn"]
-Remat = Literal["none", "full", "save_dots", "save_qkv", "save_attn_out", "save_mlp", "save_qkv_attn_out"]
+Remat = Literal["none", "full", "save_dots", "save_dots_experts", "save_qkv", "save_attn_out", "save_mlp", "save_qkv_attn_out"]
 Transport = Literal["none", "all_to_all", "ragged_all_to_all", "allgather"]
 Fp8RecipeName = Literal["none", "delayed", "current"]
 

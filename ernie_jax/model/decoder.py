@@ -27,6 +27,11 @@ from ernie_jax.parallel.sharding import constrain
 REMAT_POLICIES = {
   "full": None,
   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # + the routed experts' gate/up projections and per-assignment outputs, which are no plain dots (grouped
+  # matmuls in loops / custom VJPs, ragged_dot, batched einsums): their backward does not redo the experts' forward
+  "save_dots_experts": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names("moe_gate_up", "moe_expert_out")),
   # ERNIE-style fine-grained recomputation: keep the named matmul outputs, recompute the rest
   # (names are set with jax.ad_checkpoint.checkpoint_name in attention.py / mlp.py / moe.py).
   "save_qkv": jax.checkpoint_policies.save_only_these_names("qkv"),

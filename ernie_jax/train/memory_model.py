@@ -26,7 +26,9 @@ where
   saved    = what autodiff keeps per decoder layer and token, by policy (`saved_per_token`; equal to the
              residuals JAX saves for this model, `jax.ad_checkpoint.print_saved_residuals`, tested): full = the
              layer input (c H); save_dots = input + q/k/v + attention output + gate/up outputs (MoE: shared
-             experts' and router's; the routed grouped matmuls are not plain dots); save_qkv / save_attn_out /
+             experts' and router's; the routed grouped matmuls are not plain dots); save_dots_experts = save_dots + (MoE)
+             the routed rows' gate and up outputs (2 I-wide) + each assignment's expert output (k H-wide; rows
+             H-wide with allgather); save_qkv / save_attn_out /
              save_qkv_attn_out / save_mlp = input + the named values a backward pass needs (the SwiGLU
              intermediate; not the MLP / MoE outputs); none = every forward
              value (`layer_terms`: norms, q/k/v and the per-chunk key prefixes of the chunked causal attention,
@@ -265,7 +267,9 @@ def saved_per_token(d: Dims, kind: str, remat: str) -> float:
     return t["norms"] + t["attn"] + t["ffn"] + (3 * c * h if d.tensor > 1 else 0)
   qkv = c * (d.heads + 2 * d.kv) * d.head_dim
   ffn_dots = (2 * c * d.shared_mlp + F32 * d.experts) if kind == "moe" else 2 * c * d.mlp  # (router logits)
+  experts = c * (2 * routed_rows(d) * d.expert_mlp + (routed_rows(d) if d.transport == "allgather" else d.k) * h)
   named = {"full": 0, "save_dots": qkv + c * h + ffn_dots, "save_qkv": qkv, "save_attn_out": c * h,
+           "save_dots_experts": qkv + c * h + ffn_dots + (experts if kind == "moe" else 0),
            "save_qkv_attn_out": qkv + c * h,
            "save_mlp": c * (d.shared_mlp if kind == "moe" else d.mlp)}  # (outputs are not needed backward)
   return c * h + named[remat]

@@ -27,12 +27,13 @@ steps, T = tokens of one micro-batch on one device, c / p = compute / parameter 
   tensor  A x 2 (t - 1) / t x T x H x c per all-reduce: per decoder layer 2 forward (attention output, MLP /
           shared experts; MoE layers without shared experts 1), as many backward and again when recomputed
           (remat != none), + 1 per LM head (its input gradient), MTP layers like decoder layers;
-  expert  A x per MoE layer 2 exchanges forward (dispatch, return), 2 backward, 2 more when recomputed, each
+  expert  A x per MoE layer 2 exchanges forward (dispatch, return), 2 backward, 2 more when recomputed (1 with
+          save_dots_experts, which keeps the returned expert outputs), each
           (e - 1) / e x rows x H x c with rows = E x C (all_to_all capacity), k T (ragged_all_to_all) or
           e T (allgather: all-gather, reduce-scatter); transport "none" with expert > 1 is left to GSPMD and
           estimated as the routed experts gathered over expert (counted under fsdp).
-Candidates are ranked by the total, then by recomputation (none < save_dots < save_qkv_attn_out < save_mlp <
-save_qkv < save_attn_out < full), then fewer accumulation steps, then memory.
+Candidates are ranked by the total, then by recomputation (none < save_dots_experts < save_dots < save_qkv_attn_out <
+save_mlp < save_qkv < save_attn_out < full), then fewer accumulation steps, then memory.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from ernie_jax.train.step import (BATCH_KEYS, abstract_train_state, batch_shardi
                                   trainable)
 
 #: recomputation cost order of the remat policies (cheapest first), the tie-break of the ranking
-REMAT_COST = ("none", "save_dots", "save_qkv_attn_out", "save_mlp", "save_qkv", "save_attn_out", "full")
+REMAT_COST = ("none", "save_dots_experts", "save_dots", "save_qkv_attn_out", "save_mlp", "save_qkv", "save_attn_out", "full")
 PLACEHOLDER = "<not read by the planner>"
 
 
@@ -234,7 +235,8 @@ class Planner:
           per = (e - 1) / e * cfg.moe_k * tokens
         else:  # allgather
           per = (e - 1) * tokens
-        expert += (4 + (2 if again else 0)) * per * cfg.hidden_size * c
+        redone = 0 if not again else 1 if layout.remat == "save_dots_experts" else 2  # (its return is saved)
+        expert += (4 + redone) * per * cfg.hidden_size * c
     tensor += (1 + cfg.num_mtp_layers) * per_ar
     return {"fsdp": a * fsdp, "data": a * data, "tensor": a * tensor, "expert": a * expert}
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
+from ernie_jax import ErnieForCausalLM, ModelConfig
 from ernie_jax.model.moe import dispatch, expert_loop
 from ernie_jax.model.moe.dispatch import experts_loop, experts_sorted
 from ernie_jax.model.moe.router import route
+from ernie_jax.train.tasks import merge_here
 
 
 def _problem(seed=0, tokens=40, hidden=16, inter=12, experts=6, k=3, skew=True):
@@ -140,3 +149,37 @@ def test_gpu_ragged_dot_lowering_is_chosen_by_what_jax_ships(monkeypatch):
       assert jax.config.values[flag] is True
     finally:
       jax.config.update(flag, before)
+
+
+
+def _saved_per_layer(f, *args) -> collections.Counter:
+  """Shapes of the residuals autodiff keeps from the layers' scan (stacked over the layers), with multiplicity."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(f, *args)
+  found = (re.match(r"\w+\[([\d,]*)\] output of scan", line) for line in out.getvalue().splitlines())
+  return collections.Counter(tuple(int(x) for x in m.group(1).split(",") if x) for m in found if m)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+def test_save_dots_experts_keeps_the_expert_values_and_the_gradients(impl):
+  """remat=save_dots_experts: the same gradients as no remat, and the routed experts' gate/up outputs and
+  per-assignment outputs are among the saved residuals (save_dots recomputes them: grouped matmuls are no
+  plain dots)."""
+  cfg = ModelConfig.tiny_moe(num_hidden_layers=2, moe_layer_start_index=0, moe_impl=impl)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 16)), jnp.int32)
+
+  def run(remat):
+    graphdef, params, rest = nnx.split(ErnieForCausalLM(cfg.replace(remat=remat), rngs=nnx.Rngs(0)), nnx.Param, ...)
+    f = lambda p: jnp.sum(merge_here(graphdef, p, rest)(tokens).logits ** 2)
+    return jax.jit(jax.grad(f))(params), _saved_per_layer(f, params)
+
+  want, _ = run("none")
+  got, kept = run("save_dots_experts")
+  _, kept_dots = run("save_dots")
+  rows, layers = tokens.size * cfg.moe_k, cfg.num_hidden_layers  # (no expert parallelism: k rows per token)
+  assert kept - kept_dots == collections.Counter({(layers, rows, cfg.moe_intermediate_size): 2,  # gate, up
+                                                  (layers, rows, cfg.hidden_size): 1})  # expert outputs
+  assert not kept_dots - kept
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

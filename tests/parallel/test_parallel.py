@@ -79,14 +79,18 @@ MESHES = {
 }
 
 
-@pytest.mark.parametrize("transport, mesh_name", [
-  ("all_to_all", "data2_expert4"), ("all_to_all", "expert8"), ("all_to_all", "fsdp2_expert2_tensor2"),
-  ("all_to_all", "data8"), ("allgather", "data2_expert4"), ("ragged_all_to_all", "fsdp2_expert2_tensor2"),
-  ("none", "fsdp2_expert2_tensor2"),
+@pytest.mark.parametrize("transport, mesh_name, remat", [
+  ("all_to_all", "data2_expert4", "none"), ("all_to_all", "expert8", "none"),
+  ("all_to_all", "fsdp2_expert2_tensor2", "none"), ("all_to_all", "data8", "none"),
+  ("allgather", "data2_expert4", "none"), ("ragged_all_to_all", "fsdp2_expert2_tensor2", "none"),
+  ("none", "fsdp2_expert2_tensor2", "none"),
+  # the named expert values (`moe_gate_up`, `moe_expert_out`) each transport saves for the backward pass
+  ("all_to_all", "data2_expert4", "save_dots_experts"), ("allgather", "data2_expert4", "save_dots_experts"),
+  ("ragged_all_to_all", "fsdp2_expert2_tensor2", "save_dots_experts"),
 ])
-def test_logits_and_grads_match_single_device(single_device, transport, mesh_name):
+def test_logits_and_grads_match_single_device(single_device, transport, mesh_name, remat):
   ref_state, (ref_loss, ref_logits, ref_grads) = single_device
-  cfg = CFG.replace(moe_transport=transport, moe_capacity_factor=0.0)  # 0: nothing can drop
+  cfg = CFG.replace(moe_transport=transport, moe_capacity_factor=0.0, remat=remat)  # 0: nothing can drop
   mesh, model = _sharded(cfg, MESHES[mesh_name])
   with jax.set_mesh(mesh):
     tokens = jax.device_put(_tokens(), NamedSharding(mesh, batch_spec(mesh)))

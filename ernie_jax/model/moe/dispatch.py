@@ -27,6 +27,7 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.model import lora_ops
 from ernie_jax.model.lora_ops import ExpertLora
@@ -153,7 +154,8 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None, lora: E
       y = jax.lax.ragged_dot(u, w, group_sizes)
       return y if l is None else y + lora_ops.ragged_delta(u, l, group_sizes).astype(y.dtype)
 
-    return proj(silu_gate(proj(xs, gate, lg), proj(xs, up, lu), act), down, ld)
+    a, b = (checkpoint_name(proj(xs, w, l), "moe_gate_up") for w, l in ((gate, lg), (up, lu)))
+    return proj(silu_gate(a, b, act), down, ld)
   if impl != "blocked":
     raise ValueError(f"unknown grouped-matmul implementation {impl!r}")
 
@@ -186,7 +188,7 @@ def experts_sorted(x, gate, up, down, idx, weights, impl: str = "ragged_dot", ac
   """Dropless sorted dispatch. Same signature and result as `experts_loop`."""
   order, group_sizes = sort_by_expert(idx, gate.shape[0])
   out = grouped_swiglu(gather_sorted(x, order, idx.shape[1]), group_sizes, gate, up, down, impl, act, lora)
-  return combine(out, order, weights).astype(x.dtype)
+  return combine(checkpoint_name(out, "moe_expert_out"), order, weights).astype(x.dtype)
 
 
 def resolve_impl(impl: str) -> str:

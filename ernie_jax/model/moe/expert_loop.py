@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def chunk_sizes(rows: int, groups: int) -> tuple[int, ...]:
@@ -179,6 +180,7 @@ def swiglu_hidden(xs: jax.Array, gate: jax.Array, up: jax.Array, group_sizes: ja
 def _swiglu_hidden_fwd(xs, gate, up, group_sizes):
   i = gate.shape[-1]
   a, b = _apply(xs, (gate, up), group_sizes, (i, i), lambda x, g, u: (x @ g, x @ u))
+  a, b = checkpoint_name(a, "moe_gate_up"), checkpoint_name(b, "moe_gate_up")
   return _silu_gate(a, b), (xs, gate, up, group_sizes, a, b)
 
 

@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.model import lora_ops
 from ernie_jax.model.moe.dispatch import silu_gate
@@ -61,11 +62,12 @@ def all_to_all_transport(x, idx, weights, gate, up, down, *, axis: str, impl: st
   d = x.dtype
   lg, lu, ld = lora or (None, None, None)
   in_eqs, out_eqs = ("ech,ehi->eci", "ech,ehr->ecr", "ecr,eri->eci"), ("eci,eih->ech", "eci,eir->ecr", "ecr,erh->ech")
-  he = silu_gate(_proj(xe, gate.astype(d), lg, *in_eqs), _proj(xe, up.astype(d), lu, *in_eqs), act)
+  a, b = (checkpoint_name(_proj(xe, w.astype(d), l, *in_eqs), "moe_gate_up") for w, l in ((gate, lg), (up, lu)))
+  he = silu_gate(a, b, act)
   ye = _proj(he, down.astype(d), ld, *out_eqs)
   back = ye.reshape(e_local, n, c, h).transpose(1, 0, 2, 3).reshape(n, e_local * c, h)
   out = jax.lax.all_to_all(back, axis, 0, 0).reshape(num_experts * c, h)
-  out = jnp.concatenate([out, jnp.zeros((1, h), out.dtype)])[slot].reshape(t, k, h)
+  out = checkpoint_name(jnp.concatenate([out, jnp.zeros((1, h), out.dtype)])[slot].reshape(t, k, h), "moe_expert_out")
   keep = keep.reshape(t, k)
   w = renormalise_kept(weights, keep, norm_min)
   y = jnp.einsum("tkh,tk->th", out, w.astype(out.dtype))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.model.moe.dispatch import combine, gather_sorted, grouped_swiglu, sort_by_expert
 
@@ -22,5 +23,5 @@ def allgather_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str
   order, group_sizes = sort_by_expert(local, e_local + 1)
   out = grouped_swiglu(gather_sorted(xa, order, local.shape[1]), group_sizes[:e_local], gate, up, down, impl, act,
                        lora)
-  y = combine(out, order, jnp.where(mine, wa, 0)).astype(x.dtype)
+  y = combine(checkpoint_name(out, "moe_expert_out"), order, jnp.where(mine, wa, 0)).astype(x.dtype)
   return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True), jnp.zeros((), jnp.int32)

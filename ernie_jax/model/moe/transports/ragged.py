@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.model.moe.dispatch import combine, gather_sorted, grouped_swiglu, sort_by_expert, unsort
 
@@ -76,4 +77,4 @@ def ragged_transport(x, idx, weights, gate, up, down, *, axis: str, impl: str,
   all_inputs = jax.lax.all_gather(input_offsets, axis)  # [source, dest]
   back = a2a(ys, jnp.zeros_like(xs), recv_offsets, recv_sizes, all_inputs[:, me], send_sizes,
              axis_name=axis)
-  return combine(back, order, weights).astype(x.dtype), jnp.zeros((), jnp.int32)
+  return combine(checkpoint_name(back, "moe_expert_out"), order, weights).astype(x.dtype), jnp.zeros((), jnp.int32)
