@@ -33,7 +33,8 @@ REMAT_POLICIES = {
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     jax.checkpoint_policies.save_only_these_names("moe_gate_up", "moe_expert_out")),
   # ERNIE-style fine-grained recomputation: keep the named matmul outputs, recompute the rest
-  # (names are set with jax.ad_checkpoint.checkpoint_name in attention.py / mlp.py / moe.py).
+  # (names are set with jax.ad_checkpoint.checkpoint_name in attention.py / layers.py / moe/block.py; the
+  # routed experts' in moe/dispatch.py, moe/expert_loop.py and moe/transports/).
   "save_qkv": jax.checkpoint_policies.save_only_these_names("qkv"),
   "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
   "save_mlp": jax.checkpoint_policies.save_only_these_names("mlp_hidden", "mlp_out", "moe_out"),
