@@ -16,6 +16,9 @@ prints one line and the others still run, and so that peak memory is that case's
   moe_ragged_dot  an ERNIE-4.5-21B-A3B-shaped MoE at its real widths (hidden 2560, 64 experts top-6 of
   moe_blocked     width 1536, 2 shared experts, vocab 103424) with 3 layers (1 dense + 2 MoE): the
                   grouped matmul as jax.lax.ragged_dot vs the block-padded form (`moe_impl`);
+  moe_save_dots_experts  moe_ragged_dot with `remat=save_dots_experts` (the routed experts' gate/up and
+                  outputs kept, so the backward pass does not redo the experts' forward): step time and peak
+                  memory against moe_ragged_dot (remat save_dots);
   dense_bf16_lm_chunk  the same with the LM head fused into the cross-entropy, 1024 positions at a time
                   (`loss.lm_chunk`): peak memory and step time against dense_bf16;
   dense_bf16_cudnn  the same with cuDNN flash attention (`model.attention_impl=cudnn`; dense_bf16 runs the
@@ -111,7 +114,7 @@ def moe_config(mode: Mode, **kw):
 
 
 CASES = ("peak", "dense_bf16", "dense_bf16_lm_chunk", "dense_bf16_cudnn", "moe_ragged_dot", "moe_blocked",
-         "fp8_delayed", "fp8_current", "ep_all_to_all", "ep_ragged_all_to_all")
+         "moe_save_dots_experts", "fp8_delayed", "fp8_current", "ep_all_to_all", "ep_ragged_all_to_all")
 
 
 def skip_reason(name: str, mode: Mode, peak: dict | None) -> str | None:
@@ -165,6 +168,8 @@ def run_train(name: str, mode: Mode, deadline: float) -> dict:
     cfg, loss = dense_config(mode), LossConfig(lm_chunk=min(1024, mode.seq))
   elif name == "dense_bf16_cudnn":
     cfg = dense_config(mode).replace(attention_impl="cudnn")
+  elif name == "moe_save_dots_experts":
+    cfg = moe_config(mode, moe_impl="ragged_dot").replace(remat="save_dots_experts")
   elif name.startswith("moe_"):
     cfg = moe_config(mode, moe_impl=name[len("moe_"):])
   elif name.startswith("fp8_"):
@@ -303,6 +308,7 @@ def format_train(name: str, r: dict, peak: dict | None, baseline: dict | None) -
 
 
 BASELINES = {"dense_bf16_lm_chunk": "dense_bf16", "dense_bf16_cudnn": "dense_bf16", "moe_blocked": "moe_ragged_dot",
+             "moe_save_dots_experts": "moe_ragged_dot",
              "fp8_delayed": "dense_bf16", "fp8_current": "dense_bf16", "ep_ragged_all_to_all": "ep_all_to_all"}
 
 
