@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,3 +37,13 @@ def run_config(config, workdir, xla_cache, **overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def scan_residuals(f, *args) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype name, shape) of each residual autodiff keeps from a scan in f's backward pass (the decoder's layer
+  loop: stacked over the layers), from `jax.ad_checkpoint.print_saved_residuals`."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(f, *args)
+  found = (re.match(r"(\w+)\[([\d,]*)\] output of scan", line) for line in out.getvalue().splitlines())
+  return [(m.group(1), tuple(int(x) for x in m.group(2).split(",") if x)) for m in found if m]

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.ad_checkpoint import print_saved_residuals
 
 from ernie_jax import ErnieForCausalLM, ModelConfig
 from ernie_jax.model.moe import dispatch, expert_loop
 from ernie_jax.model.moe.dispatch import experts_loop, experts_sorted
 from ernie_jax.model.moe.router import route
 from ernie_jax.train.tasks import merge_here
+from tests.helpers import scan_residuals
 
 
 def _problem(seed=0, tokens=40, hidden=16, inter=12, experts=6, k=3, skew=True):
@@ -152,15 +149,6 @@ def test_gpu_ragged_dot_lowering_is_chosen_by_what_jax_ships(monkeypatch):
 
 
 
-def _saved_per_layer(f, *args) -> collections.Counter:
-  """Shapes of the residuals autodiff keeps from the layers' scan (stacked over the layers), with multiplicity."""
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    print_saved_residuals(f, *args)
-  found = (re.match(r"\w+\[([\d,]*)\] output of scan", line) for line in out.getvalue().splitlines())
-  return collections.Counter(tuple(int(x) for x in m.group(1).split(",") if x) for m in found if m)
-
-
 @pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
 def test_save_dots_experts_keeps_the_expert_values_and_the_gradients(impl):
   """remat=save_dots_experts: the same gradients as no remat, and the routed experts' gate/up outputs and
@@ -172,7 +160,7 @@ def test_save_dots_experts_keeps_the_expert_values_and_the_gradients(impl):
   def run(remat):
     graphdef, params, rest = nnx.split(ErnieForCausalLM(cfg.replace(remat=remat), rngs=nnx.Rngs(0)), nnx.Param, ...)
     f = lambda p: jnp.sum(merge_here(graphdef, p, rest)(tokens).logits ** 2)
-    return jax.jit(jax.grad(f))(params), _saved_per_layer(f, params)
+    return jax.jit(jax.grad(f))(params), collections.Counter(shape for _, shape in scan_residuals(f, params))
 
   want, _ = run("none")
   got, kept = run("save_dots_experts")

@@ -13,17 +13,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.ad_checkpoint import print_saved_residuals
 
 from ernie_jax.config import ModelConfig
 from ernie_jax.config.base import REMATS
@@ -34,6 +30,7 @@ from ernie_jax.train.memory import step_bytes
 from ernie_jax.train.memory_model import Layout, dims_for, saved_per_token
 from ernie_jax.train.plan import Planner
 from ernie_jax.train.tasks import merge_here
+from tests.helpers import scan_residuals
 
 DENSE = dict(vocab_size=2048, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=64, intermediate_size=512)
@@ -100,16 +97,13 @@ _DT = {"f32": 4, "bf16": 2, "i32": 4, "s32": 4, "bool": 1, "pred": 1}
 def _saved_per_layer(cfg, rows: int, mesh) -> float:
   """Bytes per decoder layer of the residuals autodiff keeps (the arrays stacked over the layers' scan)."""
   graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-  out = io.StringIO()
-  with jax.set_mesh(mesh), contextlib.redirect_stdout(out):
-    print_saved_residuals(lambda p, tok: jnp.sum(merge_here(graphdef, p, rest)(tok).logits), params,
-                          jax.ShapeDtypeStruct((rows, SEQ), jnp.int32))
+  with jax.set_mesh(mesh):
+    saved = scan_residuals(lambda p, tok: jnp.sum(merge_here(graphdef, p, rest)(tok).logits), params,
+                           jax.ShapeDtypeStruct((rows, SEQ), jnp.int32))
   total = 0
-  for line in out.getvalue().splitlines():
-    m = re.match(r"(\w+)\[([\d,]*)\] output of scan", line)
-    shape = [int(x) for x in m.group(2).split(",") if x] if m else []
+  for dtype, shape in saved:
     if shape and shape[0] == cfg.num_hidden_layers:
-      total += _DT[m.group(1)] * int(np.prod(shape))
+      total += _DT[dtype] * int(np.prod(shape))
   assert total > 0, "no stacked residuals found: the print_saved_residuals format changed"
   return total / cfg.num_hidden_layers
 
