@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_util  # noqa: E402
 import gpu_suite  # noqa: E402
 
-TRAIN_CASES = ("dense_bf16", "moe_ragged_dot", "moe_blocked", "fp8_delayed", "ep_all_to_all", "ep_ragged_all_to_all")
+TRAIN_CASES = ("dense_bf16", "dense_bf16_lm_chunk", "moe_ragged_dot", "moe_blocked", "moe_save_dots_experts",
+               "fp8_delayed", "ep_all_to_all", "ep_ragged_all_to_all")
 
 
 def _env(devices: int):
@@ -39,7 +40,7 @@ def test_smoke_every_case_prints_its_figures(tmp_path):
   """2 fake devices, so that the expert-parallel transports run too."""
   out = tmp_path / "results.json"
   p = subprocess.run([sys.executable, SUITE, "--smoke", "--out", str(out)], env=_env(2), capture_output=True,
-                     text=True, timeout=300)
+                     text=True, timeout=600)
   assert p.returncode == 0, p.stdout + p.stderr
   printed = _sections(p.stdout)
   assert list(printed) == list(gpu_suite.CASES), p.stdout
@@ -55,7 +56,8 @@ def test_smoke_every_case_prints_its_figures(tmp_path):
     assert "tokens/s; step median" in printed[name] and "MFU (active params):" in printed[name], printed[name]
   assert cases["moe_ragged_dot"]["active_params"] < cases["moe_ragged_dot"]["model_params"]
   assert cases["ep_all_to_all"]["devices"] == 2 and cases["dense_bf16"]["devices"] == 1
-  assert "vs moe_ragged_dot: x" in printed["moe_blocked"] and "vs dense_bf16: x" in printed["fp8_delayed"]
+  assert "vs moe_ragged_dot: x" in printed["moe_blocked"] and "vs moe_ragged_dot: x" in printed["moe_save_dots_experts"]
+  assert "vs dense_bf16: x" in printed["fp8_delayed"]
   assert "CPU emulation" in printed["ep_ragged_all_to_all"]
   # cuDNN attention needs a GPU; FP8 "current" is left to the full suite; each says so
   assert cases["dense_bf16_cudnn"]["status"] == "skipped" and "needs an NVIDIA GPU" in printed["dense_bf16_cudnn"]
