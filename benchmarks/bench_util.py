@@ -181,11 +181,10 @@ class TrainStepRunner:
 
     from ernie_jax.parallel import MeshConfig, make_mesh
     from ernie_jax.train.losses import LossConfig
-    from ernie_jax.train.optimizer import OptimConfig, make_optimizer
     from ernie_jax.train.step import abstract_train_state, batch_sharding, create_train_state, make_train_step, put_batch
 
     self.mesh = mesh or make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    tx, schedule = make_optimizer(optim or OptimConfig(warmup_steps=0), 1000)
+    tx, schedule = optimizer(optim)
     graphdef, self.state = create_train_state(model_cfg, tx, seed=0, mesh=self.mesh)
     _, shardings, _ = abstract_train_state(model_cfg, tx, 0, self.mesh)
     self._step = make_train_step(graphdef, shardings, loss or LossConfig(), schedule)
@@ -206,6 +205,31 @@ class TrainStepRunner:
       seconds = time.perf_counter() - t
     self.metrics = m
     return seconds
+
+
+def optimizer(optim):
+  """(tx, schedule) of the timed steps: `optim` (an OptimConfig) or the library's AdamW without LR warm-up."""
+  from ernie_jax.train.optimizer import OptimConfig, make_optimizer
+
+  return make_optimizer(optim or OptimConfig(warmup_steps=0), 1000)
+
+
+def lower_train_step(model_cfg, rows: int, seq: int, *, optim=None, loss=None, mesh):
+  """`TrainStepRunner`'s step lowered for abstract arguments of its shapes (a [rows, seq] `random_batch`):
+  no state is allocated and nothing runs. Returns (jax `Lowered`, tx)."""
+  import jax
+
+  from ernie_jax.train.losses import LossConfig
+  from ernie_jax.train.step import abstract_train_state, batch_sharding, make_train_step
+
+  tx, schedule = optimizer(optim)
+  graphdef, shardings, target = abstract_train_state(model_cfg, tx, 0, mesh)
+  step = make_train_step(graphdef, shardings, loss or LossConfig(), schedule)
+  sharding = batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((1,) + v.shape, v.dtype, sharding=sharding)  # put_batch's [A=1, rows, seq]
+           for k, v in random_batch(rows, seq, model_cfg.vocab_size).items()}
+  with jax.set_mesh(mesh):
+    return step.lower(target, batch), tx
 
 
 def time_train_step(model_cfg, batch, steps: int, *, warmup: int = 1, optim=None, loss=None, mesh=None,

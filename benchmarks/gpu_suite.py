@@ -5,6 +5,9 @@ every speed figure the project quotes, each with its median and spread.
   python benchmarks/gpu_suite.py --quick               # at most 3 min: smaller batch, 3 timed steps, FP8 delayed only
   python benchmarks/gpu_suite.py --out results.json    # also write every figure as JSON
   python benchmarks/gpu_suite.py --smoke               # CPU, tiny shapes, 1-3 min (tests/benchmarks runs it)
+  python benchmarks/gpu_suite.py --preflight           # any host (CPU ~40 s), before a GPU session: nothing
+                                                       # runs; every case's step is lowered at its real shape and
+                                                       # its memory per GPU modelled (--device-memory, --devices)
 
 Cases, in this order (each in its own process, so that a crash, an out-of-memory or a hang in one
 prints one line and the others still run, and so that peak memory is that case's own):
@@ -52,14 +55,15 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from bench_util import (is_busy, load_average, machine_line, measure_peak, mfu_text, peak_memory_bytes,  # noqa: E402
-                        random_batch, summary, time_train_step, vendor_peaks)
+from bench_util import (is_busy, load_average, lower_train_step, machine_line, measure_peak, mfu_text,  # noqa: E402
+                        optimizer, peak_memory_bytes, random_batch, summary, time_train_step, vendor_peaks)
 
 RESULT_TAG = "@@result "
 
@@ -153,15 +157,22 @@ def run_peak(mode: Mode) -> dict:
   return out
 
 
-def run_train(name: str, mode: Mode, deadline: float) -> dict:
-  import jax
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What one training case runs (the same for the run and for `--preflight`)."""
 
-  from ernie_jax.model.moe import dispatch
-  from ernie_jax.parallel import MeshConfig, make_mesh
-  from ernie_jax.train import flops
+  cfg: Any  # the ModelConfig
+  loss: Any  # a LossConfig (None: the library's)
+  rows: int  # rows per step
+  expert: int  # the expert mesh axis over every device (1: one device, no mesh)
+  note: str = ""
+
+
+def case_setup(name: str, mode: Mode, devices: int, backend: str) -> Setup:
+  """The model, loss settings, rows and expert-axis size of training case `name` on `devices` devices."""
   from ernie_jax.train.losses import LossConfig
 
-  rows, mesh, note, loss = mode.rows, None, "", None
+  rows, expert, note, loss = mode.rows, 1, "", None
   if name == "dense_bf16":
     cfg = dense_config(mode)
   elif name == "dense_bf16_lm_chunk":
@@ -175,19 +186,31 @@ def run_train(name: str, mode: Mode, deadline: float) -> dict:
   elif name.startswith("fp8_"):
     cfg = dense_config(mode).replace(fp8_recipe=name[len("fp8_"):])
   elif name.startswith("ep_"):
-    n = jax.device_count()
     cfg = moe_config(mode, moe_transport=name[len("ep_"):])
-    if cfg.moe_num_experts % n:
-      raise ValueError(f"{cfg.moe_num_experts} experts do not split over {n} devices: run with "
+    if cfg.moe_num_experts % devices:
+      raise ValueError(f"{cfg.moe_num_experts} experts do not split over {devices} devices: run with "
                        "CUDA_VISIBLE_DEVICES naming 2, 4 or 8 of them")
-    mesh = make_mesh(MeshConfig(data=1, expert=n))
-    rows = -(-max(rows, n) // n) * n  # the rows split over the devices
-    if jax.default_backend() == "cpu" and cfg.moe_transport == "ragged_all_to_all":
+    expert = devices
+    rows = -(-max(rows, devices) // devices) * devices  # the rows split over the devices
+    if backend == "cpu" and cfg.moe_transport == "ragged_all_to_all":
       note = "XLA:CPU has no ragged-all-to-all: this is the repo's CPU emulation, not the real transport"
     if cfg.moe_transport == "all_to_all":
       note = f"capacity factor {cfg.moe_capacity_factor} (tokens over capacity are dropped)"
   else:
     raise ValueError(f"unknown case {name!r}; known: {CASES}")
+  return Setup(cfg, loss, rows, expert, note)
+
+
+def run_train(name: str, mode: Mode, deadline: float) -> dict:
+  import jax
+
+  from ernie_jax.model.moe import dispatch
+  from ernie_jax.parallel import MeshConfig, make_mesh
+  from ernie_jax.train import flops
+
+  s = case_setup(name, mode, jax.device_count(), jax.default_backend())
+  cfg, rows, loss, note = s.cfg, s.rows, s.loss, s.note
+  mesh = make_mesh(MeshConfig(data=1, expert=s.expert)) if s.expert > 1 else None
   if cfg.is_moe:  # as the trainer: ragged_dot through jax's Pallas-Triton kernels where this jax has them
     note = "; ".join(filter(None, (note, dispatch.use_gpu_grouped_matmul_kernel(cfg.moe_impl))))
   devices = 1 if mesh is None else mesh.devices.size
@@ -361,6 +384,70 @@ def suite(mode: Mode, budget: float, out: str, xla_cache: str) -> int:
   return 1 if failed else 0
 
 
+# --------------------------------------------------------------------------------------------------
+# --preflight: the cases at their real shapes, checked on any host before a GPU session.
+PREFLIGHT_MFU = 0.5  # the compute time printed per step assumes this fraction of the vendor bf16 peak
+H100_BF16 = 989e12
+
+
+def preflight(mode: Mode, devices: int, device_memory: str) -> int:
+  """Each training case as the run builds it (`case_setup`) for `devices` GPUs: its step lowered on this
+  host for abstract arguments (nothing is allocated or run; cuDNN attention cannot lower without a GPU and
+  is modelled only) and its per-device memory modelled (`ernie_jax.train.memory_model`) against
+  `device_memory`. On a CPU host the MoE cases lower the portable grouped matmul (the GPU run may route
+  ragged_dot through jax's Pallas-Triton kernels instead). Returns 1 if a case fails to build or lower, or
+  does not fit."""
+  import jax
+
+  from ernie_jax.cli.plan import parse_memory
+  from ernie_jax.parallel import MeshConfig, make_mesh
+  from ernie_jax.train import flops
+  from ernie_jax.train.memory_model import Layout, StateModel, estimate
+
+  memory, unit, scale = parse_memory(device_memory)
+  print(f"gpu_suite --preflight ({mode.name}): every training case at its shape for {devices} GPU(s) of "
+        f"{device_memory}, lowered on this host ({jax.default_backend()}, jax {jax.__version__})")
+  failed = False
+  for name in CASES[1:]:
+    print(f"[{name}]", flush=True)
+    why = skip_reason(name, mode, {"devices": devices, "backend": "gpu"})
+    if why:
+      print(f"  skipped: {why}")
+      continue
+    t0 = time.perf_counter()
+    try:
+      s = case_setup(name, mode, devices, "gpu")
+      layout = Layout(data=1, fsdp=1, tensor=1, expert=s.expert, remat=s.cfg.remat, grad_accum=1)
+      if s.expert > len(jax.devices()):
+        raise ValueError(f"lowering needs {s.expert} devices on this host, {len(jax.devices())} visible "
+                         f"(CPU: XLA_FLAGS=--xla_force_host_platform_device_count={s.expert})")
+      mesh = make_mesh(MeshConfig(data=1, expert=s.expert), devices=jax.devices()[:s.expert])
+      if s.cfg.attention_impl == "cudnn":
+        lowered, tx = "not lowered here (cuDNN attention needs an NVIDIA GPU)", optimizer(None)[0]
+      else:
+        _, tx = lower_train_step(s.cfg, s.rows, mode.seq, loss=s.loss, mesh=mesh)
+        lowered = f"lowered in {time.perf_counter() - t0:.1f} s"
+      m = estimate(StateModel(s.cfg, tx), s.cfg, layout, seq=mode.seq, global_batch=s.rows,
+                   lm_chunk=s.loss.lm_chunk if s.loss else 0)
+    except Exception as e:  # one line per case; the others still run
+      failed = True
+      print(f"  FAILED: {_one_line(e)}", flush=True)
+      continue
+    fig = flops.figures(s.cfg, mode.seq, s.rows)
+    step_s = fig["flops_per_step"] / s.expert / (PREFLIGHT_MFU * H100_BF16)
+    fits = m.total <= memory
+    failed |= not fits
+    print(f"  {_params(fig['model_params'])} params ({_params(fig['active_params'])} active); {s.rows}x{mode.seq} "
+          f"tokens/step on {s.expert} device(s); {lowered}")
+    print(f"  modelled memory per device: {m.total / scale:,.1f} {unit} of {memory / scale:,.0f} {unit} (state and "
+          f"batch {m.arguments / scale:,.1f}, temporaries {m.temporaries / scale:,.1f})"
+          + ("" if fits else "  DOES NOT FIT: lower the case's rows or seq"))
+    print(f"  compute {fig['flops_per_step'] / s.expert:.3g} FLOPs per device and step: {step_s * 1e3:,.0f} ms at "
+          f"{PREFLIGHT_MFU:.0%} of an H100's bf16 peak; {mode.warmup + mode.steps} steps {(mode.warmup + mode.steps) * step_s:.1f} s "
+          "+ compile", flush=True)
+  return 1 if failed else 0
+
+
 def _write(out: str, meta: dict, results: dict) -> None:
   if out:
     with open(out, "w") as f:
@@ -375,6 +462,11 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="", help="write every figure as JSON here")
   p.add_argument("--budget", type=float, default=0, help="total seconds for all cases (default per mode)")
   p.add_argument("--xla-cache", default="", help="persistent XLA compilation cache directory (faster reruns)")
+  p.add_argument("--preflight", action="store_true",
+                 help="on any host (CPU: ~1 min): lower every case of the mode at its shape and model its memory "
+                      "per GPU; nothing runs. Exit 1 if a case does not lower or fit")
+  p.add_argument("--devices", type=int, default=1, help="with --preflight: the GPUs the suite will see (default 1)")
+  p.add_argument("--device-memory", default="80GB", help="with --preflight: memory per GPU (default 80GB: H100; H200 141GB)")
   p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (child process)
   p.add_argument("--mode", help=argparse.SUPPRESS)
   p.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
@@ -383,6 +475,8 @@ def main(argv=None) -> int:
     child(args.case, MODES[args.mode], args.deadline or None, args.xla_cache)
     return 0
   mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+  if args.preflight:
+    return preflight(mode, args.devices, args.device_memory)
   return suite(mode, args.budget or mode.budget_s, args.out, args.xla_cache)
 
 

@@ -88,6 +88,32 @@ def test_a_failing_or_overrunning_case_is_one_line():
   assert r["status"] == "error" and r["error"].startswith("stopped after"), r
 
 
+def test_preflight_lowers_every_full_size_case_and_each_fits_an_h100(capsys):
+  """--preflight at the real shapes on 2 of the test's fake devices (so the expert-parallel cases lower too):
+  the step of every case lowers and its modelled memory fits 80 GB."""
+  assert gpu_suite.preflight(gpu_suite.MODES["full"], devices=2, device_memory="80GB") == 0
+  printed = _sections(capsys.readouterr().out)
+  assert list(printed) == list(gpu_suite.CASES[1:])
+  for name in TRAIN_CASES:
+    assert "lowered in" in printed[name] and "tokens/step on" in printed[name], printed[name]
+    assert "modelled memory per device:" in printed[name] and "DOES NOT FIT" not in printed[name], printed[name]
+  assert "8x2048 tokens/step on 2 device(s)" in printed["ep_ragged_all_to_all"]
+  assert "not lowered here (cuDNN" in printed["dense_bf16_cudnn"] and "modelled memory" in printed["dense_bf16_cudnn"]
+  assert "1.06B params" in printed["dense_bf16"]  # the ~1B dense model the docstring promises
+
+
+def test_preflight_says_which_case_does_not_fit_or_build(capsys):
+  smoke = gpu_suite.MODES["smoke"]
+  assert gpu_suite.preflight(smoke, devices=1, device_memory="1MB") == 1
+  printed = _sections(capsys.readouterr().out)
+  assert "DOES NOT FIT" in printed["dense_bf16"] and "DOES NOT FIT" in printed["moe_ragged_dot"], printed
+  assert "skipped: 1 device visible" in printed["ep_all_to_all"]
+  assert gpu_suite.preflight(smoke, devices=3, device_memory="80GB") == 1  # 3 does not divide the experts
+  printed = _sections(capsys.readouterr().out)
+  assert "FAILED: ValueError:" in printed["ep_all_to_all"] and "do not split over 3 devices" in printed["ep_all_to_all"]
+  assert "lowered in" in printed["dense_bf16"] and "DOES NOT FIT" not in printed["dense_bf16"]
+
+
 def test_mfu_above_100_percent_and_short_spreads_are_flagged():
   assert bench_util.mfu_text(0.4321) == "43.2%"
   assert "peak is wrong" in bench_util.mfu_text(1.3)
