@@ -11,6 +11,8 @@ import pytest
 from flax import nnx
 
 from ernie_jax import ErnieForCausalLM, ModelConfig
+from ernie_jax.config import LoraConfig
+from ernie_jax.model import lora
 from ernie_jax.model.moe import dispatch, expert_loop
 from ernie_jax.model.moe.dispatch import experts_loop, experts_sorted
 from ernie_jax.model.moe.router import route
@@ -169,5 +171,31 @@ def test_save_dots_experts_keeps_the_expert_values_and_the_gradients(impl):
   assert kept - kept_dots == collections.Counter({(layers, rows, cfg.moe_intermediate_size): 2,  # gate, up
                                                   (layers, rows, cfg.hidden_size): 1})  # expert outputs
   assert not kept_dots - kept
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_save_dots_experts_with_expert_lora_keeps_the_summed_projections():
+  """LoRA on the routed experts (moe_impl=blocked runs them as a lax.map over row blocks): save_dots keeps
+  each block's base and adapter dots of gate and up; save_dots_experts keeps their sums (named moe_gate_up)
+  instead, two values fewer per layer, and the per-assignment outputs; gradients equal no remat."""
+  cfg = ModelConfig.tiny_moe(num_hidden_layers=2, moe_layer_start_index=0, moe_impl="blocked")
+  tokens = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 16)), jnp.int32)
+
+  def run(remat):
+    model = ErnieForCausalLM(cfg.replace(remat=remat), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, LoraConfig(rank=4, targets=("experts",)), rngs=nnx.Rngs(1))
+    graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+    f = lambda p: jnp.sum(merge_here(graphdef, p, rest)(tokens).logits ** 2)
+    return jax.jit(jax.grad(f))(params), collections.Counter(shape for _, shape in scan_residuals(f, params))
+
+  want, _ = run("none")
+  got, kept = run("save_dots_experts")
+  _, kept_dots = run("save_dots")
+  rows, layers, i = tokens.size * cfg.moe_k, cfg.num_hidden_layers, cfg.moe_intermediate_size
+  block = dispatch._block_size(rows, cfg.moe_num_experts)
+  blocks = -(-rows // block) + cfg.moe_num_experts
+  assert kept_dots[(layers, blocks, block, i)] == 4 and kept[(layers, blocks, block, i)] == 2
+  assert kept[(layers, rows, cfg.hidden_size)] == 1  # the expert outputs before the combine
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

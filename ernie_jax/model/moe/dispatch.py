@@ -175,8 +175,8 @@ def grouped_swiglu(xs, group_sizes, gate, up, down, impl: str, act=None, lora: E
   buf = jnp.zeros((num_blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
   buf = buf.reshape(num_blocks, block, -1)
   blocks = jnp.arange(num_blocks)
-  h = jax.lax.map(lambda a: silu_gate(bproj(a[0], gate, lg, a[1], a[2]), bproj(a[0], up, lu, a[1], a[2])),
-                  (buf, block_group, blocks))
+  h = jax.lax.map(lambda a: silu_gate(*(checkpoint_name(bproj(a[0], w, l, a[1], a[2]), "moe_gate_up")
+                                         for w, l in ((gate, lg), (up, lu)))), (buf, block_group, blocks))
   if act is not None:  # on the whole intermediate (padding rows are zero)
     h = act(h)
   out = jax.lax.map(lambda a: bproj(a[0], down, ld, a[1], a[2]), (h, block_group, blocks))
