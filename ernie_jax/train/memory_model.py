@@ -33,9 +33,11 @@ where
              intermediate; not the MLP / MoE outputs); none = every forward
              value (`layer_terms`: norms, q/k/v and the per-chunk key prefixes of the chunked causal attention,
              fp32 probabilities and their cast, attention output, 6 MLP-wide values; MoE: router, shared
-             experts, the routed rows' inputs / outputs / 6 intermediates: rows = capacity-padded E x C for
-             all_to_all, k T without expert parallelism, expert x k x T for ragged_all_to_all (its worst-case
-             receive buffer) and allgather), times T, plus the bf16 copies of the weights when c != p;
+             experts, per routed row its input and output and 3-6 I-wide values (`routed_row_values`): rows =
+             capacity-padded E x C for all_to_all, k T without expert parallelism (E T for the loop oracle),
+             expert x k x T for ragged_all_to_all (its worst-case receive buffer) and allgather; with expert
+             parallelism also k H-wide combine values per token), times T, plus the bf16 copies of the
+             weights when c != p;
   head     = (2 + MTP depths) fp32 [T, V / tensor] (logits and the cross-entropy's exp; one more per MTP depth);
              with `loss.lm_chunk` (the fused head + cross-entropy, `linear_ce`) instead per head (LM and each
              MTP depth) its weight gradient fp32 [V / tensor, H] and input gradient c [T, H], computed in the
@@ -78,6 +80,7 @@ from jax.sharding import AbstractMesh, AxisType
 from ernie_jax.config.base import REMATS
 from ernie_jax.model.attention import query_chunk
 from ernie_jax.model.decoder import layer_groups
+from ernie_jax.model.moe.dispatch import resolve_impl
 from ernie_jax.parallel import DEFAULT_RULES, MESH_AXES, state_shardings
 from ernie_jax.train.step import abstract_train_state, trainable
 
@@ -204,6 +207,7 @@ class Dims:
   expert_mlp: int = 0  # routed-expert intermediate as computed (whole inside the expert-parallel shard_map)
   shared_mlp: int = 0  # shared-expert intermediate on this device
   transport: str = "none"
+  grouped: str = "ragged_dot"  # the grouped matmul without expert parallelism (`dispatch.resolve_impl`)
   capacity_factor: float = 2.0
   expert_axis: int = 1
 
@@ -226,7 +230,16 @@ def routed_rows(d: Dims) -> float:
     return d.experts * cap / d.tokens
   if d.transport in ("ragged_all_to_all", "allgather"):  # worst-case receive buffer / all tokens of the group
     return d.expert_axis * d.k
+  if d.grouped == "loop":  # the oracle: every expert on every token
+    return d.experts
   return d.k  # sorted assignments, no expert parallelism
+
+
+def routed_row_values(d: Dims) -> int:
+  """I-wide forward values kept per routed row without remat (measured with `print_saved_residuals`): 6
+  intermediates, but 3 (the gate and up outputs and their SwiGLU product) with the blocked grouped matmul's
+  custom VJPs (`moe_impl=blocked` without expert parallelism)."""
+  return 3 if d.transport == "none" and d.grouped == "blocked" else 6
 
 
 def layer_terms(d: Dims, kind: str) -> dict[str, float]:
@@ -244,8 +257,10 @@ def layer_terms(d: Dims, kind: str) -> dict[str, float]:
          "attn_bwd": d.heads * keys * F32 + c * (d.heads + 2 * d.kv) * d.head_dim}
   if kind == "moe":
     rows = routed_rows(d)
-    fixed = 6 * c * d.shared_mlp + F32 * (2 * d.experts + 8 * d.k) + d.k * (2 * c + 1) * h + c * h
-    out["ffn"] = fixed + rows * (2 * c * h + 6 * c * d.expert_mlp)
+    fixed = 6 * c * d.shared_mlp + F32 * (2 * d.experts + 8 * d.k) + c * h
+    if d.transport != "none":  # the transports' per-slot combine values (k H-wide and a mask)
+      fixed += d.k * (2 * c + 1) * h
+    out["ffn"] = fixed + rows * (2 * c * h + routed_row_values(d) * c * d.expert_mlp)
     out["ffn_bwd"] = rows * 3 * c * d.expert_mlp + 3 * c * d.shared_mlp
     out["recompute"] = (out["norms"] + attn + fixed + rows * 3 * c * (h + d.expert_mlp)
                         + max(out["attn_bwd"], 3 * c * d.shared_mlp + d.k * 2 * c * h))
@@ -299,7 +314,8 @@ def dims_for(cfg, layout: Layout, seq: int, micro_rows: int) -> Dims:
               experts=cfg.moe_num_experts, k=cfg.moe_k,
               expert_mlp=cfg.moe_intermediate_size // (1 if ep else t),
               shared_mlp=cfg.moe_intermediate_size * cfg.moe_num_shared_experts // t,
-              transport=cfg.moe_transport, capacity_factor=cfg.moe_capacity_factor, expert_axis=layout.expert)
+              transport=cfg.moe_transport, grouped=resolve_impl(cfg.moe_impl), capacity_factor=cfg.moe_capacity_factor,
+              expert_axis=layout.expert)
 
 
 @dataclasses.dataclass(frozen=True)

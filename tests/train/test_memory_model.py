@@ -117,20 +117,18 @@ def test_saved_per_token_matches_jax(kind):
   if kind.startswith("moe"):
     base.update(moe_num_experts=8, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1,
                 moe_layer_start_index=0, moe_transport="all_to_all" if kind == "moe" else "none")
-  if kind.startswith("moe-"):
-    base.update(moe_impl=kind.split("-")[1].replace("sorted", "blocked"))
-  # (without expert parallelism the `none` model over-counts the routed rows' values (6 I-wide, 2 H-wide per row;
-  # the custom VJPs keep 3 and 1): an over-estimate, not checked here)
-  remats = REMATS if kind in ("dense", "moe") else [r for r in REMATS if r != "none"]
+  sorted_by = kind.split("-")[1] if kind.startswith("moe-") else "none"
+  if sorted_by != "none":
+    base.update(moe_impl=sorted_by.replace("sorted", "blocked"))
   kind = kind.split("-")[0]
   mesh = make_mesh(MeshConfig(data=4, expert=2))
   rows = 8
-  for remat in remats:
+  for remat in REMATS:
     cfg = ModelConfig(**base, remat=remat)
     d = dims_for(cfg, Layout(4, 1, 1, 2, remat, 1), SEQ, rows // 8)
     want = saved_per_token(d, kind, remat) * d.tokens * 8  # (the residuals' shapes are global)
     got = _saved_per_layer(cfg, rows, mesh)
-    if remat == "none":
-      assert abs(want / got - 1) < 0.05, (remat, want, got)
+    if remat == "none":  # an estimate (without expert parallelism its attention over-count is 6-8% of the layer)
+      assert -0.05 < want / got - 1 < (0.05 if sorted_by == "none" else 0.08), (remat, want, got)
     else:
       assert want == got, (remat, want, got)
