@@ -30,7 +30,7 @@ from ernie_jax.model import fp8
 from ernie_jax.model.layers import MLP, make_param, normal
 from ernie_jax.model.lora_ops import expert_lora
 from ernie_jax.model.moe import expert_parallel
-from ernie_jax.model.moe.dispatch import mask_assignments, resolve_impl, routed_experts
+from ernie_jax.model.moe.dispatch import mask_assignments, resolve_impl
 from ernie_jax.model.moe.router import Router, VLRouterOutput
 
 
@@ -159,7 +159,7 @@ class MoE(nnx.Module):
         gate, up, down = weights[i]
         idx, w = mask_assignments(out[i].indices, out[i].weights, members[i], gate.shape[0], d)
         y = jnp.zeros_like(xt) if y is None and members[i] is not None else y
-        yi = routed_experts(xe, gate, up, down, idx, w, self.impl, act, loras[i])
+        yi = expert_parallel.token_sharded_routed_experts(xe, gate, up, down, idx, w, self.impl, act, loras[i])
         y = yi if y is None else y + yi
     if self.fp8 is not None:
       y = self.fp8.output(y)

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from ernie_jax.model import lora_ops
 from ernie_jax.model.lora_ops import ExpertLora
+from ernie_jax.model.moe.dispatch import routed_experts
 from ernie_jax.model.moe.router import RouterOutput, route
 from ernie_jax.model.moe.transports import TRANSPORTS
 from ernie_jax.model.moe.transports.all_to_all import capacity, dispatch_ranks
@@ -76,6 +77,35 @@ def active_mesh():
   if mesh is None or mesh.empty or EXPERT_AXIS not in mesh.shape:
     return None
   return mesh
+
+
+def token_sharded_routed_experts(x, gate, up, down, idx, weights, impl: str, act=None,
+                                 lora: ExpertLora | None = None):
+  """`dispatch.routed_experts` without expert parallelism on a mesh that splits the tokens (data / fsdp):
+  each token shard sorts and computes its own assignments, inside a `jax.shard_map` that is manual over
+  those axes only (the expert weights whole over them, e.g. gathered over fsdp; other axes such as
+  `tensor` left to the compiler). Under plain jit XLA cannot split the sort over a sharded token axis:
+  it gathers every token to every device, and each device computes the routed experts of the whole
+  batch. Without an active mesh, or when the tokens do not divide over its shards, the global
+  computation runs. act(h, reduce_axes): as in `expert_parallel_moe`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh is None or mesh.empty else tuple(a for a in TOKEN_AXES if mesh.shape.get(a, 1) > 1)
+  shards = 1
+  for a in axes:
+    shards *= mesh.shape[a]
+  if not axes or x.shape[0] % shards:
+    return routed_experts(x, gate, up, down, idx, weights, impl, None if act is None else (lambda h: act(h, ())),
+                          lora)
+  tok, whole = P(axes), P()
+  lora_args, lora_specs = _lora_args(lora, whole)
+
+  def local(x, idx, weights, gate, up, down, *rest):
+    lo, _ = _lora_rebuild(lora, rest, 0)
+    return routed_experts(x, gate, up, down, idx, weights, impl, None if act is None else (lambda h: act(h, axes)),
+                          lora_ops.fold_devices(lo, axes))
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, whole, whole, whole, *lora_specs), out_specs=tok,
+                       axis_names=frozenset(axes))(x, idx, weights, gate, up, down, *lora_args)
 
 
 def _masked_transport(fn, name, x, member, idx, weights, gate, up, down, *, axis, impl, capacity_factor,
