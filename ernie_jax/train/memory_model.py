@@ -60,7 +60,8 @@ configs on 8 fake CPU devices: dense and MoE (all_to_all transport, capacity fac
 MoE and all-MoE layer stacks), every remat policy, data / fsdp / tensor / expert meshes, grad_accum 1-4,
 MTP): the arguments match XLA's exactly; the temporaries are within -5% .. +21% of XLA's (mean |error| 4.4%;
 90% of the configs within -4% .. +12%; the largest over-estimates are remat none with MTP and capacity
-factor 1). The model errs on the safe side: it was fitted so that under-estimates stay small. DPO / SFT
+factor 1). MoE without expert parallelism (moe_impl=blocked) on 8 data shards: remat none / save_dots / full
++2.6% / +0.2% / +3.3%. The model errs on the safe side: it was fitted so that under-estimates stay small. DPO / SFT
 (full and LoRA, each reference mode): -7% .. +16%. Not validated against XLA here: bf16 compute (XLA:CPU
 upcasts bf16 matmul operands to fp32, so a CPU compile over-states bf16 temporaries; on TPU / GPU bf16 is
 native), the ragged_dot / ragged_all_to_all / allgather MoE paths (CPU lowers them differently), FP8
