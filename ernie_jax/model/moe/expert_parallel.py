@@ -8,6 +8,9 @@ transport (how tokens travel) is chosen by name (`ModelConfig.moe_transport`), s
 `ernie_jax.model.moe.transports`. A set's routed-expert LoRA adapters (`lora`) enter the shard_map
 split over the `expert` axis with their experts (`P("expert")`); LoRA dropout keys enter replicated
 and each device folds in its index.
+
+Without expert parallelism (`moe_transport="none"`), `token_sharded_routed_experts` runs the routed experts
+in a shard_map over the axes that split the tokens only, so that each device sorts its own tokens.
 """
 
 from __future__ import annotations
