@@ -10,7 +10,8 @@ split over the `expert` axis with their experts (`P("expert")`); LoRA dropout ke
 and each device folds in its index.
 
 Without expert parallelism (`moe_transport="none"`), `token_sharded_routed_experts` runs the routed experts
-in a shard_map over the axes that split the tokens only, so that each device sorts its own tokens.
+in a shard_map over the axes that split the tokens only, so that each device sorts its own tokens (for now
+with the blocked grouped matmul and no LoRA).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from ernie_jax.model import lora_ops
 from ernie_jax.model.lora_ops import ExpertLora
-from ernie_jax.model.moe.dispatch import routed_experts
+from ernie_jax.model.moe.dispatch import resolve_impl, routed_experts
 from ernie_jax.model.moe.router import RouterOutput, route
 from ernie_jax.model.moe.transports import TRANSPORTS
 from ernie_jax.model.moe.transports.all_to_all import capacity, dispatch_ranks
@@ -90,25 +91,26 @@ def token_sharded_routed_experts(x, gate, up, down, idx, weights, impl: str, act
   `tensor` left to the compiler). Under plain jit XLA cannot split the sort over a sharded token axis:
   it gathers every token to every device, and each device computes the routed experts of the whole
   batch. Without an active mesh, or when the tokens do not divide over its shards, the global
-  computation runs. act(h, reduce_axes): as in `expert_parallel_moe`."""
+  computation runs. So far only for the blocked grouped matmul (the CPU default) without LoRA: its custom
+  VJPs keep no weights for the backward pass, while with jax.lax.ragged_dot (or LoRA's blocks) the
+  shard_map keeps a copy of the layer's expert weights per layer as a residual (and jnp.searchsorted, which
+  the LoRA blocks use, fails inside it on jax 0.10); those run the global computation.
+  act(h, reduce_axes): as in `expert_parallel_moe`."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = () if mesh is None or mesh.empty else tuple(a for a in TOKEN_AXES if mesh.shape.get(a, 1) > 1)
   shards = 1
   for a in axes:
     shards *= mesh.shape[a]
-  if not axes or x.shape[0] % shards:
+  if not axes or x.shape[0] % shards or resolve_impl(impl) != "blocked" or lora is not None:
     return routed_experts(x, gate, up, down, idx, weights, impl, None if act is None else (lambda h: act(h, ())),
                           lora)
   tok, whole = P(axes), P()
-  lora_args, lora_specs = _lora_args(lora, whole)
 
-  def local(x, idx, weights, gate, up, down, *rest):
-    lo, _ = _lora_rebuild(lora, rest, 0)
-    return routed_experts(x, gate, up, down, idx, weights, impl, None if act is None else (lambda h: act(h, axes)),
-                          lora_ops.fold_devices(lo, axes))
+  def local(x, idx, weights, gate, up, down):
+    return routed_experts(x, gate, up, down, idx, weights, impl, None if act is None else (lambda h: act(h, axes)))
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, whole, whole, whole, *lora_specs), out_specs=tok,
-                       axis_names=frozenset(axes))(x, idx, weights, gate, up, down, *lora_args)
+  return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, whole, whole, whole), out_specs=tok,
+                       axis_names=frozenset(axes))(x, idx, weights, gate, up, down)
 
 
 def _masked_transport(fn, name, x, member, idx, weights, gate, up, down, *, axis, impl, capacity_factor,
