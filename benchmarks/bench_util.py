@@ -216,7 +216,7 @@ def optimizer(optim):
 
 def lower_train_step(model_cfg, rows: int, seq: int, *, optim=None, loss=None, mesh):
   """`TrainStepRunner`'s step lowered for abstract arguments of its shapes (a [rows, seq] `random_batch`):
-  no state is allocated and nothing runs. Returns (jax `Lowered`, tx)."""
+  no state is allocated and nothing runs. Returns the jax `Lowered`."""
   import jax
 
   from ernie_jax.train.losses import LossConfig
@@ -229,7 +229,7 @@ def lower_train_step(model_cfg, rows: int, seq: int, *, optim=None, loss=None, m
   batch = {k: jax.ShapeDtypeStruct((1,) + v.shape, v.dtype, sharding=sharding)  # put_batch's [A=1, rows, seq]
            for k, v in random_batch(rows, seq, model_cfg.vocab_size).items()}
   with jax.set_mesh(mesh):
-    return step.lower(target, batch), tx
+    return step.lower(target, batch)
 
 
 def time_train_step(model_cfg, batch, steps: int, *, warmup: int = 1, optim=None, loss=None, mesh=None,

@@ -405,6 +405,7 @@ def preflight(mode: Mode, devices: int, device_memory: str) -> int:
   from ernie_jax.train.memory_model import Layout, StateModel, estimate
 
   memory, unit, scale = parse_memory(device_memory)
+  tx, _ = optimizer(None)  # the cases' optimizer (the library's AdamW), for the state's bytes
   print(f"gpu_suite --preflight ({mode.name}): every training case at its shape for {devices} GPU(s) of "
         f"{device_memory}, lowered on this host ({jax.default_backend()}, jax {jax.__version__})")
   failed = False
@@ -423,9 +424,9 @@ def preflight(mode: Mode, devices: int, device_memory: str) -> int:
                          f"(CPU: XLA_FLAGS=--xla_force_host_platform_device_count={s.expert})")
       mesh = make_mesh(MeshConfig(data=1, expert=s.expert), devices=jax.devices()[:s.expert])
       if s.cfg.attention_impl == "cudnn":
-        lowered, tx = "not lowered here (cuDNN attention needs an NVIDIA GPU)", optimizer(None)[0]
+        lowered = "not lowered here (cuDNN attention needs an NVIDIA GPU)"
       else:
-        _, tx = lower_train_step(s.cfg, s.rows, mode.seq, loss=s.loss, mesh=mesh)
+        lower_train_step(s.cfg, s.rows, mode.seq, loss=s.loss, mesh=mesh)
         lowered = f"lowered in {time.perf_counter() - t0:.1f} s"
       m = estimate(StateModel(s.cfg, tx), s.cfg, layout, seq=mode.seq, global_batch=s.rows,
                    lm_chunk=s.loss.lm_chunk if s.loss else 0)

@@ -16,6 +16,7 @@ with the blocked grouped matmul and no LoRA).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -98,12 +99,9 @@ def token_sharded_routed_experts(x, gate, up, down, idx, weights, impl: str, act
   act(h, reduce_axes): as in `expert_parallel_moe`."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = () if mesh is None or mesh.empty else tuple(a for a in TOKEN_AXES if mesh.shape.get(a, 1) > 1)
-  shards = 1
-  for a in axes:
-    shards *= mesh.shape[a]
+  shards = math.prod(mesh.shape[a] for a in axes)
   if not axes or x.shape[0] % shards or resolve_impl(impl) != "blocked" or lora is not None:
-    return routed_experts(x, gate, up, down, idx, weights, impl, None if act is None else (lambda h: act(h, ())),
-                          lora)
+    return routed_experts(x, gate, up, down, idx, weights, impl, act, lora)  # (act's reduce axes default to none)
   tok, whole = P(axes), P()
 
   def local(x, idx, weights, gate, up, down):
