@@ -477,6 +477,14 @@ def main(argv=None) -> int:
     return 0
   mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
   if args.preflight:
+    if args.devices < 1:
+      p.error(f"--devices must be at least 1, got {args.devices}")
+    from ernie_jax.cli.plan import parse_memory
+
+    try:
+      parse_memory(args.device_memory)
+    except ValueError as e:  # (PlanError: one line naming the flag)
+      p.error(str(e))
     return preflight(mode, args.devices, args.device_memory)
   return suite(mode, args.budget or mode.budget_s, args.out, args.xla_cache)
 

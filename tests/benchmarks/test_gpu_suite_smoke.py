@@ -114,6 +114,13 @@ def test_preflight_says_which_case_does_not_fit_or_build(capsys):
   assert "lowered in" in printed["dense_bf16"] and "DOES NOT FIT" not in printed["dense_bf16"]
 
 
+def test_preflight_refuses_bad_flags_in_one_line():
+  for flags, says in ((["--device-memory", "lots"], "--device-memory='lots'"), (["--devices", "0"], "--devices must be")):
+    p = subprocess.run([sys.executable, SUITE, "--preflight", *flags], env=_env(1), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 def test_mfu_above_100_percent_and_short_spreads_are_flagged():
   assert bench_util.mfu_text(0.4321) == "43.2%"
   assert "peak is wrong" in bench_util.mfu_text(1.3)
